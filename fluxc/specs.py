@@ -1,0 +1,246 @@
+"""One declarative spec per exported piece.
+
+Every shape in fluxc is written here, once. Export builds the pieces from these specs and
+records them in manifest.json; compile, verify and run read them back from the manifest
+(``PieceSpec.from_dict``), so nothing downstream repeats a shape.
+
+Piece names, input order and output order follow the sophon-demo runtime contract
+(see README, "How it works").
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+FLUX_TYPES = ("dev", "schnell")
+
+# Which quantisation group a piece belongs to; recipes map groups to TPU-MLIR options.
+GROUPS = (
+    "clip",
+    "t5_head",
+    "t5_block",
+    "t5_tail",
+    "transformer_head",
+    "transformer_block",
+    "transformer_tail",
+    "vae",
+)
+
+# Which combined bmodel ("family") a piece ends up in.
+FAMILIES = ("clip", "t5", "transformer", "vae")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # numpy dtype name: "float32" or "int32"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
+        return cls(d["name"], tuple(int(x) for x in d["shape"]), d["dtype"])
+
+
+@dataclass(frozen=True)
+class PieceSpec:
+    name: str  # also the ONNX file stem and the net name in the bmodel
+    family: str  # one of FAMILIES
+    group: str  # one of GROUPS
+    index: int | None  # block index within its kind, None for head/tail/vae
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    # Upper bound (exclusive) for int inputs, by input name (token ids).
+    int_high: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.onnx"
+
+    @property
+    def net_name(self) -> str:
+        """Net name inside the bmodel. The sophon-demo runtime opens `vae_decoder` in both
+        VAE files; its own compile script named the tiny one `tiny_vae_decoder`, which that
+        runtime cannot open. We name both nets `vae_decoder`."""
+        return "vae_decoder" if self.family == "vae" else self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["inputs"] = [t.to_dict() for t in self.inputs]
+        d["outputs"] = [t.to_dict() for t in self.outputs]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PieceSpec":
+        return cls(
+            name=d["name"],
+            family=d["family"],
+            group=d["group"],
+            index=d.get("index"),
+            inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+            outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+            int_high={k: int(v) for k, v in d.get("int_high", {}).items()},
+        )
+
+    def sample_inputs(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """Deterministic inputs in the piece's own input order (for parity checks and
+        the compiler's --test_input). Floats ~ N(0,1); token ids uniform in range;
+        timesteps/guidance in the range the runtime feeds (0..1000)."""
+        rng = np.random.default_rng([seed, _stable_hash(self.name)])
+        out: dict[str, np.ndarray] = {}
+        for t in self.inputs:
+            if t.dtype.startswith("int"):
+                high = self.int_high.get(t.name, 100)
+                out[t.name] = rng.integers(0, high, size=t.shape).astype(t.dtype)
+            elif t.name in ("timestep", "guidance"):
+                out[t.name] = rng.uniform(1.0, 1000.0, size=t.shape).astype(t.dtype)
+            elif t.name == "rotary_emb":
+                # A real rotary table is made of cos/sin pairs: keep samples in [-1, 1].
+                out[t.name] = rng.uniform(-1.0, 1.0, size=t.shape).astype(t.dtype)
+            else:
+                out[t.name] = rng.standard_normal(size=t.shape).astype(t.dtype)
+        return out
+
+
+def _stable_hash(s: str) -> int:
+    import zlib
+
+    return zlib.crc32(s.encode())
+
+
+@dataclass(frozen=True)
+class FluxDims:
+    """Everything shape-related about one export, read from the model configs and options."""
+
+    flux_type: str
+    height: int
+    width: int
+    # CLIP
+    clip_vocab: int
+    clip_dim: int
+    clip_layers: int
+    clip_len: int
+    # T5
+    t5_vocab: int
+    t5_dim: int
+    t5_layers: int
+    t5_len: int
+    # transformer
+    inner_dim: int
+    head_dim: int
+    in_channels: int
+    out_channels: int
+    num_double: int
+    num_single: int
+    joint_attention_dim: int
+    pooled_projection_dim: int
+    guidance_embeds: bool
+    # VAE
+    latent_channels: int
+    vae_scale: int  # spatial factor, 8 for FLUX
+    tiny_vae: bool
+
+    def __post_init__(self) -> None:
+        if self.flux_type not in FLUX_TYPES:
+            raise ValueError(f"unknown flux type {self.flux_type!r}; use one of {FLUX_TYPES}")
+
+    @property
+    def latent_h(self) -> int:
+        return self.height // self.vae_scale
+
+    @property
+    def latent_w(self) -> int:
+        return self.width // self.vae_scale
+
+    @property
+    def image_tokens(self) -> int:
+        # latents are packed 2x2 into tokens
+        return (self.latent_h // 2) * (self.latent_w // 2)
+
+    @property
+    def joint_tokens(self) -> int:
+        return self.t5_len + self.image_tokens
+
+    @property
+    def rotary_shape(self) -> tuple[int, ...]:
+        return (1, self.joint_tokens, 1, self.head_dim // 2, 2, 2)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FluxDims":
+        return cls(**d)
+
+
+def _f(name: str, *shape: int) -> TensorSpec:
+    return TensorSpec(name, tuple(shape), "float32")
+
+
+def _i(name: str, *shape: int) -> TensorSpec:
+    return TensorSpec(name, tuple(shape), "int32")
+
+
+def transformer_prefix(flux_type: str) -> str:
+    return flux_type
+
+
+def piece_specs(d: FluxDims) -> list[PieceSpec]:
+    """All pieces of one export, in pipeline order."""
+    specs: list[PieceSpec] = []
+    C, L = d.clip_dim, d.clip_len
+    ids_c = _i("input_ids", 1, L)
+    specs.append(PieceSpec("clip_head", "clip", "clip", None, (ids_c,), (_f("hidden_states", 1, L, C),),
+                           {"input_ids": d.clip_vocab}))
+    for i in range(d.clip_layers):
+        specs.append(PieceSpec(f"clip_block_{i}", "clip", "clip", i,
+                               (_f("hidden_states", 1, L, C),), (_f("hidden_states_out", 1, L, C),)))
+    specs.append(PieceSpec("clip_tail", "clip", "clip", None, (_f("hidden_states", 1, L, C), ids_c),
+                           (_f("pooled", 1, C),), {"input_ids": d.clip_vocab}))
+
+    T, S = d.t5_dim, d.t5_len
+    specs.append(PieceSpec("t5_head", "t5", "t5_head", None, (_i("input_ids", 1, S),),
+                           (_f("hidden_states", 1, S, T),), {"input_ids": d.t5_vocab}))
+    for i in range(d.t5_layers):
+        specs.append(PieceSpec(f"t5_block_{i}", "t5", "t5_block", i,
+                               (_f("hidden_states", 1, S, T),), (_f("hidden_states_out", 1, S, T),)))
+    specs.append(PieceSpec("t5_tail", "t5", "t5_tail", None, (_f("hidden_states", 1, S, T),),
+                           (_f("encoder_hidden_states", 1, S, T),)))
+
+    p, D, N = transformer_prefix(d.flux_type), d.inner_dim, d.image_tokens
+    head_in = [_f("hidden_states", 1, N, d.in_channels), _f("timestep", 1)]
+    if d.guidance_embeds:
+        head_in.append(_f("guidance", 1))
+    head_in += [_f("pooled_projections", 1, d.pooled_projection_dim),
+                _f("encoder_hidden_states", 1, S, d.joint_attention_dim)]
+    specs.append(PieceSpec(f"{p}_head", "transformer", "transformer_head", None, tuple(head_in),
+                           (_f("temb", 1, D), _f("encoder_hidden_states_out", 1, S, D),
+                            _f("hidden_states_out", 1, N, D))))
+    rot = TensorSpec("rotary_emb", d.rotary_shape, "float32")
+    for i in range(d.num_double):
+        specs.append(PieceSpec(
+            f"{p}_trans_block_{i}", "transformer", "transformer_block", i,
+            (_f("hidden_states", 1, N, D), _f("encoder_hidden_states", 1, S, D), _f("temb", 1, D), rot),
+            (_f("encoder_hidden_states_out", 1, S, D), _f("hidden_states_out", 1, N, D))))
+    J = d.joint_tokens
+    for i in range(d.num_single):
+        specs.append(PieceSpec(
+            f"{p}_single_trans_block_{i}", "transformer", "transformer_block", i,
+            (_f("hidden_states", 1, J, D), _f("temb", 1, D), rot), (_f("hidden_states_out", 1, J, D),)))
+    specs.append(PieceSpec(f"{p}_tail", "transformer", "transformer_tail", None,
+                           (_f("hidden_states", 1, N, D), _f("temb", 1, D)),
+                           (_f("noise_pred", 1, N, d.out_channels),)))
+
+    vae_name = "tiny_vae_decoder" if d.tiny_vae else "vae_decoder"
+    specs.append(PieceSpec(vae_name, "vae", "vae", None,
+                           (_f("latents", 1, d.latent_channels, d.latent_h, d.latent_w),),
+                           (_f("image", 1, 3, d.height, d.width),)))
+    return specs
+
+
+def specs_by_name(specs: list[PieceSpec]) -> dict[str, PieceSpec]:
+    return {s.name: s for s in specs}

@@ -1,0 +1,258 @@
+"""Long-lived BM1684X simulator worker: runs bmodels with TPU-MLIR's `pyruntime_bm` on the
+chip simulator (cmodel) and answers requests over stdin/stdout.
+
+Runs under the isolated toolchain Python (3.10, numpy + tpu_mlir only); the main fluxc
+process starts it with `toolchain_python() cmodel_worker.py` and talks to it through
+`fluxc.runtime.cmodel.CmodelEngine`. Models are loaded once and kept for every call.
+
+Framing (no pickle): every message is
+    4-byte big-endian length + UTF-8 JSON header
+    then, for each array the header announces, 8-byte big-endian length + .npy bytes
+Requests:  {"op": "load", "key": k, "path": p}  -> {"ok": true, "nets": [...]}
+           {"op": "run", "key": k, "net": n, "arrays": [input names]} + arrays
+                                                -> {"ok": true, "arrays": [output names]} + arrays
+           {"op": "ping"} / {"op": "quit"}
+Errors:    {"ok": false, "error": "..."}
+
+The dynamic loader reads LD_LIBRARY_PATH only at process start, so the worker re-executes
+itself once with tpu_mlir's library folders on it. If tpu_mlir/lib/third_party still holds
+its bundled glibc (libc.so.6, libm.so.6, libpthread.so.0: Ubuntu 22.04's, older than the
+host's), a private folder of links to everything else in it is used instead.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import sys
+
+_GLIBC = ("libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1")
+_MARK = "FLUXC_CMODEL_WORKER_READY"
+
+
+def _tpu_mlir_root() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("tpu_mlir")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("cmodel worker: tpu_mlir is not installed in this Python")
+    return list(spec.submodule_search_locations)[0]
+
+
+def _third_party_dir(root: str) -> str:
+    tp = os.path.join(root, "lib", "third_party")
+    if not any(os.path.exists(os.path.join(tp, g)) for g in _GLIBC):
+        return tp
+    import tempfile
+
+    shadow = os.path.join(tempfile.gettempdir(), f"fluxc-tpu-third-party-{os.getuid()}",
+                          str(abs(hash(tp)) % 10**8))
+    os.makedirs(shadow, exist_ok=True)
+    for f in os.listdir(tp):
+        if f in _GLIBC:
+            continue
+        link = os.path.join(shadow, f)
+        if not os.path.lexists(link):
+            try:
+                os.symlink(os.path.join(tp, f), link)
+            except FileExistsError:
+                pass
+    return shadow
+
+
+def _reexec_if_needed() -> None:
+    if os.environ.get(_MARK) == "1":
+        return
+    root = _tpu_mlir_root()
+    dirs = [os.path.join(root, "lib"), os.path.join(root, "lib", "capi"), _third_party_dir(root)]
+    env = dict(os.environ)
+    old = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep)
+           if p and not p.rstrip("/").endswith("lib/third_party")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(dirs + old)
+    env["TPUC_ROOT"] = root
+    env[_MARK] = "1"
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:], env)
+
+
+# ---- framing ---------------------------------------------------------------------------
+
+def _read_exact(f, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = f.read(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+def read_message(f):
+    import numpy as np
+
+    (hlen,) = struct.unpack(">I", _read_exact(f, 4))
+    header = json.loads(_read_exact(f, hlen).decode())
+    arrays = []
+    for _ in header.get("arrays", []):
+        (alen,) = struct.unpack(">Q", _read_exact(f, 8))
+        arrays.append(np.load(io.BytesIO(_read_exact(f, alen)), allow_pickle=False))
+    return header, arrays
+
+
+def write_message(f, header: dict, arrays=()) -> None:
+    import numpy as np
+
+    h = json.dumps(header).encode()
+    parts = [struct.pack(">I", len(h)), h]
+    for a in arrays:
+        b = io.BytesIO()
+        np.save(b, np.ascontiguousarray(a), allow_pickle=False)
+        data = b.getvalue()
+        parts += [struct.pack(">Q", len(data)), data]
+    f.write(b"".join(parts))
+    f.flush()
+
+
+# ---- dtype conversion (vectorised; tpu_mlir's bf16 helper loops in Python) ---------------
+
+def _to_device(x, dtype: str):
+    import numpy as np
+
+    if dtype == "bf16":
+        u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+        rounded = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+        return (rounded >> np.uint32(16)).astype(np.uint16)
+    if dtype == "f16":
+        return x.astype(np.float16)
+    if dtype == "f32":
+        return x.astype(np.float32)
+    if dtype in ("i32", "si32"):
+        return x.astype(np.int32)
+    if dtype in ("u32", "ui32"):
+        return x.astype(np.uint32)
+    if dtype in ("i16", "si16"):
+        return x.astype(np.int16)
+    if dtype in ("u16", "ui16"):
+        return x.astype(np.uint16)
+    raise ValueError(f"unsupported input dtype {dtype}")
+
+
+def _from_device(t):
+    import numpy as np
+
+    d = t.data
+    if t.dtype == "bf16":
+        return (np.asarray(d).astype(np.uint32) << np.uint32(16)).view(np.float32).copy()
+    if t.dtype == "f16":
+        return np.asarray(d).astype(np.float32)
+    if d.dtype in (np.int8, np.uint8) and getattr(t, "qscale", 0):
+        return ((np.asarray(d).astype(np.float32) - t.qzero_point) * np.float32(t.qscale))
+    return np.array(d)
+
+
+_DTYPE_NAMES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "i32": "int32",
+                "si32": "int32", "u32": "uint32", "i8": "int8", "si8": "int8", "u8": "uint8",
+                "ui8": "uint8", "i16": "int16", "u16": "uint16"}
+
+
+def _tensor_info(t) -> dict:
+    return {"name": t.name, "shape": [int(s) for s in t.data.shape],
+            "dtype": _DTYPE_NAMES.get(t.dtype, t.dtype)}
+
+
+class Worker:
+    def __init__(self) -> None:
+        self.models: dict[str, object] = {}
+        self.nets: dict[tuple[str, str], object] = {}
+        self.rt = None
+
+    def _runtime(self):
+        if self.rt is None:
+            import ctypes
+            import importlib
+
+            from filelock import FileLock  # a tpu_mlir dependency
+
+            sys.path.insert(0, os.path.join(os.environ["TPUC_ROOT"], "python", "tools"))
+            import model_runner as mr  # noqa: E402  (tpu_mlir's own helpers)
+
+            with FileLock("/tmp/cmodel_so.lock"):
+                mr.link_cmodel_so("BM1684X")
+                mr.link_custom_so("BM1684X")
+                if hasattr(mr, "link_bmlib_so"):
+                    mr.link_bmlib_so("BM1684X")
+                self.rt = importlib.import_module("pyruntime_bm")
+                self._pin = ctypes.CDLL("libcmodel.so")
+        return self.rt
+
+    def load(self, key: str, path: str) -> list[dict]:
+        rt = self._runtime()
+        if key not in self.models:
+            self.models[key] = rt.Model(path, 0, "")
+        m = self.models[key]
+        nets = []
+        for name in m.networks:
+            net = self._net(key, name)
+            nets.append({"name": name, "inputs": [_tensor_info(t) for t in net.inputs],
+                         "outputs": [_tensor_info(t) for t in net.outputs]})
+        return nets
+
+    def _net(self, key: str, name: str):
+        k = (key, name)
+        if k not in self.nets:
+            self.nets[k] = self.models[key].Net(name)
+        return self.nets[k]
+
+    def run(self, key: str, name: str, names: list[str], arrays: list) -> tuple[list, list]:
+        net = self._net(key, name)
+        given = dict(zip(names, arrays))
+        for i, t in enumerate(net.inputs):
+            x = given.get(t.name)
+            if x is None:
+                if len(arrays) == len(net.inputs):
+                    x = arrays[i]
+                else:
+                    raise ValueError(f"net {name}: input {t.name!r} not given (have {names})")
+            if int(x.size) != int(t.data.size):
+                raise ValueError(f"net {name}: input {t.name!r} has {x.size} elements, "
+                                 f"the bmodel expects shape {list(t.data.shape)}")
+            t.data.reshape(-1)[:] = _to_device(x, t.dtype).reshape(-1)
+        net.forward()
+        outs = [_from_device(t) for t in net.outputs]
+        return [t.name for t in net.outputs], outs
+
+
+def main() -> None:
+    _reexec_if_needed()
+    # Keep the protocol channel private: whatever the runtime prints goes to stderr.
+    proto_out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    proto_in = os.fdopen(os.dup(0), "rb")
+    w = Worker()
+    write_message(proto_out, {"ok": True, "ready": True, "pid": os.getpid()})
+    while True:
+        try:
+            header, arrays = read_message(proto_in)
+        except EOFError:
+            return
+        op = header.get("op")
+        try:
+            if op == "quit":
+                write_message(proto_out, {"ok": True})
+                return
+            if op == "ping":
+                write_message(proto_out, {"ok": True})
+            elif op == "load":
+                write_message(proto_out, {"ok": True, "nets": w.load(header["key"], header["path"])})
+            elif op == "run":
+                names, outs = w.run(header["key"], header["net"], header.get("arrays", []), arrays)
+                write_message(proto_out, {"ok": True, "arrays": names}, outs)
+            else:
+                write_message(proto_out, {"ok": False, "error": f"unknown op {op!r}"})
+        except Exception as e:  # reported to the caller, the worker stays up
+            write_message(proto_out, {"ok": False, "error": f"{type(e).__name__}: {e}"})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""Minimal engines, shaped like sophon.sail's EngineLLM: open a model file, list its nets
+with their input/output names, shapes and dtypes, and `process(net, inputs) -> outputs`,
+keeping the model loaded across calls.
+
+Backends:
+- OnnxEngine: ONNX Runtime on the exported pieces (the float reference).
+- CmodelEngine: a bmodel on TPU-MLIR's chip simulator, hosted by one long-lived worker
+  process of the toolchain Python (runtime/cmodel_worker.py).
+- SailEngine: a bmodel on a real BM1684X through sophon.sail (one engine per device id).
+
+Dependencies: numpy only (onnxruntime / sophon.sail imported when their backend is used).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fluxc.errors import FluxcError
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass
+class NetInfo:
+    name: str
+    inputs: list[TensorInfo] = field(default_factory=list)
+    outputs: list[TensorInfo] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs]}
+
+
+class Engine:
+    """One opened model (a combined bmodel, or one ONNX piece)."""
+
+    path: Path
+    nets: dict[str, NetInfo]
+
+    def net_names(self) -> list[str]:
+        return list(self.nets)
+
+    def process(self, net: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def _check_net(self, net: str) -> NetInfo:
+        if net not in self.nets:
+            raise FluxcError(f"{self.path}: no net named {net!r} (has {', '.join(self.nets) or 'none'}); "
+                             "rebuild it with fluxc compile")
+        return self.nets[net]
+
+
+# ---- ONNX Runtime ------------------------------------------------------------------------
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(int32)": "int32", "tensor(int64)": "int64",
+              "tensor(float16)": "float16", "tensor(double)": "float64"}
+
+
+class OnnxEngine(Engine):
+    """One exported ONNX piece; its single net is named after the file (the piece name)."""
+
+    def __init__(self, path: Path, net_name: str | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FluxcError(f"missing ONNX piece {self.path}; run fluxc export")
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        self.sess = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+        name = net_name or self.path.stem
+
+        def info(x):
+            return TensorInfo(x.name, tuple(int(d) if isinstance(d, int) else -1 for d in x.shape),
+                              _ORT_TYPES.get(x.type, x.type))
+
+        self.nets = {name: NetInfo(name, [info(x) for x in self.sess.get_inputs()],
+                                   [info(x) for x in self.sess.get_outputs()])}
+
+    def process(self, net: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ni = self._check_net(net)
+        feed = {}
+        for t in ni.inputs:
+            if t.name not in inputs:
+                raise FluxcError(f"net {net}: input {t.name!r} not given")
+            feed[t.name] = np.ascontiguousarray(inputs[t.name], dtype=t.dtype)
+        outs = self.sess.run(None, feed)
+        return {t.name: o for t, o in zip(ni.outputs, outs)}
+
+
+# ---- chip simulator worker ---------------------------------------------------------------
+
+def _write_msg(f, header: dict, arrays=()) -> None:
+    h = json.dumps(header).encode()
+    parts = [struct.pack(">I", len(h)), h]
+    for a in arrays:
+        b = io.BytesIO()
+        np.save(b, np.ascontiguousarray(a), allow_pickle=False)
+        d = b.getvalue()
+        parts += [struct.pack(">Q", len(d)), d]
+    f.write(b"".join(parts))
+    f.flush()
+
+
+def _read_exact(f, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = f.read(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return bytes(buf)
+
+
+def _read_msg(f):
+    (hlen,) = struct.unpack(">I", _read_exact(f, 4))
+    header = json.loads(_read_exact(f, hlen).decode())
+    arrays = []
+    for _ in header.get("arrays", []) if header.get("ok") else []:
+        (alen,) = struct.unpack(">Q", _read_exact(f, 8))
+        arrays.append(np.load(io.BytesIO(_read_exact(f, alen)), allow_pickle=False))
+    return header, arrays
+
+
+WORKER_SCRIPT = Path(__file__).with_name("cmodel_worker.py")
+
+
+class CmodelWorker:
+    """The long-lived simulator process (Python 3.10 toolchain env). One per runtime; it can
+    hold any number of loaded bmodels."""
+
+    def __init__(self, python: Path | None = None, env: dict | None = None):
+        if python is None or env is None:
+            from fluxc import toolchain
+
+            toolchain.require_toolchain()
+            python = python or Path(toolchain.toolchain_python())
+            if env is None:
+                env = dict(toolchain.toolchain_env()) if hasattr(toolchain, "toolchain_env") else dict(os.environ)
+        env = dict(env)
+        env.pop("FLUXC_CMODEL_WORKER_READY", None)
+        self._stderr_tail: deque[str] = deque(maxlen=40)
+        self.proc = subprocess.Popen([str(python), "-u", str(WORKER_SCRIPT)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        self._t = threading.Thread(target=self._drain, daemon=True)
+        self._t.start()
+        self._lock = threading.Lock()
+        self._keys = 0
+        h, _ = self._recv()
+        if not h.get("ready"):
+            raise FluxcError(f"chip simulator worker did not start: {self.stderr_tail()}")
+
+    def _drain(self) -> None:
+        for line in iter(self.proc.stderr.readline, b""):
+            s = line.decode(errors="replace").rstrip()
+            self._stderr_tail.append(s)
+            if os.environ.get("FLUXC_WORKER_DEBUG"):
+                print(f"[cmodel] {s}", file=sys.stderr)
+
+    def stderr_tail(self) -> str:
+        return "\n".join(self._stderr_tail)
+
+    def _recv(self):
+        try:
+            return _read_msg(self.proc.stdout)
+        except (EOFError, struct.error):
+            self.proc.wait(timeout=10)
+            raise FluxcError(f"chip simulator worker exited (code {self.proc.returncode}); "
+                             f"its last output:\n{self.stderr_tail()}") from None
+
+    def request(self, header: dict, arrays=()):
+        with self._lock:
+            if self.proc.poll() is not None:
+                raise FluxcError(f"chip simulator worker is not running (exit {self.proc.returncode}); "
+                                 f"last output:\n{self.stderr_tail()}")
+            try:
+                _write_msg(self.proc.stdin, header, arrays)
+            except BrokenPipeError:
+                pass  # _recv reports the exit
+            h, outs = self._recv()
+        if not h.get("ok"):
+            raise FluxcError(f"chip simulator: {h.get('error')}")
+        return h, outs
+
+    def new_key(self) -> str:
+        self._keys += 1
+        return f"m{self._keys}"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                with self._lock:
+                    _write_msg(self.proc.stdin, {"op": "quit"})
+                self.proc.wait(timeout=10)
+            except Exception:
+                self.proc.kill()
+                self.proc.wait()
+
+
+_shared_worker: CmodelWorker | None = None
+
+
+def shared_worker() -> CmodelWorker:
+    global _shared_worker
+    if _shared_worker is None or _shared_worker.proc.poll() is not None:
+        _shared_worker = CmodelWorker()
+        import atexit
+
+        atexit.register(_shared_worker.close)
+    return _shared_worker
+
+
+class CmodelEngine(Engine):
+    """A (combined) bmodel on the BM1684X simulator."""
+
+    def __init__(self, path: Path, worker: CmodelWorker | None = None):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FluxcError(f"missing bmodel {self.path}; run fluxc compile")
+        self.worker = worker or shared_worker()
+        self.key = self.worker.new_key()
+        try:
+            h, _ = self.worker.request({"op": "load", "key": self.key, "path": str(self.path.resolve())})
+        except FluxcError as e:
+            raise FluxcError(f"cannot load {self.path} on the chip simulator ({str(e).splitlines()[0]}); "
+                             "the file is damaged or not a BM1684X bmodel: rebuild it with fluxc compile") from None
+        self.nets = {n["name"]: NetInfo(n["name"],
+                                        [TensorInfo(t["name"], tuple(t["shape"]), t["dtype"]) for t in n["inputs"]],
+                                        [TensorInfo(t["name"], tuple(t["shape"]), t["dtype"]) for t in n["outputs"]])
+                     for n in h["nets"]}
+
+    def process(self, net: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._check_net(net)
+        names = list(inputs)
+        h, outs = self.worker.request({"op": "run", "key": self.key, "net": net, "arrays": names},
+                                      [np.asarray(inputs[n]) for n in names])
+        return dict(zip(h["arrays"], outs))
+
+
+# ---- real chip (sophon.sail) -------------------------------------------------------------
+
+class SailEngine(Engine):
+    """A bmodel on a real BM1684X (sophon.sail.EngineLLM), on one device id. Not testable
+    without the hardware; kept deliberately small."""
+
+    def __init__(self, path: Path, device_id: int = 0):
+        try:
+            import sophon.sail as sail  # type: ignore
+        except ImportError:
+            raise FluxcError("the sail backend needs sophon.sail (Sophgo's SDK Python package, installed on "
+                             "the board/host with the BM1684X driver); use --backend cmodel or --backend onnx here") from None
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FluxcError(f"missing bmodel {self.path}; run fluxc compile")
+        self._sail = sail
+        self.device_id = device_id
+        self.engine = sail.EngineLLM(str(self.path), [device_id])
+        self.handle = sail.Handle(device_id)
+        self.nets = {}
+        for n in self.engine.get_graph_names():
+            ins = [TensorInfo(nm, tuple(self.engine.get_input_shape(n, i)), "float32")
+                   for i, nm in enumerate(self.engine.get_input_names(n))]
+            outs = [TensorInfo(nm, tuple(self.engine.get_output_shape(n, i)), "float32")
+                    for i, nm in enumerate(self.engine.get_output_names(n))]
+            self.nets[n] = NetInfo(n, ins, outs)
+
+    def process(self, net: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ni = self._check_net(net)
+        sail = self._sail
+        in_t = self.engine.get_input_tensors(net)
+        out_t = self.engine.get_output_tensors(net)
+        for i, t in enumerate(ni.inputs):
+            dst = in_t[i]
+            dst.update_data(np.ascontiguousarray(inputs[t.name]).astype(dst.asnumpy().dtype))
+            dst.sync_s2d()
+        self.engine.process(net, in_t, out_t)
+        res = {}
+        for i, t in enumerate(ni.outputs):
+            out_t[i].sync_d2s()
+            res[t.name] = np.asarray(out_t[i].asnumpy(), dtype=np.float32).copy()
+        del sail
+        return res
+
+
+def open_engine(backend: str, path: Path, device_id: int = 0) -> Engine:
+    if backend == "onnx":
+        return OnnxEngine(path)
+    if backend == "cmodel":
+        return CmodelEngine(path)
+    if backend == "sail":
+        return SailEngine(path, device_id)
+    raise FluxcError(f"unknown backend {backend!r}; use cmodel, onnx or sail")

@@ -1,0 +1,51 @@
+"""FluxDims from a checkpoint's configs and the export options (no size is written here)."""
+from __future__ import annotations
+
+from typing import Any
+
+from fluxc.errors import FluxcError
+from fluxc.specs import FluxDims
+
+
+def check_resolution(height: int, width: int, multiple: int = 16) -> None:
+    for name, v in (("height", height), ("width", width)):
+        if v <= 0 or v % multiple:
+            raise FluxcError(f"--{name} {v} is not a positive multiple of {multiple}; "
+                             f"pick e.g. {max(multiple, (v // multiple) * multiple)}")
+
+
+def vae_scale(vae_cfg: dict[str, Any]) -> int:
+    if "decoder_block_out_channels" in vae_cfg:  # AutoencoderTiny
+        return int(vae_cfg.get("upsampling_scaling_factor", 2)) ** (len(vae_cfg["decoder_block_out_channels"]) - 1)
+    return 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+
+
+def build_dims(*, flux_type: str, height: int, width: int, t5_len: int,
+               transformer: dict[str, Any], clip: dict[str, Any], t5: dict[str, Any],
+               vae: dict[str, Any], tiny_vae: dict[str, Any] | None) -> FluxDims:
+    scale = vae_scale(vae)
+    check_resolution(height, width, 2 * scale)
+    if t5_len <= 0:
+        raise FluxcError(f"--t5-seq-len {t5_len} must be positive (FLUX uses 512, or 256 for schnell)")
+    heads, hd = int(transformer.get("num_attention_heads", 24)), int(transformer.get("attention_head_dim", 128))
+    in_ch = int(transformer.get("in_channels", 64))
+    latent_ch = int(vae.get("latent_channels", 16))
+    if tiny_vae is not None:
+        tl, ts = int(tiny_vae.get("latent_channels", 4)), vae_scale(tiny_vae)
+        if tl != latent_ch or ts != scale:
+            raise FluxcError(f"the tiny VAE ({tl} latent channels, x{ts}) does not fit this FLUX VAE "
+                             f"({latent_ch} latent channels, x{scale}); use a FLUX tiny VAE such as madebyollin/taef1")
+    return FluxDims(
+        flux_type=flux_type, height=height, width=width,
+        clip_vocab=int(clip["vocab_size"]), clip_dim=int(clip["hidden_size"]),
+        clip_layers=int(clip["num_hidden_layers"]), clip_len=int(clip.get("max_position_embeddings", 77)),
+        t5_vocab=int(t5["vocab_size"]), t5_dim=int(t5["d_model"]), t5_layers=int(t5["num_layers"]),
+        t5_len=int(t5_len),
+        inner_dim=heads * hd, head_dim=hd, in_channels=in_ch,
+        out_channels=int(transformer.get("out_channels") or in_ch),
+        num_double=int(transformer.get("num_layers", 19)), num_single=int(transformer.get("num_single_layers", 38)),
+        joint_attention_dim=int(transformer.get("joint_attention_dim", 4096)),
+        pooled_projection_dim=int(transformer.get("pooled_projection_dim", 768)),
+        guidance_embeds=bool(transformer.get("guidance_embeds", False)),
+        latent_channels=latent_ch, vae_scale=scale, tiny_vae=tiny_vae is not None,
+    )

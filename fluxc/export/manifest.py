@@ -1,0 +1,115 @@
+"""manifest.json of an export folder: written last and atomically by `fluxc export`, read by
+compile, verify and run through `load_manifest`.
+
+Layout (format 1):
+    {"format": 1, "complete": true,
+     "source": {"model": <path or hub id>, "kind": "local"|"hub", "revision": ...},
+     "options": {...}, "versions": {"torch": ..., ...},
+     "dims": FluxDims.to_dict(),
+     "pieces": [PieceSpec.to_dict() + {"file", "sha256", "key", ["external_data", "external_sha256"]}],
+     "files": {"rotary_emb": "rotary_emb.npy", "tokenizer": "tokenizer", ...}}
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fluxc.errors import FluxcError
+from fluxc.specs import FluxDims, PieceSpec
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+@dataclass
+class Manifest:
+    export_dir: Path
+    dims: FluxDims
+    specs: list[PieceSpec]
+    source: dict[str, Any]
+    options: dict[str, Any]
+    versions: dict[str, Any]
+    entries: dict[str, dict[str, Any]]  # piece name -> raw manifest entry (file, sha256, ...)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def path(self, piece: str) -> Path:
+        """ONNX file of one piece."""
+        try:
+            return self.export_dir / self.entries[piece]["file"]
+        except KeyError:
+            raise FluxcError(f"piece {piece!r} is not in the export {self.export_dir}; "
+                             f"re-run `fluxc export`") from None
+
+    @property
+    def paths(self) -> dict[str, Path]:
+        return {s.name: self.path(s.name) for s in self.specs}
+
+    def spec(self, piece: str) -> PieceSpec:
+        for s in self.specs:
+            if s.name == piece:
+                return s
+        raise FluxcError(f"piece {piece!r} is not in the export {self.export_dir}; re-run `fluxc export`")
+
+    def sha256(self, piece: str) -> str:
+        return self.entries[piece]["sha256"]
+
+    @property
+    def rotary_path(self) -> Path:
+        return self.export_dir / self.files.get("rotary_emb", "rotary_emb.npy")
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.export_dir / self.files.get("tokenizer", "tokenizer")
+
+    @property
+    def tokenizer_2_dir(self) -> Path:
+        return self.export_dir / self.files.get("tokenizer_2", "tokenizer_2")
+
+    @property
+    def vae_config_path(self) -> Path:
+        return self.export_dir / self.files.get("vae_config", "vae_config.json")
+
+    @property
+    def scheduler_config_path(self) -> Path:
+        return self.export_dir / self.files.get("scheduler_config", "scheduler/scheduler_config.json")
+
+
+def read_manifest_json(export_dir: Path) -> dict[str, Any] | None:
+    """The raw manifest, or None if there is none or it cannot be parsed."""
+    p = Path(export_dir) / MANIFEST
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_manifest(export_dir: Path) -> Manifest:
+    """Read an export folder's manifest; FluxcError if it is missing or incomplete."""
+    export_dir = Path(export_dir)
+    p = export_dir / MANIFEST
+    if not p.is_file():
+        raise FluxcError(f"no export found in {export_dir} (missing {MANIFEST}); run `fluxc export` first")
+    raw = read_manifest_json(export_dir)
+    if raw is None:
+        raise FluxcError(f"{p} is unreadable; re-run `fluxc export --force`")
+    if not raw.get("complete"):
+        raise FluxcError(f"the export in {export_dir} is incomplete; re-run `fluxc export`")
+    if raw.get("format") != FORMAT:
+        raise FluxcError(f"{p} has format {raw.get('format')!r}, expected {FORMAT}; re-run `fluxc export --force`")
+    try:
+        dims = FluxDims.from_dict(raw["dims"])
+        specs = [PieceSpec.from_dict(d) for d in raw["pieces"]]
+        entries = {d["name"]: d for d in raw["pieces"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise FluxcError(f"{p} is malformed ({e}); re-run `fluxc export --force`") from None
+    m = Manifest(export_dir, dims, specs, raw.get("source", {}), raw.get("options", {}),
+                 raw.get("versions", {}), entries, raw.get("files", {}))
+    missing = [s.name for s in specs if not m.path(s.name).is_file()]
+    if missing:
+        raise FluxcError(f"the export in {export_dir} lacks {', '.join(missing[:3])}"
+                         f"{' ...' if len(missing) > 3 else ''}; re-run `fluxc export`")
+    return m

@@ -1,0 +1,248 @@
+"""Where the weights come from: a local diffusers FLUX.1 folder or a Hugging Face Hub id.
+
+Nothing here loads a whole model. `WeightStore` maps tensor names to safetensors files
+(through the *.safetensors.index.json of sharded checkpoints) and reads only the tensors
+asked for, converted to float32.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from fluxc.errors import FluxcError
+
+HUB_IDS = {"schnell": "black-forest-labs/FLUX.1-schnell", "dev": "black-forest-labs/FLUX.1-dev"}
+COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+# Only what export needs from a Hub repo (no fp16 variants, no single-file checkpoints).
+HUB_PATTERNS = [
+    "model_index.json",
+    "*/config.json",
+    "*/*.safetensors",
+    "*/*.safetensors.index.json",
+    "tokenizer/*",
+    "tokenizer_2/*",
+    "scheduler/*",
+    "config.json",
+    "*.safetensors",
+]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving MODEL
+
+@dataclass
+class Source:
+    """A resolved model: a local folder plus what the manifest records about its origin."""
+
+    folder: Path
+    model: str  # as given by the user (path or Hub id)
+    kind: str  # "local" or "hub"
+    revision: str | None = None  # Hub commit if known
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "kind": self.kind, "revision": self.revision}
+
+
+def looks_like_hub_id(model: str) -> bool:
+    return bool(_HUB_ID.match(model)) and not model.startswith((".", "/", "~"))
+
+
+def resolve(model: str, *, what: str = "model", patterns: list[str] | None = None) -> Source:
+    """A local folder as is; a Hub id through huggingface_hub.snapshot_download (cached)."""
+    p = Path(model).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise FluxcError(f"{what} {model} is a file; give a diffusers folder (or a Hub id)")
+        return Source(p.resolve(), model, "local")
+    if not looks_like_hub_id(model):
+        raise FluxcError(f"{what} folder {model} does not exist; give an existing diffusers folder or a Hub id")
+    return _download(model, what, patterns or HUB_PATTERNS)
+
+
+def _download(repo_id: str, what: str, patterns: list[str]) -> Source:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        raise FluxcError("huggingface_hub is not installed; pip install huggingface_hub") from None
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except GatedRepoError:
+        raise FluxcError(f"{repo_id} is gated on the Hugging Face Hub: accept its licence on the website and "
+                         f"log in (`hf auth login`), or pass a local folder") from None
+    except RepositoryNotFoundError:
+        raise FluxcError(f"{what} {repo_id!r} is neither a local folder nor a Hugging Face Hub repository "
+                         f"(or it is private: log in with `hf auth login`)") from None
+    except Exception as e:  # offline, network, disk
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        why = "HF_HUB_OFFLINE is set" if offline else f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        raise FluxcError(f"cannot download {what} {repo_id!r} from the Hugging Face Hub ({why}) and it is not "
+                         f"in the local cache; pass a local diffusers folder instead") from None
+    revision = None
+    parts = folder.parts
+    if len(parts) >= 2 and parts[-2] == "snapshots":
+        revision = parts[-1]
+    return Source(folder, repo_id, "hub", revision)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs and flux type
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FluxcError(f"{what}: {path} is missing") from None
+    except (OSError, ValueError) as e:
+        raise FluxcError(f"{what}: cannot read {path} ({e})") from None
+
+
+def check_flux_folder(folder: Path) -> None:
+    """A one-line error unless `folder` looks like a diffusers FLUX.1 pipeline."""
+    missing = [c for c in COMPONENTS if not (folder / c / "config.json").is_file()]
+    if missing:
+        raise FluxcError(f"{folder} is not a diffusers FLUX.1 checkpoint (no {missing[0]}/config.json); "
+                         f"give a folder saved by FluxPipeline.save_pretrained or a FLUX.1 Hub id")
+    cfg = read_json(folder / "transformer" / "config.json", "transformer config")
+    cls = cfg.get("_class_name", "")
+    if cls and cls != "FluxTransformer2DModel":
+        raise FluxcError(f"{folder} is not a FLUX.1 checkpoint (transformer is {cls}, expected "
+                         f"FluxTransformer2DModel)")
+    for tok in ("tokenizer", "tokenizer_2"):
+        if not (folder / tok).is_dir():
+            raise FluxcError(f"{folder} is not a complete FLUX.1 checkpoint ({tok}/ is missing)")
+
+
+def detect_flux_type(transformer_cfg: dict[str, Any], given: str | None, folder: Path) -> str:
+    detected = "dev" if transformer_cfg.get("guidance_embeds", False) else "schnell"
+    if given is not None and given != detected:
+        raise FluxcError(f"--flux-type {given} contradicts {folder}/transformer/config.json "
+                         f"(guidance_embeds={bool(transformer_cfg.get('guidance_embeds'))} means {detected}); "
+                         f"drop --flux-type or pick the matching model")
+    return detected
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+def _read_header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise FluxcError(f"{path} is not a safetensors file (truncated); re-download the model")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise FluxcError(f"{path} is not a safetensors file; re-download the model")
+        try:
+            return json.loads(f.read(n))
+        except ValueError:
+            raise FluxcError(f"{path} is not a safetensors file (bad header); re-download the model") from None
+
+
+@dataclass
+class WeightStore:
+    """Tensor name -> safetensors file, for one component folder (e.g. <model>/transformer)."""
+
+    folder: Path
+    files: dict[str, Path]  # tensor name -> file
+    headers: dict[Path, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, folder: Path, component: str) -> "WeightStore":
+        folder = Path(folder)
+        indexes = sorted(p for p in folder.glob("*.safetensors.index.json") if not _is_variant(p.name))
+        files: dict[str, Path] = {}
+        if indexes:
+            idx = read_json(indexes[0], f"{component} weights index")
+            wm = idx.get("weight_map") or {}
+            for k, fn in wm.items():
+                files[k] = folder / fn
+            missing = sorted({str(p.name) for p in files.values() if not p.is_file()})
+            if missing:
+                raise FluxcError(f"{component}: {folder}/{missing[0]} is missing (listed in {indexes[0].name}); "
+                                 f"re-download the model")
+        else:
+            shards = sorted(p for p in folder.glob("*.safetensors") if not _is_variant(p.name))
+            if not shards:
+                raise FluxcError(f"{component}: no .safetensors weights in {folder}; re-download the model "
+                                 f"(only safetensors checkpoints are supported)")
+            for p in shards:
+                for k in _read_header(p):
+                    if k != "__metadata__":
+                        files[k] = p
+        store = cls(folder, files)
+        for p in sorted(set(files.values())):
+            store.headers[p] = _read_header(p)
+        return store
+
+    def keys(self) -> Iterable[str]:
+        return self.files.keys()
+
+    def has(self, key: str) -> bool:
+        return key in self.files
+
+    def info(self, key: str) -> dict[str, Any]:
+        return self.headers[self.files[key]][key]
+
+    def fingerprint(self, keys: Iterable[str]) -> str:
+        """Content key of some tensors without reading them: each tensor's file identity
+        (name, size, mtime) and its header entry (dtype, shape, byte offsets)."""
+        h = hashlib.sha256()
+        for k in sorted(keys):
+            p = self.files[k]
+            st = p.stat()
+            h.update(json.dumps([k, p.name, st.st_size, st.st_mtime_ns, self.info(k)], sort_keys=True).encode())
+        return h.hexdigest()
+
+    def identity(self) -> str:
+        """Hash of the safetensors headers of every file (names, dtypes, shapes, offsets)."""
+        h = hashlib.sha256()
+        for p in sorted(self.headers):
+            h.update(p.name.encode())
+            h.update(json.dumps(self.headers[p], sort_keys=True).encode())
+        return h.hexdigest()
+
+    def load(self, keys: Iterable[str], dtype=None) -> dict[str, Any]:
+        """Read the named tensors (float tensors converted to `dtype`, default float32).
+        Files are opened for this call only, so nothing stays mapped afterwards."""
+        import torch
+        from safetensors import safe_open
+
+        dtype = dtype or torch.float32
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            if k not in self.files:
+                raise FluxcError(f"tensor {k} is missing from the weights in {self.folder}; re-download the model")
+            by_file.setdefault(self.files[k], []).append(k)
+        out: dict[str, Any] = {}
+        for p, ks in by_file.items():
+            with safe_open(str(p), framework="pt") as f:
+                for k in ks:
+                    t = f.get_tensor(k)
+                    out[k] = t.to(dtype) if t.is_floating_point() else t.clone()
+                    del t
+        return out
+
+
+def _is_variant(name: str) -> bool:
+    # diffusers variants: diffusion_pytorch_model.fp16.safetensors, model.fp16-00001-of-00002.safetensors
+    return bool(re.search(r"\.(fp16|bf16|fp32|non_ema|ema)[.\-]", name))
+
+
+def model_revision(folder: Path, stores: dict[str, WeightStore]) -> str:
+    """Hash of every config plus every safetensors header: stands in for a Hub commit."""
+    h = hashlib.sha256()
+    for cfg in sorted(Path(folder).glob("*/config.json")) + sorted(Path(folder).glob("*/scheduler_config.json")):
+        h.update(str(cfg.relative_to(folder)).encode())
+        h.update(cfg.read_bytes())
+    for name in sorted(stores):
+        h.update(name.encode())
+        h.update(stores[name].identity().encode())
+    return "sha256:" + h.hexdigest()[:32]

@@ -1,0 +1,179 @@
+"""The FLUX.1 pipeline in numpy over any engine set (onnx, cmodel, sail).
+
+tokenize -> CLIP pieces (pooled) and T5 pieces -> per step: head -> double blocks ->
+concat [text, image] -> single blocks -> image part -> tail -> Euler step -> unpack ->
+VAE decoder (un-scaling baked in) -> image in [-1, 1] -> uint8.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from fluxc.errors import FluxcError
+from fluxc.runtime.scheduler import FlowMatchEulerScheduler
+from fluxc.runtime.tokenize import PromptTokenizer
+
+DEFAULT_PROMPT = "A cat holding a sign that says hello world"
+
+
+def pack_latents(latents: np.ndarray) -> np.ndarray:
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).transpose(0, 2, 4, 1, 3, 5)
+    return np.ascontiguousarray(x.reshape(b, (h // 2) * (w // 2), c * 4))
+
+
+def unpack_latents(latents: np.ndarray, lat_h: int, lat_w: int) -> np.ndarray:
+    b, n, c4 = latents.shape
+    x = latents.reshape(b, lat_h // 2, lat_w // 2, c4 // 4, 2, 2).transpose(0, 3, 1, 4, 2, 5)
+    return np.ascontiguousarray(x.reshape(b, c4 // 4, lat_h, lat_w))
+
+
+def initial_latents(dims, seed: int) -> tuple[np.ndarray, str]:
+    """Packed initial noise [1, N, 4C]. Drawn exactly like diffusers' FluxPipeline (a seeded
+    CPU torch generator) when torch is importable; otherwise numpy's RNG (not comparable)."""
+    c, h, w = dims.latent_channels, dims.latent_h, dims.latent_w
+    # FluxPipeline: height = 2 * (H // (vae_scale * 2)), i.e. the latent size rounded to even
+    h, w = 2 * (dims.height // (dims.vae_scale * 2)), 2 * (dims.width // (dims.vae_scale * 2))
+    shape = (1, c, h, w)
+    try:
+        import torch
+    except ImportError:
+        rng = np.random.default_rng(seed)
+        return pack_latents(rng.standard_normal(shape).astype(np.float32)), (
+            "numpy RNG (torch not installed): latents are not comparable with diffusers' for this seed")
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    x = torch.randn(shape, generator=g, device="cpu", dtype=torch.float32).numpy()
+    return pack_latents(x), "torch CPU generator (as diffusers' FluxPipeline)"
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """[1,3,H,W] in [-1,1] -> HxWx3 uint8, as diffusers' image processor does."""
+    x = np.clip(image[0].astype(np.float32) / 2 + 0.5, 0, 1).transpose(1, 2, 0)
+    return (x * 255).round().astype(np.uint8)
+
+
+def save_png(img: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    from fluxc.fsutil import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(img).save(tmp, format="PNG")
+
+
+@dataclass
+class Result:
+    image: np.ndarray  # HxWx3 uint8
+    image_float: np.ndarray  # [1,3,H,W] decoder output
+    latents: np.ndarray  # final packed latents [1,N,64]
+    timesteps: list[float]
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+class FluxPipeline:
+    def __init__(self, models, manifest):
+        self.m = models
+        self.manifest = manifest
+        self.dims = d = manifest.dims
+        self.specs = {s.name: s for s in manifest.specs}
+        self.clip_tok = PromptTokenizer(manifest.tokenizer_dir, d.clip_len, "CLIP")
+        self.t5_tok = PromptTokenizer(manifest.tokenizer_2_dir, d.t5_len, "T5")
+        self.scheduler = FlowMatchEulerScheduler.from_file(manifest.scheduler_config_path)
+        rp = manifest.rotary_path
+        if not Path(rp).is_file():
+            raise FluxcError(f"rotary table {rp} is missing; re-run fluxc export")
+        self.rotary = np.load(rp).astype(np.float32)
+        if tuple(self.rotary.shape) != tuple(d.rotary_shape):
+            raise FluxcError(f"{rp} has shape {self.rotary.shape}, expected {d.rotary_shape}; re-run fluxc export")
+        self.prefix = d.flux_type
+        self.vae_name = "tiny_vae_decoder" if d.tiny_vae else "vae_decoder"
+
+    # One piece: outputs in the spec's order (by name, else by position).
+    def run(self, piece: str, **inputs: np.ndarray) -> list[np.ndarray]:
+        spec = self.specs[piece]
+        feed = {t.name: np.ascontiguousarray(inputs[t.name], dtype=t.dtype) for t in spec.inputs}
+        out = self.m.process(spec.net_name, feed)
+        vals = list(out.values())
+        res = []
+        for i, t in enumerate(spec.outputs):
+            if t.name in out:
+                res.append(out[t.name])
+            elif i < len(vals):
+                res.append(vals[i])
+            else:
+                raise FluxcError(f"net {spec.net_name} returned {len(vals)} outputs, expected {len(spec.outputs)}")
+        return [np.asarray(r, dtype=np.float32).reshape(t.shape) for r, t in zip(res, spec.outputs)]
+
+    def encode_prompt(self, prompt: str, prompt_2: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        d = self.dims
+        ids = self.clip_tok(prompt)
+        (h,) = self.run("clip_head", input_ids=ids)
+        for i in range(d.clip_layers):
+            (h,) = self.run(f"clip_block_{i}", hidden_states=h)
+        (pooled,) = self.run("clip_tail", hidden_states=h, input_ids=ids)
+        ids2 = self.t5_tok(prompt_2 if prompt_2 else prompt)
+        (t,) = self.run("t5_head", input_ids=ids2)
+        for i in range(d.t5_layers):
+            (t,) = self.run(f"t5_block_{i}", hidden_states=t)
+        (t5,) = self.run("t5_tail", hidden_states=t)
+        return pooled, t5
+
+    def transformer(self, latents, t: float, guidance: float | None, pooled, t5) -> np.ndarray:
+        d, p = self.dims, self.prefix
+        head = dict(hidden_states=latents, timestep=np.array([t], np.float32),
+                    pooled_projections=pooled, encoder_hidden_states=t5)
+        if d.guidance_embeds:
+            head["guidance"] = np.array([guidance * 1000.0], np.float32)
+        temb, enc, hid = self.run(f"{p}_head", **head)
+        for i in range(d.num_double):
+            enc, hid = self.run(f"{p}_trans_block_{i}", hidden_states=hid, encoder_hidden_states=enc,
+                                temb=temb, rotary_emb=self.rotary)
+        x = np.concatenate([enc, hid], axis=1)
+        for i in range(d.num_single):
+            (x,) = self.run(f"{p}_single_trans_block_{i}", hidden_states=x, temb=temb, rotary_emb=self.rotary)
+        (noise,) = self.run(f"{p}_tail", hidden_states=x[:, d.t5_len:], temb=temb)
+        return noise
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        lat = unpack_latents(latents, 2 * (self.dims.height // (self.dims.vae_scale * 2)),
+                             2 * (self.dims.width // (self.dims.vae_scale * 2)))
+        (img,) = self.run(self.vae_name, latents=lat)
+        return img
+
+    def __call__(self, prompt: str = DEFAULT_PROMPT, prompt_2: str | None = None, steps: int | None = None,
+                 guidance: float = 3.5, seed: int = 0, latents: np.ndarray | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> Result:
+        d = self.dims
+        if steps is None:
+            steps = 4 if d.flux_type == "schnell" else 28
+        notes = []
+        timings = {}
+        t0 = time.perf_counter()
+        pooled, t5 = self.encode_prompt(prompt, prompt_2)
+        timings["text_encoders_s"] = time.perf_counter() - t0
+        if latents is None:
+            latents, how = initial_latents(d, seed)
+            if how.startswith("numpy"):
+                notes.append(how)
+                warnings.warn(how)
+        self.scheduler.set_timesteps(steps, latents.shape[1])
+        ts = [float(x) for x in self.scheduler.timesteps]
+        t1 = time.perf_counter()
+        for i, t in enumerate(self.scheduler.timesteps):
+            noise = self.transformer(latents, float(t), guidance, pooled, t5)
+            latents = self.scheduler.step(noise, i, latents)
+            if on_step:
+                on_step(i + 1, steps)
+        timings["denoise_s"] = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        img = self.decode(latents)
+        timings["vae_s"] = time.perf_counter() - t2
+        timings["generate_s"] = time.perf_counter() - t0
+        return Result(to_uint8(img), img, latents, ts, timings, notes)

@@ -65,10 +65,15 @@ def _reexec_if_needed() -> None:
     if os.environ.get(_MARK) == "1":
         return
     root = _tpu_mlir_root()
-    dirs = [os.path.join(root, "lib"), os.path.join(root, "lib", "capi"), _third_party_dir(root)]
     env = dict(os.environ)
+    if "libc.so.6" in env.get("LD_PRELOAD", ""):
+        # fluxc.toolchain's environment already preloads the host glibc over the bundled one
+        tp = os.path.join(root, "lib", "third_party")
+    else:
+        tp = _third_party_dir(root)
+    dirs = [os.path.join(root, "lib"), os.path.join(root, "lib", "capi"), tp]
     old = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep)
-           if p and not p.rstrip("/").endswith("lib/third_party")]
+           if p and p not in dirs and not p.rstrip("/").endswith("lib/third_party")]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(dirs + old)
     env["TPUC_ROOT"] = root
     env[_MARK] = "1"

@@ -1,12 +1,134 @@
-"""fluxc run (not implemented yet)."""
+"""fluxc run: generate one image with the FLUX pipeline on the simulator, ONNX Runtime or a chip."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Optional
+
 import typer
 
 from fluxc.errors import FluxcError
 
 
-def run() -> None:
-    """Not implemented yet.
+def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_type: str | None = None,
+                  tiny_vae: bool | None = None, devices: list[int] | None = None,
+                  height: int | None = None, width: int | None = None, export: Path | None = None,
+                  say=None):
+    """(pipeline, model set, quantize used) for one workspace and backend. Shared by verify."""
+    from fluxc import workspace
+    from fluxc.export.manifest import load_manifest
+    from fluxc.runtime.models import BACKENDS, open_bmodels, open_onnx
+    from fluxc.runtime.pipeline import FluxPipeline
 
-    Example: fluxc run
+    if backend not in BACKENDS:
+        raise FluxcError(f"unknown --backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    models = Path(models)
+    if not models.is_dir():
+        raise FluxcError(f"models folder {models} does not exist; run fluxc export and fluxc compile, "
+                         "or point --models / FLUXC_MODELS at a workspace")
+    exp = Path(export) if export else workspace.export_dir(models)
+    man = load_manifest(exp)
+    d = man.dims
+    if flux_type and flux_type != d.flux_type:
+        raise FluxcError(f"--flux-type {flux_type} does not match the export in {exp} ({d.flux_type}); "
+                         f"re-export or drop --flux-type")
+    if tiny_vae is not None and tiny_vae != d.tiny_vae:
+        have = "the tiny VAE" if d.tiny_vae else "the full VAE"
+        raise FluxcError(f"the export in {exp} was made with {have}; re-export with"
+                         f"{'' if tiny_vae else 'out'} --tiny-vae or drop the option")
+    if (height and height != d.height) or (width and width != d.width):
+        raise FluxcError(f"the models are compiled for {d.width}x{d.height} (width x height); "
+                         f"re-export at {width or d.width}x{height or d.height} to change it")
+    if backend == "sail":
+        try:
+            import sophon.sail  # noqa: F401
+        except ImportError:
+            raise FluxcError("the sail backend needs sophon.sail (Sophgo's SDK Python package, on a board or "
+                             "a host with the BM1684X PCIe driver); use --backend cmodel or onnx here") from None
+    if backend == "onnx":
+        if quantize:
+            warnings.warn("--quantize is ignored by the onnx backend (it runs the float export)")
+        ms, q = open_onnx(man, progress=say), "F32"
+    else:
+        ms, q = open_bmodels(backend, workspace.chip_dir(models), d, quantize, devices, progress=say)
+    return FluxPipeline(ms, man), ms, q
+
+
+def parse_devices(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        ids = [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise FluxcError(f"--devices {text!r}: give chip ids like 0,1,2") from None
+    if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise FluxcError(f"--devices {text!r}: give distinct non-negative chip ids like 0,1,2")
+    return ids
+
+
+def run(
+    models: Optional[Path] = typer.Option(None, "--models", help="Workspace folder (default: FLUXC_MODELS or ./models)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt (CLIP and, unless --prompt-2, T5)."),
+    prompt_2: Optional[str] = typer.Option(None, "--prompt-2", help="Separate prompt for T5."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default 4 schnell, 28 dev)."),
+    guidance: float = typer.Option(3.5, "--guidance", help="Guidance scale (dev only)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial noise (torch CPU generator, as diffusers)."),
+    backend: str = typer.Option("cmodel", "--backend", help="cmodel (chip simulator), onnx (float reference) or sail (chip)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Transformer quantisation: BF16 or W4BF16 (default: what is compiled)."),
+    flux_type: Optional[str] = typer.Option(None, "--flux-type", help="dev or schnell (checked against the export)."),
+    tiny_vae: Optional[bool] = typer.Option(None, "--tiny-vae/--full-vae", help="Check which VAE the export holds."),
+    devices: Optional[str] = typer.Option(None, "--devices", help='Chip ids for the sail backend, e.g. "0,1,2" or "0 1 2".'),
+    height: Optional[int] = typer.Option(None, "--height", help="Must match the export (default: from the manifest)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Must match the export (default: from the manifest)."),
+    out: Path = typer.Option(Path("result.png"), "--out", help="Output PNG (written atomically)."),
+    save_latents: Optional[Path] = typer.Option(None, "--save-latents", help="Also save the final packed latents (.npy)."),
+) -> None:
+    """Generate one image with the compiled (or exported) FLUX.1 pieces.
+
+    Example: fluxc run --backend cmodel --prompt "a red fox in the snow" --steps 4 --seed 42 --out fox.png
     """
-    raise FluxcError("fluxc run is not implemented yet")
+    import time
+
+    import numpy as np
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fluxc import workspace
+    from fluxc.fsutil import atomic_path
+    from fluxc.runtime.pipeline import DEFAULT_PROMPT, save_png
+    from fluxc.runtime.tokenize import TruncationWarning
+
+    con = Console(stderr=True)
+    m = workspace.models_dir(models)
+    if steps is not None and steps < 1:
+        raise FluxcError("--steps must be at least 1")
+    t0 = time.perf_counter()
+    with con.status(f"loading models ({backend}) ..."):
+        pipe, ms, q = open_pipeline(m, backend, quantize, flux_type, tiny_vae, parse_devices(devices),
+                                    height, width)
+    load_s = time.perf_counter() - t0
+    d = pipe.dims
+    con.print(f"loaded {len(ms.engines)} model file(s) on {backend} ({d.flux_type}, {q}, "
+              f"{d.width}x{d.height}) in {load_s:.2f} s")
+    n_steps = steps or (4 if d.flux_type == "schnell" else 28)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TruncationWarning)
+        with Progress(TextColumn("denoising"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                      TimeElapsedColumn(), console=con) as prog:
+            task = prog.add_task("steps", total=n_steps)
+            res = pipe(prompt or DEFAULT_PROMPT, prompt_2, n_steps, guidance, seed,
+                       on_step=lambda i, n: prog.update(task, completed=i))
+    for w in caught:
+        con.print(f"[yellow]warning:[/yellow] {w.message}")
+    for n in res.notes:
+        con.print(f"[yellow]note:[/yellow] {n}")
+    save_png(res.image, out)
+    if save_latents:
+        with atomic_path(Path(save_latents)) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, res.latents)
+    t = res.timings
+    con.print(f"generation {t['generate_s']:.2f} s (text encoders {t['text_encoders_s']:.2f} s, "
+              f"{n_steps} steps {t['denoise_s']:.2f} s, VAE {t['vae_s']:.2f} s); load {load_s:.2f} s")
+    typer.echo(str(out))
+    ms.close()

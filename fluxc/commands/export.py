@@ -1,12 +1,34 @@
-"""fluxc export (not implemented yet)."""
+"""fluxc export: FLUX.1 weights (local diffusers folder or Hub id) -> ONNX pieces + manifest."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-from fluxc.errors import FluxcError
 
+def export(
+    model: Optional[str] = typer.Argument(
+        None, help="Local diffusers FLUX.1 folder or Hub id (default: black-forest-labs/FLUX.1-<type>)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Export folder (default: <models>/onnx)"),
+    models: Optional[Path] = typer.Option(None, "--models", help="Workspace folder (default: $FLUXC_MODELS or ./models)"),
+    flux_type: Optional[str] = typer.Option(
+        None, "--flux-type", help="dev or schnell (default: from transformer/config.json, or schnell for the Hub default)"),
+    height: int = typer.Option(1024, "--height", help="Image height (multiple of 16)"),
+    width: int = typer.Option(1024, "--width", help="Image width (multiple of 16)"),
+    t5_seq_len: int = typer.Option(512, "--t5-seq-len", help="T5 prompt length in tokens"),
+    tiny_vae: Optional[str] = typer.Option(
+        None, "--tiny-vae", help="Export an AutoencoderTiny decoder (taef1) from this folder or Hub id instead of the VAE"),
+    force: bool = typer.Option(False, "--force", help="Re-export every piece; replace another model's export"),
+) -> None:
+    """Export FLUX.1 to one ONNX file per piece (block by block, low memory), plus tokenizers,
+    rotary table, configs and manifest.json. Re-running with the same inputs rewrites nothing.
 
-def export() -> None:
-    """Not implemented yet.
-
-    Example: fluxc export
+    Example: fluxc export ./FLUX.1-schnell --height 512 --width 512 --tiny-vae madebyollin/taef1
     """
-    raise FluxcError("fluxc export is not implemented yet")
+    from fluxc.export.driver import ExportOptions, run_export
+
+    res = run_export(ExportOptions(model=model, out=out, models=models, flux_type=flux_type, height=height,
+                                   width=width, t5_len=t5_seq_len, tiny_vae=tiny_vae, force=force))
+    typer.echo(f"exported {len(res.exported)} piece(s), reused {len(res.reused)} unchanged, "
+               f"in {res.seconds:.1f} s -> {res.export_dir}")

@@ -139,3 +139,15 @@ def _trim_heap() -> None:
 
 def loaded_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+
+
+def checkpoint_keys(model, prefixes: Iterable[str], store: WeightStore, component: str) -> list[str]:
+    """Checkpoint tensor names a piece will read (without reading them)."""
+    keys = set()
+    for full, _, _ in _param_slots(model, list(prefixes)):
+        k = _ckpt_key(full, store)
+        if k is None:
+            raise FluxcError(f"{component}: tensor {full} is missing from {store.folder}; the safetensors files "
+                             f"are incomplete or belong to another model")
+        keys.add(k)
+    return sorted(keys)

@@ -1,0 +1,425 @@
+"""The `fluxc export` driver: checkpoint -> one ONNX file per piece + manifest.json.
+
+Order of work:
+1. resolve MODEL (local folder or Hub id) and the tiny VAE; validate everything that can be
+   validated without loading weights (configs, safetensors headers, resolution, out folder);
+2. plan: a content key per piece (piece spec, component config, the identity of the
+   tensors it reads, fluxc's export code, library versions); a piece whose key and ONNX
+   sha256 match the existing manifest is reused, the others are exported;
+3. if anything changes, the old manifest is first re-written with "complete": false;
+4. pieces are exported one at a time: the component model lives on the meta device, only
+   the piece's tensors are loaded (float32), exported, checked and released;
+5. side files (tokenizers, rotary table, VAE and scheduler configs) are synced;
+6. manifest.json is written last, atomically, with "complete": true.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from fluxc.errors import FluxcError
+from fluxc.export import manifest as mf
+from fluxc.export.dims import build_dims, check_resolution
+from fluxc.export.source import (HUB_IDS, Source, WeightStore, check_flux_folder, detect_flux_type, model_revision,
+                                 read_json, resolve)
+from fluxc.fsutil import atomic_path, sha256_file, sha256_json, write_json_atomic
+from fluxc.specs import FLUX_TYPES, FluxDims, PieceSpec, piece_specs
+
+# Component folder (and model class) per piece family.
+FAMILY_COMPONENT = {"clip": "text_encoder", "t5": "text_encoder_2", "transformer": "transformer"}
+TINY_VAE_PATTERNS = ["config.json", "*.safetensors"]
+
+
+@dataclass
+class ExportOptions:
+    model: str | None = None
+    out: Path | None = None
+    models: Path | None = None
+    flux_type: str | None = None
+    height: int = 1024
+    width: int = 1024
+    t5_len: int = 512
+    tiny_vae: str | None = None
+    force: bool = False
+
+
+@dataclass
+class ExportResult:
+    export_dir: Path
+    exported: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    piece_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("fluxc", "torch", "diffusers", "transformers", "onnx"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def code_hash() -> str:
+    """Hash of the code that shapes the exported graphs (wrappers, patches, ONNX writer)."""
+    import fluxc.export as ex
+    import fluxc.patches as pa
+
+    h = hashlib.sha256()
+    files = [Path(ex.__file__).parent / n for n in ("pieces.py", "onnx_io.py", "loading.py")]
+    files += sorted(Path(pa.__file__).parent.glob("*.py"))
+    for p in files:
+        if p.is_file():
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint: configs, weight stores, meta models
+
+class Checkpoint:
+    def __init__(self, source: Source, tiny: Source | None):
+        self.source, self.tiny = source, tiny
+        folder = source.folder
+        check_flux_folder(folder)
+        self.folder = folder
+        self.configs: dict[str, dict[str, Any]] = {
+            c: read_json(folder / c / "config.json", f"{c} config")
+            for c in ("transformer", "text_encoder", "text_encoder_2", "vae")
+        }
+        self.component_folders = {c: folder / c for c in self.configs}
+        if tiny is not None:
+            cfg_path = tiny.folder / "config.json"
+            if not cfg_path.is_file() and (tiny.folder / "tiny_vae" / "config.json").is_file():
+                tiny.folder = tiny.folder / "tiny_vae"
+                cfg_path = tiny.folder / "config.json"
+            if not cfg_path.is_file():
+                raise FluxcError(f"--tiny-vae {tiny.model}: no config.json there; give an AutoencoderTiny folder "
+                                 f"(e.g. madebyollin/taef1)")
+            tcfg = read_json(cfg_path, "tiny VAE config")
+            if tcfg.get("_class_name", "AutoencoderTiny") != "AutoencoderTiny":
+                raise FluxcError(f"--tiny-vae {tiny.model} is a {tcfg.get('_class_name')}, not an AutoencoderTiny")
+            self.configs["tiny_vae"] = tcfg
+            self.component_folders["tiny_vae"] = tiny.folder
+        # Opening the stores reads only the safetensors headers; it validates every file.
+        self.stores = {c: WeightStore.open(f, c) for c, f in self.component_folders.items()}
+        self._models: dict[str, Any] = {}
+
+    def revision(self) -> str:
+        return self.source.revision or model_revision(self.folder, {c: self.stores[c] for c in
+                                                                    ("transformer", "text_encoder",
+                                                                     "text_encoder_2", "vae")})
+
+    def model(self, component: str):
+        """The component's model with every parameter on the meta device (built once)."""
+        if component not in self._models:
+            from fluxc.export.loading import build_on_meta
+
+            self._models[component] = build_on_meta(lambda: _construct(component, self.configs[component],
+                                                                       self.component_folders[component]))
+        return self._models[component]
+
+
+def _construct(component: str, cfg: dict[str, Any], folder: Path):
+    if component == "transformer":
+        from diffusers import FluxTransformer2DModel
+
+        return FluxTransformer2DModel.from_config(cfg)
+    if component == "vae":
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_config(cfg)
+    if component == "tiny_vae":
+        from diffusers import AutoencoderTiny
+
+        return AutoencoderTiny.from_config(cfg)
+    if component == "text_encoder":
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        return CLIPTextModel(CLIPTextConfig.from_pretrained(str(folder)))
+    if component == "text_encoder_2":
+        from transformers import T5Config, T5EncoderModel
+
+        return T5EncoderModel(T5Config.from_pretrained(str(folder)))
+    raise ValueError(component)
+
+
+def component_of(spec: PieceSpec, dims: FluxDims) -> str:
+    if spec.family == "vae":
+        return "tiny_vae" if dims.tiny_vae else "vae"
+    return FAMILY_COMPONENT[spec.family]
+
+
+# ---------------------------------------------------------------------------------------------
+# The piece wrappers (fluxc.export.pieces, written separately): the only coupling point.
+
+def piece_prefixes(spec: PieceSpec, dims: FluxDims, ckpt: "Checkpoint") -> list[str]:
+    from fluxc.export import pieces
+
+    return list(pieces.piece_parts(spec))
+
+
+def build_piece(spec: PieceSpec, dims: FluxDims, ckpt: "Checkpoint"):
+    """The wrapper module; its in-memory patches are undone by `unpatch` after export."""
+    from fluxc.export import pieces
+
+    return pieces.build_piece_module(spec, dims, ckpt.model(component_of(spec, dims)))
+
+
+def unpatch(module) -> None:
+    p = getattr(module, "fluxc_patcher", None)
+    if p is not None:
+        p.restore()
+
+
+# ---------------------------------------------------------------------------------------------
+
+def resolve_inputs(opts: ExportOptions) -> tuple[Checkpoint, str, FluxDims, Path]:
+    if opts.flux_type is not None and opts.flux_type not in FLUX_TYPES:
+        raise FluxcError(f"--flux-type {opts.flux_type!r} is unknown; use dev or schnell")
+    check_resolution(opts.height, opts.width)
+    model = opts.model or HUB_IDS[opts.flux_type or "schnell"]
+    source = resolve(model, what="model")
+    tiny = resolve(opts.tiny_vae, what="tiny VAE", patterns=TINY_VAE_PATTERNS) if opts.tiny_vae else None
+    ckpt = Checkpoint(source, tiny)
+    flux_type = detect_flux_type(ckpt.configs["transformer"], opts.flux_type, ckpt.folder)
+    dims = build_dims(flux_type=flux_type, height=opts.height, width=opts.width, t5_len=opts.t5_len,
+                      transformer=ckpt.configs["transformer"], clip=ckpt.configs["text_encoder"],
+                      t5=ckpt.configs["text_encoder_2"], vae=ckpt.configs["vae"],
+                      tiny_vae=ckpt.configs.get("tiny_vae"))
+    if opts.out is not None:
+        out = Path(opts.out)
+    else:
+        from fluxc.workspace import export_dir, models_dir
+
+        out = export_dir(models_dir(opts.models))
+    if out.exists() and not out.is_dir():
+        raise FluxcError(f"--out {out} is a file; give a folder")
+    return ckpt, flux_type, dims, out
+
+
+def _source_record(ckpt: Checkpoint) -> dict[str, Any]:
+    s = ckpt.source
+    rec = {"model": s.model, "kind": s.kind, "path": str(ckpt.folder) if s.kind == "local" else None,
+           "revision": ckpt.revision()}
+    if ckpt.tiny is not None:
+        t = ckpt.tiny
+        rec["tiny_vae"] = {"model": t.model, "kind": t.kind, "path": str(t.folder) if t.kind == "local" else None,
+                           "revision": t.revision or "sha256:" + ckpt.stores["tiny_vae"].identity()[:32]}
+    return rec
+
+
+def _same_model(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    if old.get("kind") != new.get("kind"):
+        return False
+    if new.get("kind") == "local":
+        return old.get("path") == new.get("path")
+    return old.get("model") == new.get("model")
+
+
+def _describe(src: dict[str, Any]) -> str:
+    return str(src.get("path") or src.get("model"))
+
+
+def _entry_ok(out: Path, entry: dict[str, Any] | None, key: str) -> bool:
+    if not entry or entry.get("key") != key:
+        return False
+    f = out / entry.get("file", "")
+    if not f.is_file() or sha256_file(f) != entry.get("sha256"):
+        return False
+    data = entry.get("external_data")
+    if data:
+        d = out / data
+        if not d.is_file() or sha256_file(d) != entry.get("external_sha256"):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Side files: written only when their content changes.
+
+def _write_bytes_if_changed(dst: Path, data: bytes) -> bool:
+    if dst.is_file() and dst.read_bytes() == data:
+        return False
+    with atomic_path(dst) as tmp:
+        tmp.write_bytes(data)
+    return True
+
+
+def _sync_tree(src: Path, dst: Path) -> bool:
+    def listing(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    want = listing(src)
+    if dst.is_dir() and listing(dst) == want:
+        return False
+    with atomic_path(dst) as tmp:
+        shutil.copytree(src, tmp)
+    return True
+
+
+def _rotary_bytes(dims: FluxDims, transformer_cfg: dict[str, Any]) -> bytes:
+    import io
+
+    import numpy as np
+
+    from fluxc.patches.rotary import rotary_table
+
+    axes = transformer_cfg.get("axes_dims_rope", (16, 56, 56))
+    table = np.ascontiguousarray(rotary_table(dims, axes_dims=tuple(int(a) for a in axes)), dtype=np.float32)
+    if table.shape != dims.rotary_shape:
+        raise FluxcError(f"rotary table shape {table.shape} differs from {dims.rotary_shape} (bug)")
+    buf = io.BytesIO()
+    np.save(buf, table, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _sync_side_files(ckpt: Checkpoint, dims: FluxDims, out: Path) -> dict[str, str]:
+    folder = ckpt.folder
+    files = {"tokenizer": "tokenizer", "tokenizer_2": "tokenizer_2", "rotary_emb": "rotary_emb.npy",
+             "vae_config": "vae_config.json", "scheduler_config": "scheduler/scheduler_config.json"}
+    for tok in ("tokenizer", "tokenizer_2"):
+        _sync_tree(folder / tok, out / tok)
+    _write_bytes_if_changed(out / files["rotary_emb"], _rotary_bytes(dims, ckpt.configs["transformer"]))
+    _write_bytes_if_changed(out / files["vae_config"], (folder / "vae" / "config.json").read_bytes())
+    if "tiny_vae" in ckpt.configs:
+        files["tiny_vae_config"] = "tiny_vae_config.json"
+        _write_bytes_if_changed(out / files["tiny_vae_config"],
+                                (ckpt.component_folders["tiny_vae"] / "config.json").read_bytes())
+    sched = folder / "scheduler" / "scheduler_config.json"
+    if not sched.is_file():
+        raise FluxcError(f"{folder} is not a complete FLUX.1 checkpoint (scheduler/scheduler_config.json is missing)")
+    _write_bytes_if_changed(out / files["scheduler_config"], sched.read_bytes())
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+
+def run_export(opts: ExportOptions, *, show_progress: bool = True,
+               on_piece: Callable[[PieceSpec, Any, Path], None] | None = None) -> ExportResult:
+    """Run a whole export. `on_piece(spec, module, onnx_path)` is called right after each
+    newly exported piece, while its weights are still loaded (parity checks)."""
+    t0 = time.time()
+    ckpt, flux_type, dims, out = resolve_inputs(opts)
+    specs = piece_specs(dims)
+    source_rec = _source_record(ckpt)
+    old = mf.read_manifest_json(out)
+    if old is not None and old.get("source") and not _same_model(old["source"], source_rec) and not opts.force:
+        raise FluxcError(f"{out} holds an export of another model ({_describe(old['source'])}); "
+                         f"pass --force to replace it or choose another --out")
+    old_entries = {} if (old is None or opts.force) else {e.get("name"): e for e in old.get("pieces", [])}
+
+    versions = library_versions()
+    code = code_hash()
+    from fluxc.export.loading import checkpoint_keys
+
+    plan: list[tuple[PieceSpec, str, list[str]]] = []
+    for spec in specs:
+        comp = component_of(spec, dims)
+        prefixes = piece_prefixes(spec, dims, ckpt)
+        keys = checkpoint_keys(ckpt.model(comp), prefixes, ckpt.stores[comp], comp)
+        key = sha256_json({"spec": spec.to_dict(), "config": ckpt.configs[comp], "dims": dims.to_dict(),
+                           "weights": ckpt.stores[comp].fingerprint(keys), "code": code, "versions": versions})
+        plan.append((spec, key, prefixes))
+    todo = [s.name for s, k, _ in plan if not _entry_ok(out, old_entries.get(s.name), k)]
+
+    out.mkdir(parents=True, exist_ok=True)
+    options = {"flux_type": flux_type, "height": opts.height, "width": opts.width, "t5_seq_len": opts.t5_len,
+               "tiny_vae": opts.tiny_vae}
+    if old is not None and (todo or old.get("complete") is not True) and (out / mf.MANIFEST).exists():
+        # From here on the folder may change: never leave a manifest a later run would trust.
+        write_json_atomic(out / mf.MANIFEST, {**old, "complete": False})
+
+    result = ExportResult(out)
+    entries: list[dict[str, Any]] = []
+    from fluxc.export.loading import release
+    from fluxc.export.onnx_io import export_piece
+
+    with _progress(show_progress, len(plan)) as advance:
+        for spec, key, prefixes in plan:
+            comp = component_of(spec, dims)
+            if spec.name not in todo:
+                e = dict(old_entries[spec.name])
+                e.update(spec.to_dict())
+                entries.append(e)
+                result.reused.append(spec.name)
+                advance(f"{spec.name} (unchanged)")
+                continue
+            tp = time.time()
+            advance(f"{spec.name}", start=True)
+            from fluxc.export.loading import materialize
+
+            model = ckpt.model(comp)
+            try:
+                materialize(model, prefixes, ckpt.stores[comp], comp)
+                module = build_piece(spec, dims, ckpt)
+                try:
+                    written = export_piece(module, spec, out)
+                    if on_piece is not None:
+                        on_piece(spec, module, out / spec.file)
+                finally:
+                    unpatch(module)
+                    del module
+            finally:
+                release(model, prefixes)
+            e = {**spec.to_dict(), "file": spec.file, "sha256": sha256_file(out / spec.file), "key": key}
+            if len(written) > 1:
+                e["external_data"] = written[1]
+                e["external_sha256"] = sha256_file(out / written[1])
+            entries.append(e)
+            result.exported.append(spec.name)
+            result.piece_seconds[spec.name] = time.time() - tp
+            advance(f"{spec.name} exported", done=True)
+
+    files = _sync_side_files(ckpt, dims, out)
+    # Pieces of an earlier export that are not part of this one.
+    keep = {s.file for s in specs} | {e["external_data"] for e in entries if e.get("external_data")}
+    if old is not None:
+        for e in old.get("pieces", []):
+            for f in (e.get("file"), e.get("external_data")):
+                if f and f not in keep and (out / f).is_file():
+                    (out / f).unlink()
+
+    manifest = {"format": mf.FORMAT, "complete": True, "source": source_rec, "options": options,
+                "versions": versions, "dims": dims.to_dict(), "files": files, "pieces": entries}
+    if old != manifest:
+        write_json_atomic(out / mf.MANIFEST, manifest)
+    result.seconds = time.time() - t0
+    return result
+
+
+class _progress:
+    """A rich progress bar over pieces (or nothing)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda *a, **k: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.p = Progress(TextColumn("export"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          TextColumn("{task.description}"), transient=False)
+        self.p.__enter__()
+        self.task = self.p.add_task("", total=self.total)
+
+        def advance(desc: str, start: bool = False, done: bool = False):
+            self.p.update(self.task, description=desc, advance=0 if start else 1)
+
+        return advance
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.p.__exit__(*exc)
+        return False

@@ -1,0 +1,54 @@
+"""fluxc.patches: in-memory, reversible, version-aware export-friendly swaps.
+
+Nothing here edits installed files. A `Patcher` records every attribute it sets on a module
+instance and restores it on `restore()` / leaving the `with` block:
+
+    from fluxc.patches import Patcher
+    with Patcher() as p:
+        p.apply(transformer)            # all patches; or p.apply(m, ("rmsnorm",))
+        ...torch.onnx.export(...)
+    # transformer is exactly as before
+
+Patches (ALL_PATCHES, by name):
+- "rmsnorm": torch.nn.RMSNorm / diffusers RMSNorm / transformers T5LayerNorm forward ->
+  x * rsqrt(mean(x^2) + eps) * w (TorchScript export has no aten::rms_norm).
+- "flux_attention": FluxAttention.processor -> FluxAttnExportProcessor (elementary RMSNorm,
+  real rotary from the [1,S,1,D/2,2,2] table, explicit MatMul+Softmax attention).
+Helpers that build new modules instead of swapping attributes:
+- rotary_table(...) / rotary_table_from_ids(...) / apply_rotary_table(x, table)
+- t5_position_bias(block0_attn, S) + t5_block_export(block, bias): one T5 block, constants baked
+- clip_causal_mask(L) + clip_layer_export(layer, L): one CLIP layer, causal mask baked
+
+Versions: written for diffusers 0.42.x and transformers 5.x (WRITTEN_FOR). Another version
+is accepted when the module structure matches (warning), else FluxcError names the module;
+Patcher(strict=True) refuses any other version.
+"""
+from __future__ import annotations
+
+from ._base import WRITTEN_FOR, Patcher, installed_version
+from .flux_attention import FluxAttnExportProcessor, attention_bshd, patch_flux_attention
+from .rmsnorm import patch_rmsnorm, rms_norm
+from .rotary import apply_rotary_table, flux_ids, rotary_table, rotary_table_from_ids
+from .text_encoders import (
+    CLIP_MASK_VALUE,
+    CLIPLayerExport,
+    T5BlockExport,
+    clip_causal_mask,
+    clip_layer_export,
+    t5_block_export,
+    t5_position_bias,
+)
+
+ALL_PATCHES = {
+    "rmsnorm": patch_rmsnorm,
+    "flux_attention": patch_flux_attention,
+}
+
+__all__ = [
+    "ALL_PATCHES", "WRITTEN_FOR", "Patcher", "installed_version",
+    "FluxAttnExportProcessor", "attention_bshd", "patch_flux_attention",
+    "patch_rmsnorm", "rms_norm",
+    "apply_rotary_table", "flux_ids", "rotary_table", "rotary_table_from_ids",
+    "CLIP_MASK_VALUE", "CLIPLayerExport", "T5BlockExport", "clip_causal_mask", "clip_layer_export",
+    "t5_block_export", "t5_position_bias",
+]

@@ -1,0 +1,340 @@
+"""Per-piece torch wrappers: the nn.Module that gets exported to `<piece>.onnx`.
+
+Contract with the export driver (fluxc/export/*):
+
+    comp_name = piece_component(spec)        # "text_encoder" | "text_encoder_2" | "transformer" | "vae"
+    prefixes  = piece_parts(spec)            # state-dict prefixes (module naming) the piece needs
+    # build the component on the meta device, materialise only tensors whose module key starts
+    # with one of `prefixes` (checkpoint keys -> module keys: module_key(comp_name, key)), then
+    mod = build_piece_module(spec, dims, component)
+    args = tuple(torch.from_numpy(a) for a in spec.sample_inputs().values())
+    outs = mod(*args)                         # tuple, outputs in spec order
+    torch.onnx.export(mod, args, f, input_names=[t.name for t in spec.inputs],
+                      output_names=[t.name for t in spec.outputs], opset_version=17, dynamo=False)
+    mod.fluxc_patcher.restore()               # optional: undo the in-memory patches
+
+`component` is the root module of the piece's family: CLIPTextModel (transformers 5.x layout:
+embeddings / encoder.layers / final_layer_norm), T5EncoderModel, FluxTransformer2DModel,
+AutoencoderKL or AutoencoderTiny. The wrapper holds references to the component's own
+submodules (no copy), except the single block's proj_out which is split into two weights.
+Export patches (fluxc.patches) are applied to those submodules when the wrapper is built;
+the Patcher is kept as `mod.fluxc_patcher`.
+
+Per piece kind (names/order from fluxc.specs.piece_specs):
+- clip_head: embeddings(input_ids)  (token + position embedding; int32 ids)
+- clip_block_i: one CLIPEncoderLayer with the causal mask baked in
+- clip_tail: final_layer_norm, then the row at the eos position: transformers 5.x
+  CLIPTextModel uses argmax(input_ids) when config.eos_token_id == 2 (the legacy FLUX/openai
+  config) and else the first position where input_ids == eos_token_id. Batch 1.
+- t5_head: shared embedding; t5_block_i: one T5 block with block 0's relative bias + zero
+  mask baked in; t5_tail: final_layer_norm (T5 RMSNorm).
+- {type}_head: x_embedder, time_text_embed(timestep, [guidance], pooled) with timestep and
+  guidance ALREADY x1000, context_embedder.
+- {type}_trans_block_i: FluxTransformerBlock with the export attention processor.
+- {type}_single_trans_block_i: FluxSingleTransformerBlock math written on the concatenated
+  [text; image] sequence (no split/re-concat); proj_out(cat[attn, mlp]) is computed as
+  attn @ Wa^T + mlp @ Wm^T + b so the [S, 5D] concatenation never exists.
+- {type}_tail: norm_out(hidden, temb) then proj_out.
+- vae_decoder / tiny_vae_decoder: image = decoder(latents / scaling_factor + shift_factor)
+  with the VAE's own config values, as FluxPipeline does before vae.decode (for
+  AutoencoderTiny the pipeline does the same with the tiny VAE's config).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from fluxc.errors import FluxcError
+from fluxc.patches import Patcher, clip_layer_export, t5_block_export, t5_position_bias
+from fluxc.specs import FluxDims, PieceSpec
+
+COMPONENT_BY_FAMILY = {"clip": "text_encoder", "t5": "text_encoder_2", "transformer": "transformer", "vae": "vae"}
+
+# Checkpoint key prefixes that the module layout drops (transformers 5.x CLIPTextModel has no
+# `text_model.` level; FLUX's text_encoder/model.safetensors still uses it).
+CHECKPOINT_PREFIX_DROP = {"text_encoder": ("text_model.",)}
+
+
+def piece_kind(spec: PieceSpec) -> str:
+    """One of clip_head, clip_block, clip_tail, t5_head, t5_block, t5_tail, transformer_head,
+    double_block, single_block, transformer_tail, vae."""
+    n = spec.name
+    if spec.family == "vae":
+        return "vae"
+    if spec.family in ("clip", "t5"):
+        for k in ("head", "block", "tail"):
+            if n.startswith(f"{spec.family}_{k}"):
+                return f"{spec.family}_{k}"
+    if spec.family == "transformer":
+        if "_single_trans_block_" in n:
+            return "single_block"
+        if "_trans_block_" in n:
+            return "double_block"
+        if n.endswith("_head"):
+            return "transformer_head"
+        if n.endswith("_tail"):
+            return "transformer_tail"
+    raise FluxcError(f"unknown piece {n!r} (family {spec.family}); regenerate the specs with this fluxc version")
+
+
+def piece_component(spec: PieceSpec) -> str:
+    """Diffusers pipeline subfolder holding the piece's weights."""
+    return COMPONENT_BY_FAMILY[spec.family]
+
+
+def piece_parts(spec: PieceSpec) -> tuple[str, ...]:
+    """State-dict prefixes (module naming) whose tensors the piece needs."""
+    kind, i = piece_kind(spec), spec.index
+    return {
+        "clip_head": lambda: ("embeddings.",),
+        "clip_block": lambda: (f"encoder.layers.{i}.",),
+        "clip_tail": lambda: ("final_layer_norm.",),
+        # T5EncoderModel ties encoder.embed_tokens to shared; checkpoints hold either
+        "t5_head": lambda: ("shared.", "encoder.embed_tokens."),
+        "t5_block": lambda: (f"encoder.block.{i}.", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias."),
+        "t5_tail": lambda: ("encoder.final_layer_norm.",),
+        "transformer_head": lambda: ("x_embedder.", "time_text_embed.", "context_embedder."),
+        "double_block": lambda: (f"transformer_blocks.{i}.",),
+        "single_block": lambda: (f"single_transformer_blocks.{i}.",),
+        "transformer_tail": lambda: ("norm_out.", "proj_out."),
+        "vae": lambda: ("decoder.", "post_quant_conv."),
+    }[kind]()
+
+
+def module_key(component: str, checkpoint_key: str) -> str:
+    """Map a checkpoint tensor name to the module's state-dict name."""
+    for p in CHECKPOINT_PREFIX_DROP.get(component, ()):
+        if checkpoint_key.startswith(p):
+            return checkpoint_key[len(p):]
+    return checkpoint_key
+
+
+def needs_tensor(spec: PieceSpec, checkpoint_key: str) -> bool:
+    """Whether the checkpoint tensor is needed by this piece."""
+    k = module_key(piece_component(spec), checkpoint_key)
+    return any(k.startswith(p) for p in piece_parts(spec))
+
+
+# --------------------------------------------------------------------------- wrappers
+class _Piece(nn.Module):
+    fluxc_patcher: Patcher
+
+
+class ClipHead(_Piece):
+    def __init__(self, embeddings: nn.Module):
+        super().__init__()
+        self.embeddings = embeddings
+
+    def forward(self, input_ids):
+        return self.embeddings(input_ids=input_ids)
+
+
+class ClipTail(_Piece):
+    def __init__(self, final_layer_norm: nn.Module, eos_token_id: int | None):
+        super().__init__()
+        self.final_layer_norm = final_layer_norm
+        self.eos_token_id = eos_token_id
+
+    def forward(self, hidden_states, input_ids):
+        h = self.final_layer_norm(hidden_states)
+        ids = input_ids.to(torch.int32)
+        if self.eos_token_id == 2:
+            idx = ids.argmax(dim=-1)
+        else:
+            idx = (ids == self.eos_token_id).to(torch.int32).argmax(dim=-1)
+        # batch 1: the row at idx[0]
+        return h.index_select(1, idx).reshape(h.shape[0], h.shape[2])
+
+
+class T5Head(_Piece):
+    def __init__(self, embed: nn.Module):
+        super().__init__()
+        self.embed = embed
+
+    def forward(self, input_ids):
+        return self.embed(input_ids)
+
+
+class Single(_Piece):
+    """A module returning one tensor, used for t5_tail (final RMSNorm)."""
+
+    def __init__(self, mod: nn.Module):
+        super().__init__()
+        self.mod = mod
+
+    def forward(self, x):
+        return self.mod(x)
+
+
+class TransformerHeadDev(_Piece):
+    def __init__(self, tr: nn.Module):
+        super().__init__()
+        self.x_embedder, self.time_text_embed, self.context_embedder = tr.x_embedder, tr.time_text_embed, tr.context_embedder
+
+    def forward(self, hidden_states, timestep, guidance, pooled_projections, encoder_hidden_states):
+        temb = self.time_text_embed(timestep, guidance, pooled_projections)
+        return temb, self.context_embedder(encoder_hidden_states), self.x_embedder(hidden_states)
+
+
+class TransformerHeadSchnell(_Piece):
+    def __init__(self, tr: nn.Module):
+        super().__init__()
+        self.x_embedder, self.time_text_embed, self.context_embedder = tr.x_embedder, tr.time_text_embed, tr.context_embedder
+
+    def forward(self, hidden_states, timestep, pooled_projections, encoder_hidden_states):
+        temb = self.time_text_embed(timestep, pooled_projections)
+        return temb, self.context_embedder(encoder_hidden_states), self.x_embedder(hidden_states)
+
+
+class DoubleBlock(_Piece):
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        enc, hid = self.block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                              temb=temb, image_rotary_emb=rotary_emb)
+        return enc, hid
+
+
+class SingleBlock(_Piece):
+    """FluxSingleTransformerBlock on the concatenated [text; image] sequence."""
+
+    def __init__(self, block: nn.Module, split_proj_out: bool = True):
+        super().__init__()
+        self.norm, self.proj_mlp, self.act_mlp, self.attn = block.norm, block.proj_mlp, block.act_mlp, block.attn
+        self.split = split_proj_out
+        if split_proj_out:
+            po = block.proj_out
+            d = po.out_features
+            self.proj_out_attn = nn.Linear(d, d, bias=po.bias is not None, dtype=po.weight.dtype)
+            self.proj_out_mlp = nn.Linear(po.in_features - d, d, bias=False, dtype=po.weight.dtype)
+            with torch.no_grad():
+                self.proj_out_attn.weight.copy_(po.weight[:, :d])
+                self.proj_out_mlp.weight.copy_(po.weight[:, d:])
+                if po.bias is not None:
+                    self.proj_out_attn.bias.copy_(po.bias)
+        else:
+            self.proj_out = block.proj_out
+
+    def forward(self, hidden_states, temb, rotary_emb):
+        x, gate = self.norm(hidden_states, emb=temb)
+        mlp = self.act_mlp(self.proj_mlp(x))
+        attn = self.attn(hidden_states=x, image_rotary_emb=rotary_emb)
+        if self.split:
+            out = self.proj_out_attn(attn) + self.proj_out_mlp(mlp)
+        else:
+            out = self.proj_out(torch.cat([attn, mlp], dim=2))
+        return hidden_states + gate.unsqueeze(1) * out
+
+
+class TransformerTail(_Piece):
+    def __init__(self, tr: nn.Module):
+        super().__init__()
+        self.norm_out, self.proj_out = tr.norm_out, tr.proj_out
+
+    def forward(self, hidden_states, temb):
+        return self.proj_out(self.norm_out(hidden_states, temb))
+
+
+class VaeDecoder(_Piece):
+    """latents (packed-space, as the transformer sees them) -> image in [-1, 1]."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        cfg = vae.config
+        self.scaling = float(cfg.scaling_factor)
+        shift = getattr(cfg, "shift_factor", None)
+        self.shift = float(shift) if shift is not None else 0.0
+        self.post_quant_conv = getattr(vae, "post_quant_conv", None)
+        self.decoder = vae.decoder
+
+    def forward(self, latents):
+        z = latents / self.scaling + self.shift
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+
+# --------------------------------------------------------------------------- factory
+def _sub(component: Any, dotted: str, spec: PieceSpec):
+    mod = component
+    for part in dotted.split("."):
+        try:
+            mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
+        except (AttributeError, IndexError, TypeError):
+            raise FluxcError(f"piece {spec.name}: {type(component).__name__} has no '{dotted}'; "
+                             f"pass the {piece_component(spec)} component (diffusers/transformers layout)") from None
+    return mod
+
+
+def build_piece_module(spec: PieceSpec, dims: FluxDims, component: Any, *,
+                       patcher: Patcher | None = None, split_proj_out: bool = True) -> nn.Module:
+    """The eval-mode nn.Module for `spec`: forward(*inputs in spec order) -> tuple of outputs
+    in spec order (a 1-tuple for single-output pieces; see module docstring)."""
+    p = patcher or Patcher()
+    kind, i = piece_kind(spec), spec.index
+    if kind == "clip_head":
+        mod: nn.Module = ClipHead(_sub(component, "embeddings", spec))
+    elif kind == "clip_block":
+        layer = _sub(component, f"encoder.layers.{i}", spec)
+        mod = _Tuple(clip_layer_export(layer, dims.clip_len, p, f"encoder.layers.{i}"))
+    elif kind == "clip_tail":
+        mod = ClipTail(_sub(component, "final_layer_norm", spec), getattr(component.config, "eos_token_id", 2))
+    elif kind == "t5_head":
+        embed = getattr(component, "shared", None)
+        if embed is None:
+            embed = _sub(component, "encoder.embed_tokens", spec)
+        mod = T5Head(embed)
+    elif kind == "t5_block":
+        blocks = _sub(component, "encoder.block", spec)
+        bias = t5_position_bias(_sub(component, "encoder.block.0.layer.0.SelfAttention", spec), dims.t5_len)
+        mod = _Tuple(t5_block_export(blocks[i], bias, p, f"encoder.block.{i}"))
+        p.apply(blocks[i], ("rmsnorm",))
+    elif kind == "t5_tail":
+        norm = _sub(component, "encoder.final_layer_norm", spec)
+        p.apply(norm, ("rmsnorm",))
+        mod = Single(norm)
+    elif kind == "transformer_head":
+        mod = (TransformerHeadDev if dims.guidance_embeds else TransformerHeadSchnell)(component)
+    elif kind == "double_block":
+        block = _sub(component, f"transformer_blocks.{i}", spec)
+        p.apply(block)
+        mod = DoubleBlock(block)
+    elif kind == "single_block":
+        block = _sub(component, f"single_transformer_blocks.{i}", spec)
+        p.apply(block)
+        mod = SingleBlock(block, split_proj_out=split_proj_out)
+    elif kind == "transformer_tail":
+        mod = TransformerTail(component)
+    elif kind == "vae":
+        mod = VaeDecoder(component)
+    else:  # pragma: no cover - piece_kind is exhaustive
+        raise AssertionError(kind)
+    if len(spec.outputs) == 1 and not isinstance(mod, _Tuple):
+        mod = _Tuple(mod)
+    mod.eval()
+    object.__setattr__(mod, "fluxc_patcher", p)
+    return mod
+
+
+class _Tuple(_Piece):
+    """Wraps a single-output module so forward always returns a tuple."""
+
+    def __init__(self, mod: nn.Module):
+        super().__init__()
+        self.mod = mod
+
+    def forward(self, *args):
+        return (self.mod(*args),)
+
+
+def build_all_pieces(specs: list[PieceSpec], dims: FluxDims, components: dict[str, Any],
+                     patcher: Patcher | None = None) -> dict[str, nn.Module]:
+    """Wrappers for every spec whose component is in `components` (by subfolder name).
+    Convenience for tests and small models that are fully materialised."""
+    p = patcher or Patcher()
+    return {s.name: build_piece_module(s, dims, components[piece_component(s)], patcher=p)
+            for s in specs if piece_component(s) in components}

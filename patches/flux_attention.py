@@ -1,0 +1,136 @@
+"""Export-friendly attention processor for diffusers' FluxAttention (double and single stream).
+
+What it computes is FluxAttnProcessor's math; how it is written is chosen for the
+TorchScript ONNX exporter and TPU-MLIR:
+
+- q/k/v projections, then RMSNorm with elementary ops (see rmsnorm.py) in [B, S, H, D];
+  the softmax scale 1/sqrt(D) is folded into the q norm's weight (a constant multiply that
+  constant-folds away), so there is no extra Mul on the [B, H, S, S] scores.
+- rotary in real form from the precomputed table [1, S, 1, D/2, 2, 2] (rotary.py), applied
+  in [B, S, H, D]: the table broadcasts over heads with no transpose of the table.
+- attention as explicit MatMul + Softmax + MatMul rather than SDPA. TorchScript lowers
+  aten::scaled_dot_product_attention (opset 14+) to MatMul/Softmax anyway, but with the
+  scale applied as two Mul(sqrt(scale)) on q and k and an extra Transpose for k; writing it
+  out gives exactly one transpose per operand: q and v [B,S,H,D]->[B,H,S,D], k
+  [B,S,H,D]->[B,H,D,S] (so the first MatMul needs no transpose of its own), and one on the
+  output [B,H,S,D]->[B,S,H,D]. 4 Transposes per attention, the minimum for batched MatMul
+  over heads. The reference facts say attention and cos/sin rotary compile fine in
+  TPU-MLIR (tpu-mlir-facts.md); MatMul+Softmax is the pattern its attention tests use.
+- double stream: the text/image split of the attention output is a Slice on the sequence
+  axis before the two output projections, like diffusers.
+
+The processor also accepts diffusers' (cos, sin) tuple as image_rotary_emb, so a patched
+FluxTransformer2DModel still runs its own forward (used by the tests).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ._base import Patcher, named_instances, qualname
+from .rmsnorm import rms_norm
+from .rotary import apply_rotary_table
+
+
+def _norm_weight_eps(norm, x):
+    import torch
+
+    eps = getattr(norm, "eps", None)
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    return getattr(norm, "weight", None), eps
+
+
+def _normed(norm, x, scale: float | None = None):
+    w, eps = _norm_weight_eps(norm, x)
+    if scale is not None:
+        w = scale if w is None else w * scale
+    return rms_norm(x, w, eps)
+
+
+def _rotate(x, rot):
+    if rot is None:
+        return x
+    if isinstance(rot, (tuple, list)):  # diffusers (cos, sin), [S, D] each
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        return apply_rotary_emb(x, tuple(rot), sequence_dim=1)
+    return apply_rotary_table(x, rot)
+
+
+def attention_bshd(q, k, v):
+    """q, k, v [B, S, H, D] with the softmax scale already in q -> [B, S, H*D]."""
+    import torch
+
+    qh = q.permute(0, 2, 1, 3)  # [B, H, S, D]
+    kt = k.permute(0, 2, 3, 1)  # [B, H, D, S]
+    vh = v.permute(0, 2, 1, 3)  # [B, H, S, D]
+    p = torch.softmax(torch.matmul(qh, kt), dim=-1)
+    o = torch.matmul(p, vh).permute(0, 2, 1, 3)  # [B, S, H, D]
+    return o.reshape(o.shape[0], o.shape[1], o.shape[2] * o.shape[3])
+
+
+class FluxAttnExportProcessor:
+    """Drop-in processor for FluxAttention (set by patch_flux_attention)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None, **_: Any):
+        if attention_mask is not None:
+            raise ValueError("FluxAttnExportProcessor does not take an attention mask (FLUX uses none)")
+        H, D = attn.heads, attn.head_dim
+        scale = D ** -0.5
+
+        def heads(lin, x):
+            y = lin(x)
+            return y.reshape(y.shape[0], y.shape[1], H, D)
+
+        q = _normed(attn.norm_q, heads(attn.to_q, hidden_states), scale)
+        k = _normed(attn.norm_k, heads(attn.to_k, hidden_states))
+        v = heads(attn.to_v, hidden_states)
+        joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+        if joint:
+            import torch
+
+            eq = _normed(attn.norm_added_q, heads(attn.add_q_proj, encoder_hidden_states), scale)
+            ek = _normed(attn.norm_added_k, heads(attn.add_k_proj, encoder_hidden_states))
+            ev = heads(attn.add_v_proj, encoder_hidden_states)
+            q = torch.cat([eq, q], dim=1)
+            k = torch.cat([ek, k], dim=1)
+            v = torch.cat([ev, v], dim=1)
+        q = _rotate(q, image_rotary_emb)
+        k = _rotate(k, image_rotary_emb)
+        out = attention_bshd(q, k, v)
+        if encoder_hidden_states is not None:
+            t = encoder_hidden_states.shape[1]
+            enc, img = out[:, :t], out[:, t:]
+            img = attn.to_out[1](attn.to_out[0](img))
+            enc = attn.to_add_out(enc)
+            return img, enc
+        return out
+
+
+def _structure_problem(attn) -> str | None:
+    need = ["heads", "head_dim", "to_q", "to_k", "to_v", "norm_q", "norm_k", "processor"]
+    if getattr(attn, "added_kv_proj_dim", None) is not None:
+        need += ["add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k", "to_add_out"]
+    missing = [n for n in need if not hasattr(attn, n)]
+    if missing:
+        return f"module has no {', '.join(missing)}"
+    if getattr(attn, "fused_projections", False):
+        return "fused q/k/v projections are not supported (call unfuse_qkv_projections first)"
+    import torch
+
+    if isinstance(attn.processor, torch.nn.Module):
+        return f"processor {type(attn.processor).__name__} carries weights (IP-adapter?); not supported"
+    return None
+
+
+def patch_flux_attention(patcher: Patcher, root: Any) -> int:
+    """Set FluxAttnExportProcessor on every FluxAttention under root. Returns how many."""
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    n = 0
+    for path, attn in named_instances(root, lambda m: isinstance(m, FluxAttention)):
+        patcher.check("diffusers", "flux_attention", f"{qualname(attn)} at '{path}'", _structure_problem(attn))
+        patcher.set_attr(attn, "processor", FluxAttnExportProcessor(), f"flux_attention: {path}")
+        n += 1
+    return n

@@ -1,0 +1,75 @@
+"""FLUX rotary embedding as a real-valued table, and how blocks apply it.
+
+Table layout (the sophon-demo / BFL layout): float32 [1, S, 1, head_dim/2, 2, 2], S = text
+tokens + image tokens (text first), and for every position s and frequency pair p the 2x2
+rotation [[cos a, -sin a], [sin a, cos a]] with a = pos_axis(s) * freq(p). Applied to a
+query/key x [B, S, H, head_dim] seen as pairs (x0, x1) = (x[2p], x[2p+1]):
+    out[2p]   = cos a * x0 - sin a * x1
+    out[2p+1] = sin a * x0 + cos a * x1
+which is exactly diffusers' apply_rotary_emb(use_real=True, use_real_unbind_dim=-1) fed by
+FluxPosEmbed (get_1d_rotary_pos_embed with repeat_interleave_real=True): adjacent pairs.
+
+Positions follow FluxPipeline: txt_ids are zeros (t5_len, 3); img_ids are (0, row, col) on
+the (H/16) x (W/16) grid of packed latent tokens (row-major). Angles are computed in float64
+then cast, like FluxPosEmbed.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def flux_ids(t5_len: int, grid_h: int, grid_w: int) -> np.ndarray:
+    """[t5_len + grid_h*grid_w, 3] position ids, text first (FluxPipeline's txt_ids, img_ids)."""
+    txt = np.zeros((t5_len, 3), dtype=np.float64)
+    img = np.zeros((grid_h, grid_w, 3), dtype=np.float64)
+    img[..., 1] = np.arange(grid_h)[:, None]
+    img[..., 2] = np.arange(grid_w)[None, :]
+    return np.concatenate([txt, img.reshape(-1, 3)], axis=0)
+
+
+def rotary_table_from_ids(ids: np.ndarray, axes_dims: Sequence[int], theta: float = 10000.0) -> np.ndarray:
+    """Table [1, S, 1, sum(axes_dims)/2, 2, 2] float32 for position ids [S, n_axes]."""
+    ids = np.asarray(ids, dtype=np.float32).astype(np.float64)  # FluxPosEmbed: ids.float()
+    if ids.ndim != 2 or ids.shape[1] != len(axes_dims):
+        raise ValueError(f"ids must be [S, {len(axes_dims)}], got {ids.shape}")
+    angles = []
+    for axis, dim in enumerate(axes_dims):
+        if dim % 2:
+            raise ValueError(f"rotary axis dims must be even, got {tuple(axes_dims)}")
+        freqs = 1.0 / (float(theta) ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+        angles.append(np.outer(ids[:, axis], freqs))
+    a = np.concatenate(angles, axis=1)  # [S, hd/2]
+    cos, sin = np.cos(a), np.sin(a)
+    rot = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)  # [S, hd/2, 2, 2]
+    return rot[None, :, None].astype(np.float32)
+
+
+def rotary_table(dims_or_t5_len, height: int | None = None, width: int | None = None, *,
+                 axes_dims: Sequence[int], theta: float = 10000.0, vae_scale: int = 8) -> np.ndarray:
+    """Rotary table for one export.
+
+    rotary_table(dims, axes_dims=(16, 56, 56))       # dims: fluxc.specs.FluxDims
+    rotary_table(512, 1024, 1024, axes_dims=...)      # t5 length, image height, width
+    Returns float32 [1, t5_len + (H/16)*(W/16), 1, sum(axes_dims)/2, 2, 2].
+    """
+    if height is None:
+        d = dims_or_t5_len
+        t5_len, grid_h, grid_w = d.t5_len, d.latent_h // 2, d.latent_w // 2
+        if sum(axes_dims) != d.head_dim:
+            raise ValueError(f"axes_dims {tuple(axes_dims)} must sum to head_dim {d.head_dim}")
+    else:
+        t5_len = int(dims_or_t5_len)
+        grid_h, grid_w = height // (vae_scale * 2), width // (vae_scale * 2)
+    return rotary_table_from_ids(flux_ids(t5_len, grid_h, grid_w), axes_dims, theta)
+
+
+def apply_rotary_table(x, table):
+    """x [B, S, H, D] (any H), table [1, S, 1, D/2, 2, 2] -> rotated x [B, S, H, D].
+
+    Export form: one reshape of x into pairs, two Mul + one Add against the table halves."""
+    shape = x.shape
+    xp = x.reshape(shape[0], shape[1], shape[2], shape[3] // 2, 1, 2)
+    out = table[..., 0] * xp[..., 0] + table[..., 1] * xp[..., 1]  # [B, S, H, D/2, 2]
+    return out.reshape(shape)

@@ -1,10 +1,66 @@
-"""fluxc toolchain (placeholder)."""
+"""fluxc toolchain install | status: the isolated TPU-MLIR toolchain (a private Python 3.10 venv)."""
+from __future__ import annotations
+
+import time
+
 import typer
 
-app = typer.Typer(help="The isolated TPU-MLIR toolchain.", no_args_is_help=True)
+from fluxc.errors import FluxcError
+
+app = typer.Typer(
+    help="The isolated TPU-MLIR toolchain (Python 3.10 venv with tpu_mlir, outside the repo).\n\n"
+    "Example: fluxc toolchain install && fluxc toolchain status",
+    no_args_is_help=True,
+)
+
+
+def _say(msg: str) -> None:
+    typer.echo(msg, err=False)
 
 
 @app.command()
-def status() -> None:
-    """Example: fluxc toolchain status"""
-    raise SystemExit(1)
+def install() -> None:
+    """Create (or repair) the TPU-MLIR toolchain venv; a no-op when it is already complete.
+
+    Python 3.10 is taken from FLUXC_PYTHON310, else `python3.10` on PATH, else
+    ~/.pyenv/versions/3.10*. The venv lives under FLUXC_CACHE (default ~/.cache/fluxc)/toolchain.
+
+    Example: fluxc toolchain install
+    """
+    from fluxc import toolchain
+
+    toolchain.install(progress=_say)
+
+
+@app.command()
+def status(
+    smoke: bool = typer.Option(True, "--smoke/--no-smoke",
+                               help="Compile and simulate a one-operator model to prove the toolchain works."),
+) -> None:
+    """Show the toolchain's location and versions, then run a real smoke check (ONNX MatMul ->
+    model_transform -> model_deploy BF16 bm1684x -> model_runner on the chip simulator ->
+    compared with numpy). Exits non-zero if it is missing, incomplete or failing.
+
+    Example: fluxc toolchain status
+    """
+    from fluxc import toolchain
+
+    where = toolchain.toolchain_dir()
+    st = toolchain.state()
+    if st == "missing":
+        raise FluxcError(f"TPU-MLIR toolchain is not installed at {where}; run `fluxc toolchain install`")
+    if st == "incomplete":
+        raise FluxcError(f"TPU-MLIR toolchain at {where} is incomplete (no valid completion marker: an "
+                         "interrupted or different install); run `fluxc toolchain install` to repair it")
+    versions = toolchain.installed_versions()
+    _say(f"toolchain: {where}")
+    _say("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
+    _say(f"compiler id: {toolchain.toolchain_version()}")
+    if not smoke:
+        return
+    t0 = time.monotonic()
+    r = toolchain.smoke_check(progress=_say)
+    secs = ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items())
+    _say(f"smoke check OK: simulator vs numpy max abs error {r['max_abs_err']:.3g} "
+         f"(|ref| max {r['max_abs_ref']:.3g}), cosine {r['cosine']:.6f}; "
+         f"{time.monotonic() - t0:.1f} s ({secs})")

@@ -1,0 +1,215 @@
+"""The isolated TPU-MLIR toolchain: real installs, real tools, real simulator (no mocks)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fluxc import toolchain
+from fluxc.errors import FluxcError, ToolError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A tiny install spec used only to exercise the install/repair machinery in a temp cache:
+# the real spec is a ~6 GB download (CUDA torch from PyPI; PyPI's file server sends no cache
+# headers so pip re-downloads it every time), too slow and too big to repeat per test run.
+# Same code path (lock, Python 3.10 discovery, wipe of an untrusted folder, venv, pip,
+# import check, marker written last); only the package list differs.
+TINY_SPEC = toolchain.InstallSpec(name="fluxc-test-tiny", requirements=("psutil",), imports=("psutil",),
+                                  report=("psutil",), tpu_mlir=False)
+
+
+def _cli(args: list[str], env_extra: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-m", "fluxc.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def installed_toolchain() -> Path:
+    """The real toolchain, installed through the API if needed (the first run installs it)."""
+    return toolchain.install(progress=lambda s: print(s, flush=True))
+
+
+def test_smoke_check_passes(installed_toolchain):
+    result = toolchain.smoke_check(progress=lambda s: print(s, flush=True))
+    assert result["ok"] is True
+    assert result["cosine"] >= toolchain.SMOKE_MIN_COSINE
+    assert result["max_abs_err"] <= toolchain.SMOKE_MAX_ABS
+    assert not Path(result["work_dir"]).exists()  # cleaned up on success
+
+
+def test_api_surface(installed_toolchain):
+    assert toolchain.require_toolchain() == installed_toolchain
+    py = toolchain.toolchain_python()
+    env = toolchain.toolchain_env()
+    assert env["PATH"].split(os.pathsep)[0] == str(installed_toolchain / "bin")
+    ld = env["LD_LIBRARY_PATH"].split(os.pathsep)
+    root = toolchain.tpu_mlir_root()
+    assert ld[:3] == [str(root / "lib"), str(root / "lib" / "capi"), str(root / "lib" / "third_party")]
+    assert toolchain.toolchain_version() == f"tpu_mlir-{toolchain.TPU_MLIR_VERSION}"
+    # A long-lived worker started with this env can import the simulator runtime and the
+    # tool modules, and a shell spawned from it works (the glibc clash breaks exactly that).
+    code = ("import sys, subprocess, pyruntime_bm, model_runner; "
+            "print(sys.version_info[:2]); "
+            "print(subprocess.run(['sh', '-c', 'echo shell-ok'], capture_output=True, text=True).stdout)")
+    r = subprocess.run([str(py), "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(3, 10)" in r.stdout and "shell-ok" in r.stdout
+    # the installed package was not edited: the bundled glibc files are still in place
+    for name in ("libc.so.6", "libm.so.6", "libpthread.so.0"):
+        assert (root / "lib" / "third_party" / name).exists()
+    versions = toolchain.installed_versions()
+    assert versions["tpu_mlir"] == toolchain.TPU_MLIR_VERSION
+    assert versions["torch"] == toolchain.TORCH_VERSION
+    assert versions["python"].startswith("3.10.")
+
+
+def test_second_install_is_noop(installed_toolchain):
+    lines: list[str] = []
+    marker_before = (installed_toolchain / toolchain.MARKER_NAME).read_text()
+    assert toolchain.install(progress=lines.append) == installed_toolchain
+    assert lines == [f"toolchain already installed at {installed_toolchain}"]
+    assert (installed_toolchain / toolchain.MARKER_NAME).read_text() == marker_before
+
+
+def test_run_tool_failure_raises_with_log_tail(installed_toolchain, tmp_path):
+    log = tmp_path / "transform.log"
+    with pytest.raises(ToolError) as ei:
+        toolchain.run_tool("model_transform", ["--model_name", "nope", "--model_def", "missing.onnx",
+                                               "--input_shapes", "[[1,4]]", "--mlir", "nope.mlir"],
+                           cwd=tmp_path, log=log)
+    err = ei.value
+    assert err.tool == "model_transform"
+    assert err.returncode != 0
+    assert "missing.onnx" in " ".join(err.argv)
+    assert log.exists() and err.tail.strip()
+    assert err.tail.strip().splitlines()[-1] in log.read_text()
+    assert len(err.tail.splitlines()) <= toolchain.LOG_TAIL_LINES + 1
+    assert "model_transform failed" in str(err)
+
+
+def test_run_tool_unknown_tool(installed_toolchain, tmp_path):
+    with pytest.raises(FluxcError, match="unknown TPU-MLIR tool"):
+        toolchain.run_tool("no_such_tool", [], cwd=tmp_path, log=tmp_path / "x.log")
+
+
+def test_run_tool_parallel_simulator_runs(installed_toolchain, tmp_path):
+    """Several model_runner calls at once (distinct cwd each) on one bmodel all give the
+    right answer: model_runner switches libcmodel.so symlinks under /tmp/cmodel_so.lock."""
+    result = toolchain.smoke_check(progress=lambda s: None, keep=True)
+    work = Path(result["work_dir"])
+    x = np.load(work / "smoke_in.npz")["x"]
+    import onnx
+    from onnx import numpy_helper
+    w = numpy_helper.to_array(onnx.load(str(work / "smoke.onnx")).graph.initializer[0])
+    ref = x @ w
+    errors: list[BaseException] = []
+
+    def one(i: int) -> None:
+        d = tmp_path / f"run{i}"
+        try:
+            toolchain.run_tool("model_runner", ["--model", work / "smoke.bmodel", "--input", work / "smoke_in.npz",
+                                                "--output", d / "out.npz"], cwd=d, log=d / "run.log")
+            with np.load(d / "out.npz") as out:
+                y = out[out.files[0]].reshape(ref.shape)
+            assert np.abs(y - ref).max() <= toolchain.SMOKE_MAX_ABS
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_missing_python310_env_is_one_line_error(tmp_path):
+    r = _cli(["toolchain", "install"], {"FLUXC_PYTHON310": str(tmp_path / "no-such-python"),
+                                        "FLUXC_CACHE": str(tmp_path / "cache")})
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ") and "FLUXC_PYTHON310" in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_wrong_version_python310_env_is_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLUXC_PYTHON310", sys.executable)  # the project venv: Python 3.11
+    with pytest.raises(FluxcError, match="not a usable Python 3.10"):
+        toolchain.find_python310()
+
+
+def test_status_reports_half_installed_folder(tmp_path):
+    """A folder for the real spec without a completion marker is reported incomplete."""
+    cache = tmp_path / "cache"
+    half = cache / "toolchain" / toolchain.DEFAULT_SPEC.folder_name
+    (half / "bin").mkdir(parents=True)
+    (half / "bin" / "python").symlink_to(sys.executable)
+    r = _cli(["toolchain", "status"], {"FLUXC_CACHE": str(cache)})
+    assert r.returncode != 0
+    assert "incomplete" in r.stderr and "fluxc toolchain install" in r.stderr, r.stderr
+    # and a marker for another spec is not trusted either
+    (half / toolchain.MARKER_NAME).write_text(json.dumps({"format": 1, "spec_hash": "0" * 64}))
+    r = _cli(["toolchain", "status"], {"FLUXC_CACHE": str(cache)})
+    assert r.returncode != 0 and "incomplete" in r.stderr
+    r = _cli(["toolchain", "status"], {"FLUXC_CACHE": str(tmp_path / "empty")})
+    assert r.returncode != 0 and "not installed" in r.stderr
+
+
+def test_install_repairs_half_installed_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLUXC_CACHE", str(tmp_path / "cache"))
+    venv = toolchain.toolchain_dir(TINY_SPEC)
+    # what an install killed during pip leaves behind: a venv-looking folder, no marker
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("#!/bin/sh\nexit 1\n")
+    (venv / "leftover-from-interrupted-install").write_text("x")
+    assert toolchain.state(TINY_SPEC) == "incomplete"
+    with pytest.raises(FluxcError, match="not installed \\(or incomplete\\)"):
+        toolchain.require_toolchain(TINY_SPEC)
+
+    lines: list[str] = []
+    assert toolchain.install(progress=lines.append, spec=TINY_SPEC) == venv
+    assert any("removing incomplete toolchain folder" in ln for ln in lines), lines
+    assert not (venv / "leftover-from-interrupted-install").exists()
+    assert toolchain.state(TINY_SPEC) == "ok"
+    marker = json.loads((venv / toolchain.MARKER_NAME).read_text())
+    assert marker["spec_hash"] == TINY_SPEC.hash and marker["versions"]["psutil"]
+    assert marker["versions"]["python"].startswith("3.10.")
+
+    # second install: a no-op
+    lines.clear()
+    toolchain.install(progress=lines.append, spec=TINY_SPEC)
+    assert lines == [f"toolchain already installed at {venv}"]
+
+    # a damaged marker makes it untrusted again, and install repairs it
+    (venv / toolchain.MARKER_NAME).write_text("{not json")
+    assert toolchain.state(TINY_SPEC) == "incomplete"
+    lines.clear()
+    toolchain.install(progress=lines.append, spec=TINY_SPEC)
+    assert any("removing incomplete" in ln for ln in lines)
+    assert toolchain.state(TINY_SPEC) == "ok"
+
+
+def test_concurrent_installs_serialise(tmp_path):
+    """Two processes installing the same spec at once: both succeed, one venv, one marker."""
+    cache = tmp_path / "cache"
+    code = ("import sys; from fluxc import toolchain; sys.path.insert(0, %r); "
+            "from tests.test_toolchain import TINY_SPEC; "
+            "print(toolchain.install(progress=lambda s: print(s, flush=True), spec=TINY_SPEC))" % str(REPO))
+    env = dict(os.environ, FLUXC_CACHE=str(cache))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env, cwd=REPO) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    both = "\n".join(outs)
+    assert both.count("[5/5] toolchain ready") == 1, both
+    assert "already installed" in both

@@ -14,6 +14,8 @@ Patches (ALL_PATCHES, by name):
   x * rsqrt(mean(x^2) + eps) * w (TorchScript export has no aten::rms_norm).
 - "flux_attention": FluxAttention.processor -> FluxAttnExportProcessor (elementary RMSNorm,
   real rotary from the [1,S,1,D/2,2,2] table, explicit MatMul+Softmax attention).
+- "adaln": AdaLayerNormZero / AdaLayerNormZeroSingle / AdaLayerNormContinuous split their
+  modulation with constant Slices instead of chunk (no Shape/Gather chains in the graph).
 Helpers that build new modules instead of swapping attributes:
 - rotary_table(...) / rotary_table_from_ids(...) / apply_rotary_table(x, table)
 - t5_position_bias(block0_attn, S) + t5_block_export(block, bias): one T5 block, constants baked
@@ -26,6 +28,7 @@ Patcher(strict=True) refuses any other version.
 from __future__ import annotations
 
 from ._base import WRITTEN_FOR, Patcher, installed_version
+from .adaln import patch_adaln
 from .flux_attention import FluxAttnExportProcessor, attention_bshd, patch_flux_attention
 from .rmsnorm import patch_rmsnorm, rms_norm
 from .rotary import apply_rotary_table, flux_ids, rotary_table, rotary_table_from_ids
@@ -42,10 +45,11 @@ from .text_encoders import (
 ALL_PATCHES = {
     "rmsnorm": patch_rmsnorm,
     "flux_attention": patch_flux_attention,
+    "adaln": patch_adaln,
 }
 
 __all__ = [
-    "ALL_PATCHES", "WRITTEN_FOR", "Patcher", "installed_version",
+    "ALL_PATCHES", "WRITTEN_FOR", "Patcher", "installed_version", "patch_adaln",
     "FluxAttnExportProcessor", "attention_bshd", "patch_flux_attention",
     "patch_rmsnorm", "rms_norm",
     "apply_rotary_table", "flux_ids", "rotary_table", "rotary_table_from_ids",

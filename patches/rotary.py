@@ -68,8 +68,9 @@ def rotary_table(dims_or_t5_len, height: int | None = None, width: int | None = 
 def apply_rotary_table(x, table):
     """x [B, S, H, D] (any H), table [1, S, 1, D/2, 2, 2] -> rotated x [B, S, H, D].
 
-    Export form: one reshape of x into pairs, two Mul + one Add against the table halves."""
+    Export form: x seen as pairs [B, S, H, D/2, 1, 2]; out = T[..., :1] * x[..., :1] +
+    T[..., 1:] * x[..., 1:] with keep-dim Slices (no Gather), two Mul and one Add."""
     shape = x.shape
     xp = x.reshape(shape[0], shape[1], shape[2], shape[3] // 2, 1, 2)
-    out = table[..., 0] * xp[..., 0] + table[..., 1] * xp[..., 1]  # [B, S, H, D/2, 2]
+    out = table[..., 0:1] * xp[..., 0:1] + table[..., 1:2] * xp[..., 1:2]  # [B, S, H, D/2, 2, 1]
     return out.reshape(shape)

@@ -238,3 +238,40 @@ def test_version_check_tolerant_when_structure_matches_and_fails_when_not():
                         Patcher(strict=True, versions={"transformers": "4.40.0"}), "encoder.block.1")
     with pytest.raises(FluxcError, match="unknown fluxc patch"):
         Patcher().apply(a, ("nope",))
+
+
+class _ByKeyword(torch.nn.Module):
+    def __init__(self, m, emb_kw: bool):
+        super().__init__()
+        self.m, self.emb_kw = m, emb_kw
+
+    def forward(self, x, emb):
+        return self.m(x, emb=emb) if self.emb_kw else self.m(x, emb)
+
+
+def test_adaln_patch_matches_and_has_no_shape_ops():
+    import onnx
+    from diffusers.models.normalization import AdaLayerNormContinuous, AdaLayerNormZero, AdaLayerNormZeroSingle
+
+    torch.manual_seed(17)
+    mods = {"zero": AdaLayerNormZero(128), "zero_single": AdaLayerNormZeroSingle(128),
+            "continuous": AdaLayerNormContinuous(128, 128, elementwise_affine=False, eps=1e-6)}
+    x, emb = _rand(1, 10, 128, seed=18), _rand(1, 128, seed=19)
+    for name, m in mods.items():
+        m.eval()
+        call = (lambda m=m: m(x, emb)) if name == "continuous" else (lambda m=m: m(x, emb=emb))
+        with torch.no_grad():
+            ref = call()
+            with Patcher() as p:
+                assert p.apply(m, ("adaln",)).applied == ["adaln: <root>"]
+                out = call()
+                buf = io.BytesIO()
+                torch.onnx.export(_ByKeyword(m, name != "continuous"), (x, emb), buf, opset_version=17, dynamo=False)
+            after = call()
+        ops = {n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node}
+        refs, outs = (ref, out) if isinstance(ref, tuple) else ((ref,), (out,))
+        for o, r in zip(outs, refs):
+            assert rel(o, r) <= TOL, name
+        assert "Shape" not in ops and "Gather" not in ops, (name, ops)
+        for a, r in zip(after if isinstance(after, tuple) else (after,), refs):
+            assert torch.equal(a, r)

@@ -309,6 +309,7 @@ def build_piece_module(spec: PieceSpec, dims: FluxDims, component: Any, *,
         mod = SingleBlock(block, split_proj_out=split_proj_out)
     elif kind == "transformer_tail":
         mod = TransformerTail(component)
+        p.apply(component.norm_out, ("adaln",))
     elif kind == "vae":
         mod = VaeDecoder(component)
     else:  # pragma: no cover - piece_kind is exhaustive

@@ -1,12 +1,53 @@
-"""fluxc compile (not implemented yet)."""
+"""fluxc compile: ONNX pieces -> checked, combined BM1684X bmodels."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
 import typer
 
-from fluxc.errors import FluxcError
+BUILD_DIR_ENV = "FLUXC_BUILD_DIR"
 
 
-def compile() -> None:
-    """Not implemented yet.
+def compile(
+    export_dir: Optional[Path] = typer.Argument(None, help="Export folder (default: <models>/onnx)."),
+    quantize: str = typer.Option(..., "--quantize", "-q", help="Transformer blocks: BF16 or W4BF16."),
+    flux_type: Optional[str] = typer.Option(None, "--flux-type", help="dev or schnell (default: the export's; "
+                                            "an export of the other type is an error)."),
+    tiny_vae: Optional[bool] = typer.Option(None, "--tiny-vae/--no-tiny-vae",
+                                            help="Expect the tiny VAE (taef1) / the full VAE (default: the export's)."),
+    chip: str = typer.Option("bm1684x", "--chip", help="Target chip."),
+    devices: int = typer.Option(3, "--devices", help="BF16: split the transformer over N chips (1..8)."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Pieces compiled at once "
+                                       "(default: min(cores, free memory / per-piece need))."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe YAML (default: recipes/bm1684x.yaml)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <models>/BM1684X)."),
+    no_check: bool = typer.Option(False, "--no-check", help="Skip the chip-simulator similarity check."),
+    models: Optional[Path] = typer.Option(None, "--models", help="Workspace folder (default: $FLUXC_MODELS or ./models)."),
+    build_dir: Optional[Path] = typer.Option(None, "--build-dir", help=f"Compile cache (default: ${BUILD_DIR_ENV} "
+                                             "or <models>/build)."),
+) -> None:
+    """Compile an export's ONNX pieces to BM1684X bmodels with TPU-MLIR: each piece is
+    quantised per the recipe, checked on the chip simulator against its float reference,
+    cached by content, then combined into the sophon-demo file layout. Writes
+    compile_report.json (similarity, estimated on-chip time, memory per piece).
 
-    Example: fluxc compile
+    Example: fluxc compile --quantize W4BF16 --flux-type schnell
     """
-    raise FluxcError("fluxc compile is not implemented yet")
+    from fluxc import workspace
+    from fluxc.compile.pipeline import CompileOptions, run_compile
+    from fluxc.errors import FluxcError
+
+    if flux_type is not None and flux_type not in ("dev", "schnell"):
+        raise FluxcError(f"unknown flux type {flux_type!r}; use --flux-type dev or schnell")
+    ws = workspace.models_dir(models)
+    bdir = build_dir or (Path(os.environ[BUILD_DIR_ENV]) if os.environ.get(BUILD_DIR_ENV) else workspace.build_dir(ws))
+    opts = CompileOptions(
+        export_dir=export_dir or workspace.export_dir(ws),
+        out_dir=out or workspace.chip_dir(ws, chip),
+        build_dir=bdir,
+        quantize=quantize, flux_type=flux_type, tiny_vae=tiny_vae, chip=chip, devices=devices,
+        jobs=jobs, recipe=recipe, check=not no_check,
+    )
+    run_compile(opts)

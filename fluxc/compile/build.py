@@ -1,0 +1,196 @@
+"""One piece through TPU-MLIR, cached: model_transform, then model_deploy (with the chip
+simulator check), then `model_tool --info`.
+
+Cache layout (under the build folder, default models/build):
+
+    pieces/<piece>-<key16>/
+        in.npz                 the piece's sample inputs (PieceSpec.sample_inputs(0))
+        work/                  cwd of the tools: MLIR, npz files, compiler_profile_0.txt
+        transform.log deploy.log info.log
+        transform.done         model_transform finished (a resumed build skips it)
+        <piece>.bmodel         renamed into place once model_deploy succeeded
+        result.json            similarity, memory, cost estimate, options
+        COMPLETE               written last: only then is the folder trusted
+
+The key hashes everything that decides the bmodel: the ONNX file's sha256 (from the export
+manifest), the piece's I/O spec, the quantisation and options, the chip and the toolchain
+version. The check tolerance is not in the key: a result is reused only if it was checked
+against a threshold at least as strict as the one asked for now (or no check is asked).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fluxc.compile.parse import deploy_similarities, parse_info, parse_profile_ms, transform_similarity
+from fluxc.compile.recipe import PiecePlan, deploy_args, transform_args
+from fluxc.compile.tools import Tools
+from fluxc.errors import FluxcError
+from fluxc.fsutil import sha256_json, write_json_atomic, write_text_atomic
+from fluxc.specs import PieceSpec
+
+BUILD_FORMAT = 1
+COMPLETE = "COMPLETE"
+
+
+def piece_key(spec: PieceSpec, onnx_sha: str, plan: PiecePlan, chip: str, toolchain: str) -> str:
+    return sha256_json({
+        "format": BUILD_FORMAT, "onnx_sha256": onnx_sha,
+        "io": {"inputs": [t.to_dict() for t in spec.inputs], "outputs": [t.to_dict() for t in spec.outputs]},
+        "net_name": spec.net_name, "quantize": plan.quantize, "options": plan.options,
+        "chip": chip, "toolchain": toolchain,
+    })
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def _sim_dict(s) -> dict[str, float | None] | None:
+    return None if s is None else {k: _finite(v) for k, v in s.to_dict().items()}
+
+
+@dataclass
+class PieceResult:
+    name: str
+    folder: Path
+    bmodel: Path
+    data: dict[str, Any]
+    cache_hit: bool
+    seconds: float = 0.0
+    tool_runs: list[str] = field(default_factory=list)
+
+    @property
+    def memory(self) -> dict[str, int]:
+        return self.data["memory"]
+
+
+def _check_passes(data: dict[str, Any], tolerance: tuple[float, float]) -> bool:
+    q = (data.get("similarity") or {}).get("quantized")
+    if not data.get("checked") or not q:
+        return False
+    return (q["cosine"] or 0) >= tolerance[0] and (q["euclidean"] or 0) >= tolerance[1]
+
+
+def load_cached(folder: Path, check: bool, tolerance: tuple[float, float]) -> dict[str, Any] | None:
+    """The cached result if the folder is complete (and checked enough when asked)."""
+    if not (folder / COMPLETE).is_file():
+        return None
+    try:
+        data = json.loads((folder / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not (folder / data.get("bmodel", "?")).is_file():
+        return None
+    if check and not _check_passes(data, tolerance):
+        return None
+    return data
+
+
+def compile_piece(spec: PieceSpec, onnx: Path, onnx_sha: str, plan: PiecePlan, chip: str, toolchain: str,
+                  build_root: Path, tools: Tools, check: bool) -> PieceResult:
+    key = piece_key(spec, onnx_sha, plan, chip, toolchain)
+    folder = build_root / "pieces" / f"{spec.name}-{key[:16]}"
+    t0 = time.monotonic()
+    cached = load_cached(folder, check, plan.tolerance)
+    if cached is not None:
+        return PieceResult(spec.name, folder, folder / cached["bmodel"], cached, True, time.monotonic() - t0)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / COMPLETE).unlink(missing_ok=True)
+    runs_before = len(tools.runs)
+    work = folder / "work"
+    name = spec.net_name
+    mlir = work / f"{name}.mlir"
+    top = work / f"{name}_top.npz"
+    inputs = folder / "in.npz"
+    done_t = folder / "transform.done"
+    marker_t = {"key": key, "check": check}
+    reuse_t = False
+    if done_t.is_file() and mlir.is_file():
+        try:
+            prev = json.loads(done_t.read_text())
+            reuse_t = prev.get("key") == key and (prev.get("check") or not check) and (top.is_file() or not check)
+        except (OSError, ValueError):
+            reuse_t = False
+    if not reuse_t:
+        done_t.unlink(missing_ok=True)
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        import numpy as np
+
+        samples = spec.sample_inputs(0)
+        with open(inputs.with_suffix(".tmp.npz"), "wb") as f:
+            np.savez(f, **samples)
+        os.replace(inputs.with_suffix(".tmp.npz"), inputs)
+        args = ["--model_name", name, "--model_def", str(Path(onnx).resolve()),
+                *transform_args(spec, plan), "--mlir", mlir.name]
+        if check:
+            # The transform runs the ONNX piece in ONNX Runtime and the top MLIR on the
+            # same inputs and compares them (cos/euclid >= 0.99 by default, else it fails);
+            # its top npz then is the float reference for model_deploy below.
+            args += ["--test_input", str(inputs), "--test_result", top.name]
+        tools.run("model_transform", args, work, folder / "transform.log", spec.name)
+        write_json_atomic(done_t, marker_t)
+
+    bmodel_tmp = work / f"{name}.bmodel"
+    for stale in (bmodel_tmp, work / "compiler_profile_0.txt"):
+        stale.unlink(missing_ok=True)
+    dargs = ["--mlir", mlir.name, *deploy_args(plan, chip), "--model", bmodel_tmp.name]
+    if check:
+        # Reference = the top MLIR's own results (top npz), not a separate ONNX Runtime
+        # run: the npz holds the tensors under the names the compiler gives them (an ORT
+        # run names outputs differently), model_transform has already checked top vs
+        # ONNX Runtime on these inputs, and model_deploy then checks
+        #   quantised MLIR vs top (our --tolerance: the quantisation error) and
+        #   bmodel on the chip simulator vs quantised MLIR (its own 0.99 cosine),
+        # so the chain ONNX -> top -> quantised -> simulated bmodel is checked link by link.
+        tol = f"{plan.tolerance[0]},{plan.tolerance[1]}"
+        dargs += ["--test_input", f"{name}_in_f32.npz", "--test_reference", top.name, "--tolerance", tol]
+    tools.run("model_deploy", dargs, work, folder / "deploy.log", spec.name)
+    if not bmodel_tmp.is_file():
+        raise FluxcError(f"{spec.name}: model_deploy reported success but wrote no {bmodel_tmp.name}; "
+                         f"see {folder / 'deploy.log'}")
+
+    similarity: dict[str, Any] = {}
+    if check:
+        sims = deploy_similarities((folder / "deploy.log").read_text(errors="replace"))
+        ts = transform_similarity((folder / "transform.log").read_text(errors="replace")) \
+            if (folder / "transform.log").is_file() else None
+        similarity = {"onnx_vs_top": _sim_dict(ts), "quantized": _sim_dict(sims.get("quantized")),
+                      "simulator": _sim_dict(sims.get("simulator"))}
+        q = sims.get("quantized")
+        if q is None or sims.get("simulator") is None:
+            raise FluxcError(f"{spec.name}: could not find the similarity figures in {folder / 'deploy.log'}; "
+                             f"is this TPU-MLIR version supported?")
+        if q.cosine < plan.tolerance[0] or q.euclidean < plan.tolerance[1]:
+            raise FluxcError(f"{spec.name}: {plan.quantize} similarity cos {q.cosine:.4f} / euclid "
+                             f"{q.euclidean:.4f} below the threshold {plan.tolerance}; log {folder / 'deploy.log'}")
+
+    estimate = parse_profile_ms(work / "compiler_profile_0.txt")
+    final = folder / f"{spec.name}.bmodel"
+    os.replace(bmodel_tmp, final)
+    info_text = tools.info(final, work, folder / "info.log", spec.name)
+    info = parse_info(info_text)
+    data = {
+        "format": BUILD_FORMAT, "piece": spec.name, "net_name": name, "key": key,
+        "bmodel": final.name, "quantize": plan.quantize, "options": plan.options,
+        "tolerance": list(plan.tolerance), "checked": check, "similarity": similarity or None,
+        "estimate_ms": estimate,
+        "memory": {"device": info.device_mem, "weight": info.weight, "instruct": info.instruct,
+                   "runtime": info.runtime},
+        "info": info.to_dict(), "seconds": round(time.monotonic() - t0, 2),
+    }
+    write_json_atomic(folder / "result.json", data)
+    # The big intermediates (float and quantised weights as npz) are not needed any more.
+    for p in work.glob("*weight*.npz"):
+        p.unlink(missing_ok=True)
+    write_text_atomic(folder / COMPLETE, key + "\n")
+    return PieceResult(spec.name, folder, final, data, False, time.monotonic() - t0, tools.runs[runs_before:])

@@ -1,0 +1,56 @@
+"""Reading and checking the export folder that `fluxc compile` starts from."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fluxc.errors import FluxcError
+from fluxc.specs import FluxDims, PieceSpec
+
+
+@dataclass
+class ExportPiece:
+    spec: PieceSpec
+    path: Path
+    sha256: str  # of the .onnx file, plus its external weights file if it has one
+
+
+@dataclass
+class ExportIn:
+    folder: Path
+    dims: FluxDims
+    pieces: list[ExportPiece]
+
+
+def read_export(folder: Path, flux_type: str | None, tiny_vae: bool | None) -> ExportIn:
+    """Read <folder>/manifest.json (format of docs/DESIGN.md) and check that every piece
+    file is there and that the export is of the flux type / VAE asked for."""
+    from fluxc.export.manifest import load_manifest
+
+    folder = Path(folder)
+    m = load_manifest(folder)  # FluxcError if missing / incomplete / malformed / files missing
+    dims = m.dims
+    pieces = []
+    for s in m.specs:
+        e = m.entries[s.name]
+        sha = e["sha256"] + (f"+{e['external_sha256']}" if e.get("external_sha256") else "")
+        pieces.append(ExportPiece(s, m.path(s.name), sha))
+    if flux_type is not None and dims.flux_type != flux_type:
+        raise FluxcError(f"export in {folder} is FLUX.1-{dims.flux_type}, not {flux_type}; "
+                         f"use --flux-type {dims.flux_type} or export the {flux_type} model")
+    if tiny_vae is not None and dims.tiny_vae != tiny_vae:
+        have = "the tiny VAE (taef1)" if dims.tiny_vae else "the full VAE"
+        flag = "--tiny-vae" if dims.tiny_vae else "--no-tiny-vae"
+        raise FluxcError(f"export in {folder} holds {have}; use {flag} or re-export")
+    from fluxc.specs import piece_specs
+
+    expected = [s.name for s in piece_specs(dims)]
+    got = [p.spec.name for p in pieces]
+    if got != expected:
+        missing = [n for n in expected if n not in got]
+        what = f"missing pieces {', '.join(missing[:4])}" if missing else "pieces out of order or unexpected"
+        raise FluxcError(f"export in {folder}: {what}; re-run `fluxc export`")
+    for p in pieces:
+        if not p.path.is_file():
+            raise FluxcError(f"export in {folder}: piece file {p.path.name} is missing; re-run `fluxc export`")
+    return ExportIn(folder, dims, pieces)

@@ -1,0 +1,141 @@
+"""Reading what the TPU-MLIR tools print: `model_tool --info`, the similarity figures of
+the npz comparisons in model_transform / model_deploy logs, and the compiler's cost
+estimate (compiler_profile_0.txt)."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class NetIO:
+    name: str
+    shape: list[int]
+    dtype: str
+
+
+@dataclass
+class NetInfo:
+    name: str
+    stages: list[dict[str, list[NetIO]]] = field(default_factory=list)  # [{"inputs": [...], "outputs": [...]}]
+
+
+@dataclass
+class BmodelInfo:
+    nets: list[NetInfo]
+    device_mem: int  # bytes
+    weight: int
+    instruct: int
+    runtime: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_NET = re.compile(r"^net \d+: \[(?P<name>[^\]]+)\]")
+_IO = re.compile(r"^(?P<kind>input|output): (?P<name>[^,]+), \[(?P<shape>[^\]]*)\], (?P<dtype>\w+)")
+_MEM = re.compile(r"device mem size: (\d+) \(weight: (\d+), instruct: (\d+), runtime: (\d+)\)")
+
+
+def parse_info(text: str) -> BmodelInfo:
+    """Parse `model_tool --info` output. Raises ValueError if it is not such output."""
+    nets: list[NetInfo] = []
+    cur: NetInfo | None = None
+    stage: dict[str, list[NetIO]] | None = None
+    mem = None
+    for line in text.splitlines():
+        line = line.strip()
+        m = _NET.match(line)
+        if m:
+            cur = NetInfo(m.group("name"))
+            nets.append(cur)
+            stage = None
+            continue
+        if line.startswith("stage ") and cur is not None:
+            stage = {"inputs": [], "outputs": []}
+            cur.stages.append(stage)
+            continue
+        m = _IO.match(line)
+        if m and cur is not None:
+            if stage is None:
+                stage = {"inputs": [], "outputs": []}
+                cur.stages.append(stage)
+            shape = [int(x) for x in m.group("shape").split(",") if x.strip()]
+            stage["inputs" if m.group("kind") == "input" else "outputs"].append(
+                NetIO(m.group("name").strip(), shape, m.group("dtype")))
+            continue
+        m = _MEM.search(line)
+        if m:
+            mem = tuple(int(x) for x in m.groups())
+    if not nets or mem is None:
+        raise ValueError("not model_tool --info output (no net or no device memory line)")
+    return BmodelInfo(nets, *mem)
+
+
+@dataclass
+class Similarity:
+    cosine: float
+    euclidean: float
+    sqnr: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"cosine": self.cosine, "euclidean": self.euclidean, "sqnr": self.sqnr}
+
+
+_RUN_COMPARE = re.compile(r"\[Running\]: npz_tool\.py compare (\S+) (\S+)")
+_MIN_SIM = re.compile(r"min_similarity = \(([^,]+), ([^,]+), ([^)]+)\)")
+
+
+def parse_compares(log_text: str) -> list[tuple[str, str, Similarity]]:
+    """Every `npz_tool.py compare A B` in a tool log, with the min similarity it printed."""
+    out: list[tuple[str, str, Similarity]] = []
+    pending: tuple[str, str] | None = None
+    for line in log_text.splitlines():
+        m = _RUN_COMPARE.search(line)
+        if m:
+            pending = (m.group(1), m.group(2))
+            continue
+        m = _MIN_SIM.search(line)
+        if m and pending is not None:
+            vals = [float(x) for x in m.groups()]
+            out.append((pending[0], pending[1], Similarity(*vals)))
+            pending = None
+    return out
+
+
+def deploy_similarities(log_text: str) -> dict[str, Similarity]:
+    """From a model_deploy log: `quantized` = the quantised (tpu) MLIR against the float
+    (top) reference, i.e. the quantisation error; `simulator` = the bmodel run on the chip
+    simulator (cmodel) against the tpu MLIR, i.e. codegen / simulator faithfulness."""
+    res: dict[str, Similarity] = {}
+    for a, b, s in parse_compares(log_text):
+        if "_model_outputs" in a:
+            res["simulator"] = s
+        elif "_tpu_outputs" in a:
+            res["quantized"] = s
+    return res
+
+
+def transform_similarity(log_text: str) -> Similarity | None:
+    """From a model_transform log: the top MLIR against ONNX Runtime on the same inputs."""
+    for a, b, s in parse_compares(log_text):
+        if "_ref_outputs" in b or "_ref_outputs" in a:
+            return s
+    return None
+
+
+_PROFILE = re.compile(r"runtime:\s*([0-9.]+)\s*ms")
+
+
+def parse_profile_ms(path: Path) -> float | None:
+    """The compiler's estimate of the net's time on the chip: last `runtime: X ms`."""
+    if not Path(path).is_file():
+        return None
+    found = None
+    for line in Path(path).read_text(errors="replace").splitlines():
+        m = _PROFILE.search(line)
+        if m:
+            found = float(m.group(1))
+    return found

@@ -1,0 +1,37 @@
+"""The compile step's door to the TPU-MLIR toolchain (fluxc.toolchain), with a counter of
+tool runs so a report (and the tests) can tell whether a run did any compiler work."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+
+class Tools:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.runs: list[str] = []  # "tool piece" per invocation, in start order
+
+    def run(self, tool: str, args: list[str], cwd: Path, log: Path, what: str = "") -> None:
+        from fluxc.toolchain import run_tool
+
+        with self._lock:
+            self.runs.append(f"{tool} {what}".strip())
+        Path(cwd).mkdir(parents=True, exist_ok=True)
+        run_tool(tool, [str(a) for a in args], cwd=Path(cwd), log=Path(log))
+
+    def info(self, bmodel: Path, cwd: Path, log: Path, what: str = "") -> str:
+        """`model_tool --info` of a bmodel, as text (also kept in `log`)."""
+        self.run("model_tool", ["--info", str(Path(bmodel).resolve())], cwd, log, what)
+        return Path(log).read_text(errors="replace")
+
+
+def require() -> None:
+    from fluxc.toolchain import require_toolchain
+
+    require_toolchain()
+
+
+def version() -> str:
+    from fluxc.toolchain import toolchain_version
+
+    return str(toolchain_version())

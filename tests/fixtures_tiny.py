@@ -30,7 +30,13 @@ def load_tiny_pipeline(path: Path):
     import torch
     from diffusers import FluxPipeline
 
-    return FluxPipeline.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32)
+    try:  # diffusers >= 0.42 renamed torch_dtype to dtype
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+
+        key = "dtype"
+    except ImportError:
+        key = "torch_dtype"
+    return FluxPipeline.from_pretrained(str(path), local_files_only=True, **{key: torch.float32})
 
 
 @pytest.fixture(scope="session")

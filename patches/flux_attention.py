@@ -69,8 +69,24 @@ def attention_bshd(q, k, v):
     return o.reshape(o.shape[0], o.shape[1], o.shape[2] * o.shape[3])
 
 
+def attention_sdpa_bshd(q, k, v):
+    """Same contract as attention_bshd, via F.scaled_dot_product_attention (scale already in q)."""
+    import torch.nn.functional as F
+
+    o = F.scaled_dot_product_attention(q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3),
+                                       scale=1.0).permute(0, 2, 1, 3)
+    return o.reshape(o.shape[0], o.shape[1], o.shape[2] * o.shape[3])
+
+
 class FluxAttnExportProcessor:
-    """Drop-in processor for FluxAttention (set by patch_flux_attention)."""
+    """Drop-in processor for FluxAttention (set by patch_flux_attention).
+
+    attention="matmul" (default, see module docstring) or "sdpa" (kept for comparisons)."""
+
+    def __init__(self, attention: str = "matmul"):
+        if attention not in ("matmul", "sdpa"):
+            raise ValueError(f"attention must be 'matmul' or 'sdpa', got {attention!r}")
+        self.attention = attention
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, **_: Any):
@@ -98,7 +114,7 @@ class FluxAttnExportProcessor:
             v = torch.cat([ev, v], dim=1)
         q = _rotate(q, image_rotary_emb)
         k = _rotate(k, image_rotary_emb)
-        out = attention_bshd(q, k, v)
+        out = (attention_bshd if self.attention == "matmul" else attention_sdpa_bshd)(q, k, v)
         if encoder_hidden_states is not None:
             t = encoder_hidden_states.shape[1]
             enc, img = out[:, :t], out[:, t:]

@@ -1,1 +1,48 @@
-"""Session fixtures for the export area."""
+"""Session fixtures for the export area.
+
+`export_schnell_tinyvae` and `export_dev` each run `fluxc export` once per test session on the
+tiny models (the `tiny_schnell` / `tiny_dev` fixtures of tests/fixtures_tiny.py) at the same
+small resolution and T5 length, and return the export folder (with manifest.json). Compile,
+verify and runtime tests reuse them; treat the folders as read-only (copy before changing).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+EXPORT_HEIGHT = 128
+EXPORT_WIDTH = 128
+EXPORT_T5_LEN = 32
+EXPORT_ARGS = ["--height", str(EXPORT_HEIGHT), "--width", str(EXPORT_WIDTH), "--t5-seq-len", str(EXPORT_T5_LEN)]
+
+
+def _tiny(request, name: str, flux_type: str, tmp_path_factory) -> Path:
+    """The tiny-area fixture when it exists, else a tiny model built here."""
+    try:
+        return Path(request.getfixturevalue(name))
+    except pytest.FixtureLookupError:
+        from fluxc.tiny import build_tiny
+
+        return build_tiny(tmp_path_factory.mktemp("export_tiny") / name, flux_type, 0)
+
+
+def _export(model: Path, out: Path, tiny_vae: Path | None = None) -> Path:
+    from fluxc.export.driver import ExportOptions, run_export
+
+    run_export(ExportOptions(model=str(model), out=out, height=EXPORT_HEIGHT, width=EXPORT_WIDTH,
+                             t5_len=EXPORT_T5_LEN, tiny_vae=str(tiny_vae) if tiny_vae else None),
+               show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def export_schnell_tinyvae(request, tmp_path_factory) -> Path:
+    model = _tiny(request, "tiny_schnell", "schnell", tmp_path_factory)
+    return _export(model, tmp_path_factory.mktemp("export_schnell_tinyvae") / "onnx", model / "tiny_vae")
+
+
+@pytest.fixture(scope="session")
+def export_dev(request, tmp_path_factory) -> Path:
+    model = _tiny(request, "tiny_dev", "dev", tmp_path_factory)
+    return _export(model, tmp_path_factory.mktemp("export_dev") / "onnx")

@@ -328,7 +328,7 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
         comp = component_of(spec, dims)
         prefixes = piece_prefixes(spec, dims, ckpt)
         keys = checkpoint_keys(ckpt.model(comp), prefixes, ckpt.stores[comp], comp)
-        key = sha256_json({"spec": spec.to_dict(), "config": ckpt.configs[comp], "dims": dims.to_dict(),
+        key = sha256_json({"spec": spec.to_dict(), "config": ckpt.configs[comp],
                            "weights": ckpt.stores[comp].fingerprint(keys), "code": code, "versions": versions})
         plan.append((spec, key, prefixes))
     todo = [s.name for s, k, _ in plan if not _entry_ok(out, old_entries.get(s.name), k)]
@@ -392,7 +392,7 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
 
     manifest = {"format": mf.FORMAT, "complete": True, "source": source_rec, "options": options,
                 "versions": versions, "dims": dims.to_dict(), "files": files, "pieces": entries}
-    if old != manifest:
+    if mf.read_manifest_json(out) != manifest:
         write_json_atomic(out / mf.MANIFEST, manifest)
     result.seconds = time.time() - t0
     return result

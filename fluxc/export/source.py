@@ -180,6 +180,7 @@ class WeightStore:
         store = cls(folder, files)
         for p in sorted(set(files.values())):
             store.headers[p] = _read_header(p)
+            _check_size(p, store.headers[p], component)
         return store
 
     def keys(self) -> Iterable[str]:
@@ -223,12 +224,30 @@ class WeightStore:
             by_file.setdefault(self.files[k], []).append(k)
         out: dict[str, Any] = {}
         for p, ks in by_file.items():
-            with safe_open(str(p), framework="pt") as f:
-                for k in ks:
-                    t = f.get_tensor(k)
-                    out[k] = t.to(dtype) if t.is_floating_point() else t.clone()
-                    del t
+            try:
+                with safe_open(str(p), framework="pt") as f:
+                    for k in ks:
+                        t = f.get_tensor(k)
+                        out[k] = t.to(dtype) if t.is_floating_point() else t.clone()
+                        del t
+            except (OSError, ValueError, RuntimeError) as e:  # SafetensorError is not a subclass of these
+                raise FluxcError(f"cannot read {p} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                                 f"re-download the model") from None
+            except Exception as e:
+                if type(e).__name__ != "SafetensorError":
+                    raise
+                raise FluxcError(f"cannot read {p} ({str(e).splitlines()[0]}); re-download the model") from None
         return out
+
+
+def _check_size(path: Path, header: dict[str, Any], component: str) -> None:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    size = path.stat().st_size
+    if size < 8 + n + end:
+        raise FluxcError(f"{component}: {path} is truncated ({size} bytes, its header needs {8 + n + end}); "
+                         f"re-download the model")
 
 
 def _is_variant(name: str) -> bool:

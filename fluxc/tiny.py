@@ -131,6 +131,7 @@ SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 Progress = Callable[[str], None]
+BIG_FILE_BYTES = 200_000_000  # report progress inside weight files larger than this
 
 
 # ------------------------------------------------------------------------------ configs
@@ -260,10 +261,11 @@ class _SafetensorsWriter:
         self.header = raw
         self.total = off
 
-    def write(self, make: Callable[[str, tuple[int, ...]], Any]) -> int:
+    def write(self, make: Callable[[str, tuple[int, ...]], Any], tick: Callable[[int, int], None] | None = None) -> int:
         import torch
 
         tdtype = getattr(torch, self.dtype)
+        done = 0
         with open(self.path, "wb") as f:
             f.write(len(self.header).to_bytes(8, "little"))
             f.write(self.header)
@@ -271,11 +273,15 @@ class _SafetensorsWriter:
                 t = make(name, shape)
                 t = t.to(tdtype).contiguous()
                 f.write(memoryview(t.view(torch.uint8).numpy()))
+                done += t.numel() * t.element_size()
                 del t
+                if tick is not None:
+                    tick(done, self.total)
         return 8 + len(self.header) + self.total
 
 
-def _write_weights(model, folder: Path, filename: str, component: str, seed: int, dtype: str) -> int:
+def _write_weights(model, folder: Path, filename: str, component: str, seed: int, dtype: str,
+                   progress: Progress | None = None) -> int:
     """Generate every state_dict tensor of a meta-device `model` into folder/filename."""
     import torch
 
@@ -315,7 +321,18 @@ def _write_weights(model, folder: Path, filename: str, component: str, seed: int
     # Like save_pretrained: a tied duplicate (T5's encoder.embed_tokens) is not stored; the
     # loader ties it back to its source.
     entries = [(k, tuple(sd[k].shape)) for k in sorted(sd) if source_of[k] == k]
-    return _SafetensorsWriter(folder / filename, entries, dtype).write(make)
+    writer = _SafetensorsWriter(folder / filename, entries, dtype)
+    tick = None
+    if progress is not None and writer.total > BIG_FILE_BYTES:
+        last = [0]
+
+        def tick(done: int, total: int) -> None:
+            step = done * 10 // total
+            if step > last[0]:
+                last[0] = step
+                progress(f"  {component}: {done / 1e6:.0f} / {total / 1e6:.0f} MB")
+
+    return writer.write(make, tick)
 
 
 # ------------------------------------------------------------------------------ components
@@ -326,20 +343,22 @@ def _meta(build: Callable[[], Any]):
         return build()
 
 
-def _write_diffusers_model(cls, config: dict, folder: Path, component: str, seed: int, dtype: str) -> int:
+def _write_diffusers_model(cls, config: dict, folder: Path, component: str, seed: int, dtype: str,
+                           progress: Progress | None = None) -> int:
     folder.mkdir(parents=True)
     model = _meta(lambda: cls(**config))
     model.save_config(str(folder))
-    return _write_weights(model, folder, "diffusion_pytorch_model.safetensors", component, seed, dtype)
+    return _write_weights(model, folder, "diffusion_pytorch_model.safetensors", component, seed, dtype, progress)
 
 
-def _write_transformers_model(model_cls, config, folder: Path, component: str, seed: int, dtype: str) -> int:
+def _write_transformers_model(model_cls, config, folder: Path, component: str, seed: int, dtype: str,
+                              progress: Progress | None = None) -> int:
     folder.mkdir(parents=True)
     model = _meta(lambda: model_cls(config))
     config.architectures = [model_cls.__name__]
     config.dtype = dtype
     config.save_pretrained(str(folder))
-    return _write_weights(model, folder, "model.safetensors", component, seed, dtype)
+    return _write_weights(model, folder, "model.safetensors", component, seed, dtype, progress)
 
 
 def _write_model_index(out: Path) -> None:
@@ -385,20 +404,20 @@ def _build_into(tmp: Path, flux_type: str, seed: int, cfg: dict, progress: Progr
         pad_token_id=clip_vocab - 1,
         **cfg["clip"],
     )
-    sizes["text_encoder"] = _write_transformers_model(CLIPTextModel, clip_cfg, tmp / "text_encoder", "clip", seed, dtype)
+    sizes["text_encoder"] = _write_transformers_model(CLIPTextModel, clip_cfg, tmp / "text_encoder", "clip", seed, dtype, progress)
 
     progress(f"text_encoder_2: T5EncoderModel (vocab {t5_vocab})")
     t5_cfg = T5Config(vocab_size=t5_vocab, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=True, **cfg["t5"])
-    sizes["text_encoder_2"] = _write_transformers_model(T5EncoderModel, t5_cfg, tmp / "text_encoder_2", "t5", seed, dtype)
+    sizes["text_encoder_2"] = _write_transformers_model(T5EncoderModel, t5_cfg, tmp / "text_encoder_2", "t5", seed, dtype, progress)
 
     progress("vae: AutoencoderKL")
-    sizes["vae"] = _write_diffusers_model(AutoencoderKL, cfg["vae"], tmp / "vae", "vae", seed, dtype)
+    sizes["vae"] = _write_diffusers_model(AutoencoderKL, cfg["vae"], tmp / "vae", "vae", seed, dtype, progress)
 
     progress("tiny_vae: AutoencoderTiny (taef1 layout)")
-    sizes["tiny_vae"] = _write_diffusers_model(AutoencoderTiny, cfg["tiny_vae"], tmp / "tiny_vae", "tiny_vae", seed, dtype)
+    sizes["tiny_vae"] = _write_diffusers_model(AutoencoderTiny, cfg["tiny_vae"], tmp / "tiny_vae", "tiny_vae", seed, dtype, progress)
 
     progress(f"transformer: FluxTransformer2DModel ({flux_type})")
-    sizes["transformer"] = _write_diffusers_model(FluxTransformer2DModel, cfg["transformer"], tmp / "transformer", "transformer", seed, dtype)
+    sizes["transformer"] = _write_diffusers_model(FluxTransformer2DModel, cfg["transformer"], tmp / "transformer", "transformer", seed, dtype, progress)
 
     _write_model_index(tmp)
     marker = {

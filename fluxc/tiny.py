@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import operator
 import os
 import re
 import shutil
@@ -470,7 +471,13 @@ def build_tiny(
     """
     out = Path(out)
     cfg = resolve_configs(flux_type, copy.deepcopy(overrides))
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    try:
+        if isinstance(seed, bool):
+            raise TypeError
+        seed = operator.index(seed)
+    except TypeError:
+        raise FluxcError(f"seed must be a non-negative integer, got {seed!r}") from None
+    if seed < 0:
         raise FluxcError(f"seed must be a non-negative integer, got {seed!r}")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
         raise FluxcError(f"{out} already exists and is not empty: choose another folder or pass --force to replace it")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fluxc.compile.parse import deploy_similarities, parse_info, parse_profile_ms, transform_similarity
+from fluxc.compile.parse import deploy_similarities, f32_ops_from_inputs, parse_info, parse_profile_ms, transform_similarity
 from fluxc.compile.recipe import PiecePlan, deploy_args, transform_args
 from fluxc.compile.tools import Tools
 from fluxc.errors import FluxcError
@@ -100,6 +100,8 @@ def compile_piece(spec: PieceSpec, onnx: Path, onnx_sha: str, plan: PiecePlan, c
     t0 = time.monotonic()
     cached = load_cached(folder, check, plan.tolerance)
     if cached is not None:
+        if cached.get("estimate_ms") is None:  # results written before the TCYC fallback
+            cached["estimate_ms"] = parse_profile_ms(folder / "work" / "compiler_profile_0.txt")
         return PieceResult(spec.name, folder, folder / cached["bmodel"], cached, True, time.monotonic() - t0)
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -144,6 +146,12 @@ def compile_piece(spec: PieceSpec, onnx: Path, onnx_sha: str, plan: PiecePlan, c
     for stale in (bmodel_tmp, work / "compiler_profile_0.txt"):
         stale.unlink(missing_ok=True)
     dargs = ["--mlir", mlir.name, *deploy_args(plan, chip), "--model", bmodel_tmp.name]
+    f32_in = [n for n in plan.options.get("f32_inputs", []) if n in {t.name for t in spec.inputs}]
+    if f32_in:
+        ops = f32_ops_from_inputs(mlir.read_text(errors="replace"), f32_in)
+        if ops:
+            (work / "qtable.txt").write_text("".join(f"{op} F32\n" for op in ops))
+            dargs += ["--quantize_table", "qtable.txt"]
     if check:
         # Reference = the top MLIR's own results (top npz), not a separate ONNX Runtime
         # run: the npz holds the tensors under the names the compiler gives them (an ORT

@@ -127,15 +127,63 @@ def transform_similarity(log_text: str) -> Similarity | None:
 
 
 _PROFILE = re.compile(r"runtime:\s*([0-9.]+)\s*ms")
+_TCYC = re.compile(r"^TCYC\s*:\s*(\d+)")
 
 
 def parse_profile_ms(path: Path) -> float | None:
-    """The compiler's estimate of the net's time on the chip: last `runtime: X ms`."""
+    """The compiler's estimate of the net's time on the chip: last `runtime: X ms`.
+    Nets without arithmetic (a lone Gather: flops 0) get no such line; then the cycle
+    counts (`TCYC : n`) are summed at the BM1684X's 1 GHz (the runtime lines of other nets
+    equal TCYC / 1e6 ms exactly)."""
     if not Path(path).is_file():
         return None
     found = None
+    cycles = 0
     for line in Path(path).read_text(errors="replace").splitlines():
         m = _PROFILE.search(line)
         if m:
             found = float(m.group(1))
+        m = _TCYC.match(line.strip())
+        if m:
+            cycles += int(m.group(1))
+    if found is None and cycles:
+        found = cycles / 1e6
     return found
+
+
+_MLIR_OP = re.compile(r'^\s*(%\d+)(?::\d+)? = "top\.(\w+)"\(([^)]*)\).*loc\((#loc\d+)\)\s*$')
+_MLIR_LOC = re.compile(r'^(#loc\d+) = loc\("([^"]+)"\)')
+
+
+def f32_ops_from_inputs(mlir_text: str, inputs: list[str]) -> list[str]:
+    """Names of the top-level ops fed (directly or not) by the named graph inputs, up to
+    (excluding) the first MatMul/Conv on each path: the part of the graph that works on
+    the raw input values. For the transformer head these are the sinusoidal timestep and
+    guidance projections (t up to 1000 times frequencies, then sin/cos), which bfloat16
+    (8 significant bits: 1000 is rounded to a multiple of 4) ruins; listed in a
+    quantize table they stay in float32."""
+    locs: dict[str, str] = {}
+    ops: list[tuple[str, str, list[str], str]] = []
+    for line in mlir_text.splitlines():
+        m = _MLIR_LOC.match(line)
+        if m:
+            locs[m.group(1)] = m.group(2)
+            continue
+        m = _MLIR_OP.match(line)
+        if m:
+            args = [a.strip().split(":")[0] for a in m.group(3).split(",") if a.strip().startswith("%")]
+            ops.append((m.group(1), m.group(2), args, m.group(4)))
+    reached: set[str] = set()
+    names: list[str] = []
+    for res, kind, args, loc in ops:  # the MLIR lists ops in topological order
+        name = locs.get(loc, "")
+        if kind == "Input":
+            if name in inputs:
+                reached.add(res)
+            continue
+        if kind in ("MatMul", "Conv") or not any(a in reached for a in args):
+            continue
+        reached.add(res)
+        if name:
+            names.append(name)
+    return names

@@ -121,8 +121,8 @@ def _piece_line(r: PieceResult) -> str:
     sim = (d.get("similarity") or {}).get("quantized")
     s = f"cos {sim['cosine']:.5f}" if sim else "unchecked"
     est = f"{d['estimate_ms']:.3f} ms" if d.get("estimate_ms") is not None else "-"
-    how = "cached" if r.cache_hit else f"{r.seconds:.1f} s"
-    return f"  {r.name:<32} {d['quantize']:<7} {s:<16} est {est:<12} {how}"
+    how = "cached" if r.cache_hit else f"{r.seconds:.0f} s"
+    return f"{r.name:<28} {d['quantize']:<6} {s:<12} est {est:<11} {how}"
 
 
 def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
@@ -175,7 +175,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
                     r = fut.result()
                 except BaseException as e:  # stop scheduling; let the running ones finish
                     errors.append(e)
-                    prog.done(name, f"  {name:<32} FAILED")
+                    prog.done(name, f"{name:<28} FAILED")
                     continue
                 results[name] = r
                 prog.done(name, _piece_line(r))

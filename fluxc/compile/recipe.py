@@ -19,7 +19,8 @@ QUANTIZE_ANY = ("F16", "BF16", "W4BF16", "W4F16")
 CHIPS = ("bm1684x",)
 
 _BOOL_KEYS = ("q_symmetric", "quant_input", "quant_output", "high_precision")
-_GROUP_KEYS = ("quantize", "q_group_size", "opt", "compress_mode", "transform_args", "deploy_args") + _BOOL_KEYS
+_GROUP_KEYS = ("quantize", "q_group_size", "opt", "compress_mode", "f32_inputs", "transform_args",
+               "deploy_args") + _BOOL_KEYS
 _TOP_KEYS = ("chip", "groups", "thresholds")
 
 
@@ -104,6 +105,10 @@ def validate_recipe(data: Any, src: str = "<recipe>") -> Recipe:
                 if v not in ("none", "weight", "activation", "all"):
                     raise _bad(src, key, "must be none, weight, activation or all")
                 clean[k] = v
+            elif k == "f32_inputs":
+                if not isinstance(v, list) or not all(isinstance(a, str) for a in v):
+                    raise _bad(src, key, "must be a list of input names")
+                clean[k] = list(v)
             else:  # transform_args / deploy_args
                 if not isinstance(v, list) or not all(isinstance(a, (str, int, float)) for a in v):
                     raise _bad(src, key, "must be a list of strings")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from fluxc.errors import ToolError
+
 
 class Tools:
     def __init__(self) -> None:
@@ -17,7 +19,13 @@ class Tools:
         with self._lock:
             self.runs.append(f"{tool} {what}".strip())
         Path(cwd).mkdir(parents=True, exist_ok=True)
-        run_tool(tool, [str(a) for a in args], cwd=Path(cwd), log=Path(log))
+        try:
+            run_tool(tool, [str(a) for a in args], cwd=Path(cwd), log=Path(log))
+        except ToolError as e:
+            if not what:
+                raise
+            # name the piece first: "model_transform on piece X failed (exit 1); log: ...; command: ..."
+            raise ToolError(f"{e.tool} on piece {what}", e.argv, e.log_path, e.tail, e.returncode) from None
 
     def info(self, bmodel: Path, cwd: Path, log: Path, what: str = "") -> str:
         """`model_tool --info` of a bmodel, as text (also kept in `log`)."""

@@ -31,7 +31,7 @@ from ._base import WRITTEN_FOR, Patcher, installed_version
 from .adaln import patch_adaln
 from .flux_attention import FluxAttnExportProcessor, attention_bshd, patch_flux_attention
 from .rmsnorm import patch_rmsnorm, rms_norm
-from .rotary import apply_rotary_table, flux_ids, rotary_table, rotary_table_from_ids
+from .rotary import apply_rotary_table, apply_rotary_table_slices, flux_ids, rotary_cos_sin, rotary_table, rotary_table_from_ids
 from .text_encoders import (
     CLIP_MASK_VALUE,
     CLIPLayerExport,
@@ -52,7 +52,7 @@ __all__ = [
     "ALL_PATCHES", "WRITTEN_FOR", "Patcher", "installed_version", "patch_adaln",
     "FluxAttnExportProcessor", "attention_bshd", "patch_flux_attention",
     "patch_rmsnorm", "rms_norm",
-    "apply_rotary_table", "flux_ids", "rotary_table", "rotary_table_from_ids",
+    "apply_rotary_table", "apply_rotary_table_slices", "rotary_cos_sin", "flux_ids", "rotary_table", "rotary_table_from_ids",
     "CLIP_MASK_VALUE", "CLIPLayerExport", "T5BlockExport", "clip_causal_mask", "clip_layer_export",
     "t5_block_export", "t5_position_bias",
 ]

@@ -7,7 +7,9 @@ TorchScript ONNX exporter and TPU-MLIR:
   the softmax scale 1/sqrt(D) is folded into the q norm's weight (a constant multiply that
   constant-folds away), so there is no extra Mul on the [B, H, S, S] scores.
 - rotary in real form from the precomputed table [1, S, 1, D/2, 2, 2] (rotary.py), applied
-  in [B, S, H, D]: the table broadcasts over heads with no transpose of the table.
+  in [B, S, H, D] as x * C + (x @ P) * S (P: constant pair swap; C, S taken from the table by
+  two tiny constant MatMuls, shared by q and k): no stride-2 Slice of q/k, which TPU-MLIR's
+  cost model showed to dominate a block (see rotary.apply_rotary_table).
 - attention as explicit MatMul + Softmax + MatMul rather than SDPA. TorchScript lowers
   aten::scaled_dot_product_attention (opset 14+) to MatMul/Softmax anyway, but with the
   scale applied as two Mul(sqrt(scale)) on q and k and an extra Transpose for k; writing it
@@ -28,7 +30,7 @@ from typing import Any
 
 from ._base import Patcher, named_instances, qualname
 from .rmsnorm import rms_norm
-from .rotary import apply_rotary_table
+from .rotary import apply_rotary_table, apply_rotary_table_slices, rotary_cos_sin
 
 
 def _norm_weight_eps(norm, x):
@@ -47,14 +49,16 @@ def _normed(norm, x, scale: float | None = None):
     return rms_norm(x, w, eps)
 
 
-def _rotate(x, rot):
+def _rotate(x, rot, cos_sin=None, rotary: str = "matmul"):
     if rot is None:
         return x
     if isinstance(rot, (tuple, list)):  # diffusers (cos, sin), [S, D] each
         from diffusers.models.embeddings import apply_rotary_emb
 
         return apply_rotary_emb(x, tuple(rot), sequence_dim=1)
-    return apply_rotary_table(x, rot)
+    if rotary == "slices":
+        return apply_rotary_table_slices(x, rot)
+    return apply_rotary_table(x, rot, cos_sin)
 
 
 def attention_bshd(q, k, v):
@@ -81,12 +85,16 @@ def attention_sdpa_bshd(q, k, v):
 class FluxAttnExportProcessor:
     """Drop-in processor for FluxAttention (set by patch_flux_attention).
 
-    attention="matmul" (default, see module docstring) or "sdpa" (kept for comparisons)."""
+    attention="matmul" (default, see module docstring) or "sdpa"; rotary="matmul" (default,
+    see rotary.apply_rotary_table) or "slices" (the direct form). The alternatives are kept
+    for graph comparisons."""
 
-    def __init__(self, attention: str = "matmul"):
+    def __init__(self, attention: str = "matmul", rotary: str = "matmul"):
         if attention not in ("matmul", "sdpa"):
             raise ValueError(f"attention must be 'matmul' or 'sdpa', got {attention!r}")
-        self.attention = attention
+        if rotary not in ("matmul", "slices"):
+            raise ValueError(f"rotary must be 'matmul' or 'slices', got {rotary!r}")
+        self.attention, self.rotary = attention, rotary
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, **_: Any):
@@ -112,8 +120,11 @@ class FluxAttnExportProcessor:
             q = torch.cat([eq, q], dim=1)
             k = torch.cat([ek, k], dim=1)
             v = torch.cat([ev, v], dim=1)
-        q = _rotate(q, image_rotary_emb)
-        k = _rotate(k, image_rotary_emb)
+        cs = None
+        if image_rotary_emb is not None and not isinstance(image_rotary_emb, (tuple, list)) and self.rotary == "matmul":
+            cs = rotary_cos_sin(image_rotary_emb, D)  # shared by q and k
+        q = _rotate(q, image_rotary_emb, cs, self.rotary)
+        k = _rotate(k, image_rotary_emb, cs, self.rotary)
         out = (attention_bshd if self.attention == "matmul" else attention_sdpa_bshd)(q, k, v)
         if encoder_hidden_states is not None:
             t = encoder_hidden_states.shape[1]

@@ -15,6 +15,7 @@ then cast, like FluxPosEmbed.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -65,11 +66,57 @@ def rotary_table(dims_or_t5_len, height: int | None = None, width: int | None = 
     return rotary_table_from_ids(flux_ids(t5_len, grid_h, grid_w), axes_dims, theta)
 
 
-def apply_rotary_table(x, table):
+@functools.lru_cache(maxsize=8)
+def _rotary_constants_np(d: int):
+    p = np.arange(d // 2)
+    P = np.zeros((d, d), np.float32)
+    P[2 * p + 1, 2 * p] = 1
+    P[2 * p, 2 * p + 1] = 1
+    MC = np.zeros((2 * d, d), np.float32)
+    MS = np.zeros((2 * d, d), np.float32)
+    MC[4 * p, 2 * p] = 1  # [0, 0] = cos
+    MC[4 * p + 3, 2 * p + 1] = 1  # [1, 1] = cos
+    MS[4 * p + 1, 2 * p] = 1  # [0, 1] = -sin
+    MS[4 * p + 2, 2 * p + 1] = 1  # [1, 0] = sin
+    return P, MC, MS
+
+
+def _rotary_constants(d: int, dtype, device):
+    """Constant 0/1 matrices: P swaps the members of each pair (x @ P)[2p] = x[2p+1],
+    (x @ P)[2p+1] = x[2p]; MC / MS pick from a flattened table row (per pair [c, -s, s, c])
+    the diagonal C = [c, c] and the off-diagonal S = [-s, s], interleaved like x.
+    Built in numpy so the exporter records them as plain constants."""
+    import torch
+
+    return tuple(torch.from_numpy(m).to(dtype=dtype, device=device) for m in _rotary_constants_np(d))
+
+
+def rotary_cos_sin(table, d: int):
+    """Table [1, S, 1, d/2, 2, 2] -> (C, S) [1, S, 1, d], both interleaved like x, computed
+    with two small constant MatMuls (no strided slicing)."""
+    P, MC, MS = _rotary_constants(d, table.dtype, table.device)
+    flat = table.reshape(table.shape[0], table.shape[1], table.shape[2], 2 * d)
+    return flat @ MC, flat @ MS
+
+
+def apply_rotary_table(x, table, cos_sin=None):
     """x [B, S, H, D] (any H), table [1, S, 1, D/2, 2, 2] -> rotated x [B, S, H, D].
 
-    Export form: x seen as pairs [B, S, H, D/2, 1, 2]; out = T[..., :1] * x[..., :1] +
-    T[..., 1:] * x[..., 1:] with keep-dim Slices (no Gather), two Mul and one Add."""
+    out = x * C + (x @ P) * S, with C = [cos, cos], S = [-sin, sin] per pair (from the table)
+    and P the constant pair-swap matrix. Written so that no op slices the last axis with
+    stride 2: TPU-MLIR's cost model put four such Slices of q/k (the direct
+    T[..., 0] * x[..., 0] + T[..., 1] * x[..., 1] form) at two thirds of a single block's
+    time (BM1684X BF16, 1280 tokens); a [D, D] MatMul is cheap on the chip.
+    Pass cos_sin=rotary_cos_sin(table, D) to share it between q and k."""
+    d = x.shape[-1]
+    c, s = cos_sin if cos_sin is not None else rotary_cos_sin(table, d)
+    P, _, _ = _rotary_constants(d, x.dtype, x.device)
+    return x * c + (x @ P) * s
+
+
+def apply_rotary_table_slices(x, table):
+    """The direct form (sophon-demo style), kept for comparison: x as pairs
+    [B, S, H, D/2, 1, 2], out = T[..., 0:1] * x[..., 0:1] + T[..., 1:2] * x[..., 1:2]."""
     shape = x.shape
     xp = x.reshape(shape[0], shape[1], shape[2], shape[3] // 2, 1, 2)
     out = table[..., 0:1] * xp[..., 0:1] + table[..., 1:2] * xp[..., 1:2]  # [B, S, H, D/2, 2, 1]

@@ -16,6 +16,7 @@ from fluxc.patches import (
     FluxAttnExportProcessor,
     Patcher,
     apply_rotary_table,
+    apply_rotary_table_slices,
     clip_causal_mask,
     clip_layer_export,
     flux_ids,
@@ -95,7 +96,8 @@ def _flux_rotary(t5_len, gh, gw):
 
 
 @pytest.mark.parametrize("joint", [True, False], ids=["double_stream", "single_stream"])
-def test_flux_attention_patch_matches_and_restores(joint):
+@pytest.mark.parametrize("form", ["matmul/matmul", "sdpa/slices"])
+def test_flux_attention_patch_matches_and_restores(joint, form):
     a = _flux_attention(joint, seed=3)
     S, N = 5, 12  # text tokens, image tokens (3 x 4 grid)
     (cos, sin), table = _flux_rotary(S, 3, 4)
@@ -109,6 +111,8 @@ def test_flux_attention_patch_matches_and_restores(joint):
         with Patcher() as p:
             p.apply(a)
             assert isinstance(a.processor, FluxAttnExportProcessor)
+            attention, rotary = form.split("/")
+            a.processor.attention, a.processor.rotary = attention, rotary
             assert sum(w.startswith("rmsnorm") for w in p.applied) == (4 if joint else 2)
             with_table = a(**args, image_rotary_emb=table)
             with_tuple = a(**args, image_rotary_emb=(cos, sin))
@@ -140,9 +144,11 @@ def test_rotary_table_is_flux_pos_embed():
     from diffusers.models.embeddings import apply_rotary_emb
 
     x = _rand(1, S + gh * gw, 3, sum(AXES), seed=6)
-    e = rel(apply_rotary_table(x, table), apply_rotary_emb(x, (cos, sin), sequence_dim=1))
-    print(f"rotary apply rel err {e:.2e}")
-    assert e <= TOL
+    ref = apply_rotary_emb(x, (cos, sin), sequence_dim=1)
+    for name, f in (("matmul", apply_rotary_table), ("slices", apply_rotary_table_slices)):
+        e = rel(f(x, table), ref)
+        print(f"rotary apply ({name}) rel err {e:.2e}")
+        assert e <= TOL
     # FluxDims entry point: same as the explicit one
     d = tiny_dims("dev")
     assert np.array_equal(rotary_table(d, axes_dims=AXES), rotary_table(d.t5_len, d.height, d.width, axes_dims=AXES))

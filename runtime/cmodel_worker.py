@@ -21,11 +21,16 @@ host's), a private folder of links to everything else in it is used instead.
 """
 from __future__ import annotations
 
-import io
-import json
-import os
-import struct
 import sys
+
+# This file's folder (fluxc's runtime/) must not shadow the standard library in the worker.
+if sys.path and sys.path[0] and __name__ == "__main__":
+    sys.path.pop(0)
+
+import io  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import struct  # noqa: E402
 
 _GLIBC = ("libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1")
 _MARK = "FLUXC_CMODEL_WORKER_READY"

@@ -162,6 +162,9 @@ class CmodelWorker:
                 env = dict(toolchain.toolchain_env()) if hasattr(toolchain, "toolchain_env") else dict(os.environ)
         env = dict(env)
         env.pop("FLUXC_CMODEL_WORKER_READY", None)
+        # The simulator's OpenMP threads spin; on a busy machine more threads than free
+        # cores made every call many times slower. One thread unless asked otherwise.
+        env["OMP_NUM_THREADS"] = os.environ.get("FLUXC_CMODEL_THREADS", "1")
         self._stderr_tail: deque[str] = deque(maxlen=40)
         self.proc = subprocess.Popen([str(python), "-u", str(WORKER_SCRIPT)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -220,17 +223,26 @@ class CmodelWorker:
                 self.proc.wait()
 
 
-_shared_worker: CmodelWorker | None = None
+_live_workers: list["CmodelWorker"] = []
 
 
-def shared_worker() -> CmodelWorker:
-    global _shared_worker
-    if _shared_worker is None or _shared_worker.proc.poll() is not None:
-        _shared_worker = CmodelWorker()
-        import atexit
+def _close_all_workers() -> None:
+    for w in list(_live_workers):
+        w.close()
 
-        atexit.register(_shared_worker.close)
-    return _shared_worker
+
+def new_worker() -> CmodelWorker:
+    """A fresh simulator process. One per bmodel file: TPU-MLIR's pyruntime_bm runs a
+    second Model of the same process on a shared simulated device, and running a net of a
+    model loaded after another one crashed the simulator here ("NO SUCH SHORT CMD TYPE");
+    separate processes are isolated like separate chips."""
+    import atexit
+
+    w = CmodelWorker()
+    if not _live_workers:
+        atexit.register(_close_all_workers)
+    _live_workers.append(w)
+    return w
 
 
 class CmodelEngine(Engine):
@@ -240,11 +252,13 @@ class CmodelEngine(Engine):
         self.path = Path(path)
         if not self.path.is_file():
             raise FluxcError(f"missing bmodel {self.path}; run fluxc compile")
-        self.worker = worker or shared_worker()
+        self._own = worker is None
+        self.worker = worker or new_worker()
         self.key = self.worker.new_key()
         try:
             h, _ = self.worker.request({"op": "load", "key": self.key, "path": str(self.path.resolve())})
         except FluxcError as e:
+            self.close()
             raise FluxcError(f"cannot load {self.path} on the chip simulator ({str(e).splitlines()[0]}); "
                              "the file is damaged or not a BM1684X bmodel: rebuild it with fluxc compile") from None
         self.nets = {n["name"]: NetInfo(n["name"],
@@ -258,6 +272,12 @@ class CmodelEngine(Engine):
         h, outs = self.worker.request({"op": "run", "key": self.key, "net": net, "arrays": names},
                                       [np.asarray(inputs[n]) for n in names])
         return dict(zip(h["arrays"], outs))
+
+    def close(self) -> None:
+        if self._own:
+            self.worker.close()
+            if self.worker in _live_workers:
+                _live_workers.remove(self.worker)
 
 
 # ---- real chip (sophon.sail) -------------------------------------------------------------

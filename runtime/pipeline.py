@@ -16,7 +16,7 @@ import numpy as np
 
 from fluxc.errors import FluxcError
 from fluxc.runtime.scheduler import FlowMatchEulerScheduler
-from fluxc.runtime.tokenize import PromptTokenizer
+from fluxc.runtime.prompt_tokens import PromptTokenizer
 
 DEFAULT_PROMPT = "A cat holding a sign that says hello world"
 

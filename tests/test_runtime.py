@@ -76,7 +76,7 @@ def test_tokenizers_match_transformers_and_truncate(export_schnell_tinyvae, tiny
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     from fluxc.export.manifest import load_manifest
-    from fluxc.runtime.tokenize import PromptTokenizer, TruncationWarning
+    from fluxc.runtime.prompt_tokens import PromptTokenizer, TruncationWarning
 
     man = load_manifest(export_schnell_tinyvae)
     clip = PromptTokenizer(man.tokenizer_dir, 77, "CLIP")

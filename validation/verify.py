@@ -135,7 +135,7 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
                      say=print) -> Report:
     from fluxc import workspace
     from fluxc.export.manifest import load_manifest
-    from fluxc.runtime.engines import CmodelEngine, OnnxEngine, shared_worker
+    from fluxc.runtime.engines import CmodelEngine, OnnxEngine
     from fluxc.runtime.models import bmodel_files, detect_quantize, read_device_split
 
     models = Path(models)
@@ -163,7 +163,6 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
     # ---- 1. structure
     say("structure: loading every bmodel on the chip simulator")
     files = bmodel_files(chip, d.flux_type, q, d.tiny_vae)
-    worker = shared_worker()
     engines: dict[str, CmodelEngine] = {}  # net name -> engine
     file_of: dict[str, str] = {}
     file_engines: dict[Path, CmodelEngine] = {}
@@ -175,7 +174,7 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
                 rep.add("structure", p.name, False, f"missing {p}")
                 continue
             try:
-                eng = CmodelEngine(p, worker=worker)
+                eng = CmodelEngine(p)
             except FluxcError as e:
                 rep.add("structure", p.name, False, str(e).splitlines()[0])
                 continue
@@ -206,14 +205,11 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
         if split is None:
             rep.add("structure", "device_split.json", False, f"missing or unreadable in {chip}")
         else:
-            rows = split.get("devices") or split.get("split") or split.get("rows") or []
-            if isinstance(split, dict) and not rows:
-                for v in split.values():
-                    if isinstance(v, dict) and isinstance(v.get("devices"), list):
-                        rows = v["devices"]
-                        break
-            if isinstance(split, dict) and isinstance(split.get(d.flux_type), dict):
-                rows = split[d.flux_type].get("devices", rows)
+            rows = split.get("split") if isinstance(split, dict) else None
+            rows = rows if isinstance(rows, list) else []
+            if split.get("flux_type") not in (None, d.flux_type):
+                rep.add("structure", "device_split.json", False,
+                        f"written for {split.get('flux_type')}, the export is {d.flux_type}")
             problems = []
             for i, p in enumerate(tr_files):
                 row = next((r for r in rows if isinstance(r, dict) and r.get("device") == i), None)
@@ -222,8 +218,13 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
                     continue
                 got = {n for n, f in file_of.items() if f == p.name}
                 want = set(row.get("pieces", []))
+                if row.get("file") not in (None, p.name):
+                    problems.append(f"device {i} is {row.get('file')} in device_split.json, found {p.name}")
                 if got != want:
-                    problems.append(f"{p.name} holds {len(got)} nets, device_split.json lists {len(want)}")
+                    problems.append(f"{p.name} holds {sorted(got - want) or len(got)} not in device_split.json's "
+                                    f"device {i} ({sorted(want - got) or len(want)})")
+            if len(rows) != len(tr_files):
+                problems.append(f"device_split.json has {len(rows)} devices, found {len(tr_files)} files")
             rep.add("structure", "device_split.json", not problems, "; ".join(problems) or
                     f"{len(tr_files)} devices agree")
 
@@ -275,7 +276,8 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
         quant = piece_quant(s, q)
         thr = PIECE_COSINE[quant]
         sets = [("sample", s.sample_inputs(0))]
-        if s.name in real_inputs:
+        if s.name in real_inputs and s.family == "transformer":
+            # real activations where random ones are least representative (AdaLN, attention)
             sets.append(("real", real_inputs[s.name]))
         results = {}
         problems = []

@@ -96,7 +96,7 @@ def run(
     from fluxc import workspace
     from fluxc.fsutil import atomic_path
     from fluxc.runtime.pipeline import DEFAULT_PROMPT, save_png
-    from fluxc.runtime.tokenize import TruncationWarning
+    from fluxc.runtime.prompt_tokens import TruncationWarning
 
     con = Console(stderr=True)
     m = workspace.models_dir(models)

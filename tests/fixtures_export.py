@@ -17,16 +17,6 @@ EXPORT_T5_LEN = 32
 EXPORT_ARGS = ["--height", str(EXPORT_HEIGHT), "--width", str(EXPORT_WIDTH), "--t5-seq-len", str(EXPORT_T5_LEN)]
 
 
-def _tiny(request, name: str, flux_type: str, tmp_path_factory) -> Path:
-    """The tiny-area fixture when it exists, else a tiny model built here."""
-    try:
-        return Path(request.getfixturevalue(name))
-    except pytest.FixtureLookupError:
-        from fluxc.tiny import build_tiny
-
-        return build_tiny(tmp_path_factory.mktemp("export_tiny") / name, flux_type, 0)
-
-
 def _export(model: Path, out: Path, tiny_vae: Path | None = None) -> Path:
     from fluxc.export.driver import ExportOptions, run_export
 
@@ -37,12 +27,12 @@ def _export(model: Path, out: Path, tiny_vae: Path | None = None) -> Path:
 
 
 @pytest.fixture(scope="session")
-def export_schnell_tinyvae(request, tmp_path_factory) -> Path:
-    model = _tiny(request, "tiny_schnell", "schnell", tmp_path_factory)
+def export_schnell_tinyvae(tiny_schnell, tmp_path_factory) -> Path:
+    model = Path(tiny_schnell)
     return _export(model, tmp_path_factory.mktemp("export_schnell_tinyvae") / "onnx", model / "tiny_vae")
 
 
 @pytest.fixture(scope="session")
-def export_dev(request, tmp_path_factory) -> Path:
-    model = _tiny(request, "tiny_dev", "dev", tmp_path_factory)
+def export_dev(tiny_dev, tmp_path_factory) -> Path:
+    model = Path(tiny_dev)
     return _export(model, tmp_path_factory.mktemp("export_dev") / "onnx")

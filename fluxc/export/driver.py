@@ -364,7 +364,9 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
                 materialize(model, prefixes, ckpt.stores[comp], comp)
                 module = build_piece(spec, dims, ckpt)
                 try:
-                    written = export_piece(module, spec, out)
+                    # without a callback the weights are freed before the ONNX post-processing
+                    free = None if on_piece is not None else (lambda: _free(model, prefixes, module))
+                    written = export_piece(module, spec, out, release=free)
                     if on_piece is not None:
                         on_piece(spec, module, out / spec.file)
                 finally:
@@ -396,6 +398,20 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
         write_json_atomic(out / mf.MANIFEST, manifest)
     result.seconds = time.time() - t0
     return result
+
+
+def _free(model, prefixes, module) -> None:
+    """Drop the piece's weights: the component's (back to meta) and any the wrapper owns."""
+    import torch
+    from torch import nn
+
+    from fluxc.export.loading import release
+
+    release(model, prefixes)
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None and p.device.type != "meta":
+                mod._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
 
 
 class _progress:

@@ -54,8 +54,14 @@ def check_io(model, spec: PieceSpec, where: str) -> None:
                              f"(a bug in the piece wrapper)")
 
 
-def export_piece(module, spec: PieceSpec, out_dir: Path) -> list[str]:
-    """Export `module` as `<out_dir>/<spec.file>`; return the file names written."""
+def export_piece(module, spec: PieceSpec, out_dir: Path, *, release=None) -> list[str]:
+    """Export `module` as `<out_dir>/<spec.file>`; return the file names written.
+
+    `release()`, if given, is called right after the torch export to free the piece's
+    weights before the ONNX post-processing (which then needs about two copies of the
+    piece at most: the loaded graph and its serialisation)."""
+    import gc
+
     import onnx
     import torch
 
@@ -76,23 +82,41 @@ def export_piece(module, spec: PieceSpec, out_dir: Path) -> list[str]:
                 export_params=True, keep_initializers_as_inputs=False,
             )
         del args
-        model = onnx.load(str(raw), load_external_data=True)
-        check_io(model, spec, spec.name)
-        external = _initializer_bytes(model) > EXTERNAL_THRESHOLD
-        if not external:
-            try:
-                model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
-            except Exception:  # shape inference is a nicety, not a requirement
-                pass
+        if release is not None:
+            release()
+        gc.collect()
+        _trim_heap()
         onnx_name, data_name = spec.file, f"{spec.file}.data"
         staged = tmp / "staged"
         staged.mkdir()
+        # A big piece is written by torch as one file per tensor: gather them into one.
+        external = raw.stat().st_size > EXTERNAL_THRESHOLD or any(p.name != raw.name for p in tmp.iterdir()
+                                                                   if p.is_file())
+        if not external:
+            # shape inference file to file, in onnx's C++ (no Python copy of the weights)
+            try:
+                onnx.shape_inference.infer_shapes_path(str(raw), str(staged / onnx_name), strict_mode=False,
+                                                       data_prop=True)
+            except Exception:  # shape inference is a nicety, not a requirement
+                shutil.copyfile(raw, staged / onnx_name)
+            raw.unlink()
+            model = onnx.load(str(staged / onnx_name))
+            check_io(model, spec, spec.name)
+            external = _initializer_bytes(model) > EXTERNAL_THRESHOLD
+            del model
         if external:
+            model = onnx.load(str(raw if raw.exists() else staged / onnx_name), load_external_data=True)
+            check_io(model, spec, spec.name)
             onnx.save_model(model, str(staged / onnx_name), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-        else:
-            onnx.save_model(model, str(staged / onnx_name))
-        del model
+            del model
+            gc.collect()
+            try:
+                onnx.shape_inference.infer_shapes_path(str(staged / onnx_name), str(staged / onnx_name),
+                                                       strict_mode=False, data_prop=True)
+            except Exception:
+                pass
+        _trim_heap()
         onnx.checker.check_model(str(staged / onnx_name), full_check=not external)
         written = [onnx_name] + ([data_name] if external else [])
         # data first, the .onnx last: a present .onnx implies complete data
@@ -103,3 +127,12 @@ def export_piece(module, spec: PieceSpec, out_dir: Path) -> list[str]:
         return written
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _trim_heap() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except Exception:
+        pass

@@ -28,9 +28,7 @@ HUB_PATTERNS = [
     "tokenizer/*",
     "tokenizer_2/*",
     "scheduler/*",
-    "config.json",
-    "*.safetensors",
-]
+]  # never the root *.safetensors: FLUX repos hold a 23 GB single-file copy there
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -212,9 +210,10 @@ class WeightStore:
 
     def load(self, keys: Iterable[str], dtype=None) -> dict[str, Any]:
         """Read the named tensors (float tensors converted to `dtype`, default float32).
-        Files are opened for this call only, so nothing stays mapped afterwards."""
+
+        Plain positioned reads, one tensor at a time (no memory map), so the only memory
+        used is the result plus one tensor in its stored dtype."""
         import torch
-        from safetensors import safe_open
 
         dtype = dtype or torch.float32
         by_file: dict[Path, list[str]] = {}
@@ -224,20 +223,29 @@ class WeightStore:
             by_file.setdefault(self.files[k], []).append(k)
         out: dict[str, Any] = {}
         for p, ks in by_file.items():
-            try:
-                with safe_open(str(p), framework="pt") as f:
-                    for k in ks:
-                        t = f.get_tensor(k)
-                        out[k] = t.to(dtype) if t.is_floating_point() else t.clone()
-                        del t
-            except (OSError, ValueError, RuntimeError) as e:  # SafetensorError is not a subclass of these
-                raise FluxcError(f"cannot read {p} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                                 f"re-download the model") from None
-            except Exception as e:
-                if type(e).__name__ != "SafetensorError":
-                    raise
-                raise FluxcError(f"cannot read {p} ({str(e).splitlines()[0]}); re-download the model") from None
+            header = self.headers[p]
+            with open(p, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                base = 8 + n
+                for k in sorted(ks, key=lambda k: header[k]["data_offsets"][0]):
+                    info = header[k]
+                    st = _ST_DTYPES.get(info["dtype"])
+                    if st is None:
+                        raise FluxcError(f"{p}: tensor {k} has unsupported dtype {info['dtype']}")
+                    start, end = info["data_offsets"]
+                    f.seek(base + start)
+                    buf = bytearray(end - start)
+                    if f.readinto(buf) != end - start:
+                        raise FluxcError(f"{p} is truncated (tensor {k}); re-download the model")
+                    t = torch.frombuffer(buf, dtype=getattr(torch, st)) if buf else torch.empty(0, dtype=getattr(torch, st))
+                    t = t.reshape(info["shape"])
+                    out[k] = t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t.clone()
+                    del t, buf
         return out
+
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
 
 def _check_size(path: Path, header: dict[str, Any], component: str) -> None:

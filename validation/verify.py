@@ -132,7 +132,7 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
                      flux_type: str | None = None, budget_mb: float = DEFAULT_BUDGET_MB,
                      devices: int | None = None, e2e: bool = True, steps: int = 2, seed: int = 0,
                      prompt: str = "a photo of an astronaut riding a horse on the moon",
-                     say=print) -> Report:
+                     pieces: str | None = None, say=print) -> Report:
     from fluxc import workspace
     from fluxc.export.manifest import load_manifest
     from fluxc.runtime.engines import CmodelEngine, OnnxEngine
@@ -270,8 +270,12 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
     except FluxcError as e:
         rep.add("piece", "real activations", False, str(e).splitlines()[0])
     say(f"numerics: {len(specs)} pieces on the simulator vs ONNX Runtime")
+    import fnmatch
+
     for s in specs:
         if s.net_name not in engines:
+            continue
+        if pieces and not fnmatch.fnmatch(s.name, pieces):
             continue
         quant = piece_quant(s, q)
         thr = PIECE_COSINE[quant]
@@ -308,6 +312,8 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
                 quant=quant, threshold=thr, min_cosine=worst, outputs=results)
 
     # ---- 3. end to end
+    if pieces:
+        rep.info["numerics_only_for"] = pieces
     if e2e:
         if rep.failures:
             rep.add("e2e", f"{steps}-step generation", False, "skipped: structure or piece checks failed")

@@ -18,6 +18,7 @@ def verify(
     steps: int = typer.Option(2, "--steps", help="Denoising steps of the end-to-end comparison."),
     seed: int = typer.Option(0, "--seed", help="Seed of the end-to-end comparison."),
     no_e2e: bool = typer.Option(False, "--no-e2e", help="Skip the end-to-end comparison."),
+    pieces: Optional[str] = typer.Option(None, "--pieces", help="Run the per-piece numerics only for pieces matching this glob (e.g. 'clip_*')."),
 ) -> None:
     """Check compiled bmodels against the export on the chip simulator; exit 1 on any failure.
 
@@ -33,7 +34,7 @@ def verify(
     con = Console()
     m = workspace.models_dir(models)
     budget = DEFAULT_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
-    rep = verify_workspace(m, export, quantize, flux_type, budget, e2e=not no_e2e, steps=steps, seed=seed,
+    rep = verify_workspace(m, export, quantize, flux_type, budget, e2e=not no_e2e, steps=steps, seed=seed, pieces=pieces,
                            say=lambda s: con.print(f"[dim]{s}[/dim]"))
     table = Table(title=f"fluxc verify: {rep.info['flux_type']} {rep.info['quantize']} ({m})")
     for col in ("check", "item", "result", "detail"):

@@ -10,7 +10,11 @@ Layout (outside the repo):
       tpu_mlir-1.30.2-<spec hash>/          the venv (bin/python, bin/model_transform, ...)
         .fluxc-toolchain.json               completion marker, written LAST by install()
       tpu_mlir-1.30.2-<spec hash>.lock      flock taken by install() (concurrent installs wait)
-      tpu_mlir-1.30.2-<spec hash>.install.log   pip's output of the last install
+      tpu_mlir-1.30.2-<spec hash>.install.log   output of the last install (uv or pip)
+      tpu_mlir-1.30.2-<spec hash>.venv.log      output of `python3.10 -m venv`
+
+Packages are installed with uv when it can be bootstrapped (fast reinstalls from its wheel
+cache), else with pip; see _install_packages. FLUXC_TOOLCHAIN_INSTALLER=pip forces pip.
 
 A venv folder is trusted only when its marker exists and names the same install spec hash;
 anything else (interrupted install, other spec, hand-made folder) is wiped and reinstalled.
@@ -30,6 +34,7 @@ need, and tpu_mlir works as shipped.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import re
@@ -53,6 +58,7 @@ MARKER_NAME = ".fluxc-toolchain.json"
 MARKER_FORMAT = 1
 LOG_TAIL_LINES = 40
 PYTHON_ENV_VAR = "FLUXC_PYTHON310"
+INSTALLER_ENV_VAR = "FLUXC_TOOLCHAIN_INSTALLER"  # "uv" (default) or "pip"
 
 # Variables of the calling process that must not leak into the toolchain's Python.
 _SCRUB_VARS = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONNOUSERSITE", "VIRTUAL_ENV",
@@ -68,6 +74,9 @@ class InstallSpec:
     imports: tuple[str, ...]  # modules the install check imports in the new venv
     report: tuple[str, ...]  # distributions whose versions are recorded and shown
     tpu_mlir: bool = True  # run the tpu_mlir launch check (a compiled tool starts)
+    # extra pins given to uv only (uv refuses a yanked release unless it is pinned directly);
+    # not part of the hash: pip installs the very same release without being told
+    uv_pins: tuple[str, ...] = ()
     python_minor: tuple[int, int] = (3, 10)
     # bump when the layout or the way tools are launched changes incompatibly
     layout: int = 1
@@ -97,13 +106,16 @@ DEFAULT_SPEC = InstallSpec(
     ),
     imports=("tpu_mlir", "torch", "psutil", "onnx"),
     report=("tpu_mlir", "torch", "onnx", "numpy", "psutil"),
+    # tpu_mlir 1.30.2 pins opencv-python-headless==4.8.0.74, a yanked release
+    uv_pins=("opencv-python-headless==4.8.0.74",),
 )
 
 
 # ---------------------------------------------------------------- locations and state
 
 def toolchain_root() -> Path:
-    return cache_root() / "toolchain"
+    # absolute: tools run in other working folders
+    return Path(os.path.abspath(cache_root())) / "toolchain"
 
 
 def toolchain_dir(spec: InstallSpec = DEFAULT_SPEC) -> Path:
@@ -196,6 +208,7 @@ def _host_glibc_libs() -> list[str]:
     return [str(libdir / n) for n in ("libc.so.6", "libm.so.6", "libpthread.so.0") if (libdir / n).exists()]
 
 
+@functools.lru_cache(maxsize=8)
 def _needs_glibc_preload(tpuc_root: Path) -> bool:
     bundled = tpuc_root / "lib" / "third_party" / "libc.so.6"
     if not bundled.exists():
@@ -277,10 +290,11 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def _run_logged(argv: list[str], cwd: Path, log: Path, env: dict, timeout: float | None, tool: str) -> None:
+def _run_logged(argv: list[str], cwd: Path, log: Path, env: dict, timeout: float | None, tool: str,
+                append: bool = False) -> None:
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as f:
+    with open(log, "ab" if append else "wb") as f:
         f.write(f"$ cd {cwd} && {subprocess.list2cmdline(argv)}\n".encode())
         f.flush()
         # own process group, so a timeout or Ctrl-C also ends the children tools spawn
@@ -316,6 +330,12 @@ def run_tool(tool: str, args: list, cwd: Path, log: Path, env: dict | None = Non
         full_env.update({str(k): str(v) for k, v in env.items()})
     cwd = Path(cwd)
     cwd.mkdir(parents=True, exist_ok=True)
+    if tool == "model_deploy" and "--mlir" in args:
+        # the .mlir names its weight file relative to the working folder
+        mlir = Path(str(args[list(args).index("--mlir") + 1]))
+        if (cwd / mlir).resolve().parent != cwd.resolve():
+            raise FluxcError(f"model_deploy must run in the folder holding the .mlir: got cwd {cwd} "
+                             f"and --mlir {mlir}; pass cwd={(cwd / mlir).parent}")
     argv = [str(exe)] + [str(a) for a in args]
     _run_logged(argv, cwd, Path(log), full_env, timeout, tool)
 
@@ -459,11 +479,8 @@ def install(progress: Callable[[str], None] = print, spec: InstallSpec = DEFAULT
         # The venv cannot be built elsewhere and renamed (venvs hold absolute paths); the
         # marker written last is what makes it trusted.
         _run_logged([str(py), "-m", "venv", str(venv)], toolchain_root(), venv_log, env, 600, "python -m venv")
-        progress(f"[3/5] pip install {' '.join(spec.requirements)} (log: {log}; a few minutes on a cold cache)")
-        # The user's pip configuration (index, find-links, constraints, cache) applies as usual.
-        _run_logged([str(_venv_python(venv)), "-m", "pip", "install", "--disable-pip-version-check",
-                     "--no-input", "--progress-bar", "off", *spec.requirements],
-                    toolchain_root(), log, env, None, "pip install")
+        progress(f"[3/5] installing {' '.join(spec.requirements)} (log: {log}; minutes on a cold cache)")
+        how = _install_packages(venv, spec, log, env, progress)
         progress("[4/5] checking the installed toolchain")
         _venv_run(venv, "import " + ", ".join(spec.imports), spec)
         if spec.tpu_mlir:
@@ -475,12 +492,83 @@ def install(progress: Callable[[str], None] = print, spec: InstallSpec = DEFAULT
             "spec": spec.to_dict(),
             "versions": versions,
             "base_python": str(py),
+            "installer": how,
             "installed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "install_seconds": round(time.monotonic() - t0, 1),
         }
         write_json_atomic(venv / MARKER_NAME, marker)
-        progress(f"[5/5] toolchain ready at {venv} ({_fmt_versions(versions)}) in {marker['install_seconds']:.0f} s")
+        progress(f"[5/5] toolchain ready at {venv} ({_fmt_versions(versions)}; installed with {how}) "
+                 f"in {marker['install_seconds']:.0f} s")
         return venv
+
+
+def _pip_settings(venv: Path, env: dict) -> dict[str, str]:
+    """The user's effective pip configuration (files and PIP_* variables), as `pip config list`
+    reports it: {key: value}, environment variables winning over files."""
+    r = subprocess.run([str(_venv_python(venv)), "-m", "pip", "config", "list"], capture_output=True,
+                       text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+    files: dict[str, str] = {}
+    from_env: dict[str, str] = {}
+    for line in r.stdout.splitlines():
+        m = re.match(r"^([^.]*)\.([\w-]+)=(['\"])(.*)\3$", line.strip())
+        if m:
+            (from_env if m.group(1) == ":env:" else files)[m.group(2)] = m.group(4)
+    files.update(from_env)
+    return files
+
+
+def _uv_args(settings: dict[str, str]) -> list[str]:
+    """pip's index / find-links / constraint settings, as uv options (uv does not read pip.conf)."""
+    # pip merges candidates from every index; uv's default stops at the first index with the name
+    args = ["--index-strategy", "unsafe-best-match"]
+    if settings.get("index-url"):
+        args += ["--index-url", settings["index-url"]]
+    for url in settings.get("extra-index-url", "").split():
+        args += ["--extra-index-url", url]
+    for loc in settings.get("find-links", "").split():
+        args += ["--find-links", loc]
+    for c in settings.get("constraint", "").split():
+        args += ["--constraint", c]
+    if settings.get("no-index", "").lower() in ("1", "true", "yes", "on"):
+        args.append("--no-index")
+    return args
+
+
+def _install_packages(venv: Path, spec: InstallSpec, log: Path, env: dict,
+                      progress: Callable[[str], None]) -> str:
+    """Install spec.requirements into the venv; returns "uv" or "pip".
+
+    uv is preferred: it keeps downloaded wheels in its own cache (~/.cache/uv, or UV_CACHE_DIR)
+    and hard-links them into the venv, so a reinstall (repair, new spec sharing most wheels)
+    takes seconds. pip's own cache does not help on hosts whose package proxy sends no HTTP
+    caching headers (this one): pip then downloads the ~3 GB again every time. uv is installed
+    into the toolchain venv itself (it is on PyPI), and the user's pip configuration (indexes,
+    find-links, constraints, certificate) is handed to it. If uv cannot be installed or fails,
+    plain pip (which reads that configuration itself) does the install.
+    """
+    py = str(_venv_python(venv))
+    pip = [py, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--progress-bar", "off"]
+    installer = os.environ.get(INSTALLER_ENV_VAR, "uv").strip().lower()
+    if installer not in ("uv", "pip"):
+        raise FluxcError(f"{INSTALLER_ENV_VAR}={installer!r} is not valid; use uv or pip (or unset it)")
+    if installer == "uv":
+        try:
+            _run_logged(pip + ["uv"], toolchain_root(), log, env, 900, "pip install uv")
+            settings = _pip_settings(venv, env)
+            uv_env = dict(env)
+            if settings.get("cert") and "SSL_CERT_FILE" not in uv_env:
+                uv_env["SSL_CERT_FILE"] = settings["cert"]
+            _run_logged([py, "-m", "uv", "pip", "install", "--python", py, *_uv_args(settings),
+                         *spec.requirements, *spec.uv_pins],
+                        toolchain_root(), log, uv_env, None, "uv pip install", append=True)
+            return "uv"
+        except ToolError as e:
+            progress(f"      uv failed ({e.tool}, exit {e.returncode}; see {log}); installing with pip instead")
+            with open(log, "ab") as f:
+                f.write(b"\n[fluxc] uv failed; falling back to pip\n")
+    _run_logged(pip + list(spec.requirements), toolchain_root(), log, env, None, "pip install",
+                append=installer == "uv")
+    return "pip"
 
 
 def _check_launch(venv: Path, spec: InstallSpec) -> None:

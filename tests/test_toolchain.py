@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -16,11 +17,13 @@ from fluxc.errors import FluxcError, ToolError
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A tiny install spec used only to exercise the install/repair machinery in a temp cache:
-# the real spec is a ~6 GB download (CUDA torch from PyPI; PyPI's file server sends no cache
-# headers so pip re-downloads it every time), too slow and too big to repeat per test run.
-# Same code path (lock, Python 3.10 discovery, wipe of an untrusted folder, venv, pip,
-# import check, marker written last); only the package list differs.
+# A tiny install spec, to exercise the install machinery quickly and more than once (damaged
+# marker, no-op, concurrent installs, the pip installer) in temp caches. Same code path
+# (lock, Python 3.10 discovery, wipe of an untrusted folder, venv, uv/pip, import check,
+# marker written last); only the package list differs. The repair of a half-installed REAL
+# toolchain is tested once too (test_install_repairs_half_installed_real_toolchain): with the
+# uv wheel cache warmed by the session install it takes about a minute and, the files being
+# hard links into that cache, little extra disk.
 TINY_SPEC = toolchain.InstallSpec(name="fluxc-test-tiny", requirements=("psutil",), imports=("psutil",),
                                   report=("psutil",), tpu_mlir=False)
 
@@ -38,12 +41,23 @@ def installed_toolchain() -> Path:
     return toolchain.install(progress=lambda s: print(s, flush=True))
 
 
-def test_smoke_check_passes(installed_toolchain):
-    result = toolchain.smoke_check(progress=lambda s: print(s, flush=True))
+@pytest.fixture(scope="session")
+def smoke_result(installed_toolchain):
+    """One real smoke check per session; its files (bmodel, input) are kept for other tests."""
+    result = toolchain.smoke_check(progress=lambda s: print(s, flush=True), keep=True)
+    yield result
+    shutil.rmtree(result["work_dir"], ignore_errors=True)
+
+
+def test_smoke_check_passes(smoke_result):
+    result = smoke_result
     assert result["ok"] is True
     assert result["cosine"] >= toolchain.SMOKE_MIN_COSINE
     assert result["max_abs_err"] <= toolchain.SMOKE_MAX_ABS
-    assert not Path(result["work_dir"]).exists()  # cleaned up on success
+    work = Path(result["work_dir"])
+    assert (work / "smoke.bmodel").stat().st_size > 0
+    # model_deploy compared the simulator with the MLIR reference itself
+    assert "npz compare PASSED" in (work / "model_deploy.log").read_text()
 
 
 def test_api_surface(installed_toolchain):
@@ -101,11 +115,10 @@ def test_run_tool_unknown_tool(installed_toolchain, tmp_path):
         toolchain.run_tool("no_such_tool", [], cwd=tmp_path, log=tmp_path / "x.log")
 
 
-def test_run_tool_parallel_simulator_runs(installed_toolchain, tmp_path):
+def test_run_tool_parallel_simulator_runs(smoke_result, tmp_path):
     """Several model_runner calls at once (distinct cwd each) on one bmodel all give the
     right answer: model_runner switches libcmodel.so symlinks under /tmp/cmodel_so.lock."""
-    result = toolchain.smoke_check(progress=lambda s: None, keep=True)
-    work = Path(result["work_dir"])
+    work = Path(smoke_result["work_dir"])
     x = np.load(work / "smoke_in.npz")["x"]
     import onnx
     from onnx import numpy_helper
@@ -165,6 +178,30 @@ def test_status_reports_half_installed_folder(tmp_path):
     assert r.returncode != 0 and "not installed" in r.stderr
 
 
+def test_install_repairs_half_installed_real_toolchain(installed_toolchain, tmp_path, monkeypatch):
+    """A half-installed real toolchain (what an install killed during pip leaves) is reported
+    incomplete by status and rebuilt, not trusted, by install."""
+    cache = tmp_path / "cache"
+    half = cache / "toolchain" / toolchain.DEFAULT_SPEC.folder_name
+    (half / "bin").mkdir(parents=True)
+    (half / "bin" / "python").symlink_to(sys.executable)
+    (half / "leftover-from-interrupted-install").write_text("x")
+    try:
+        r = _cli(["toolchain", "status"], {"FLUXC_CACHE": str(cache)})
+        assert r.returncode != 0 and "incomplete" in r.stderr, r.stderr
+        r = _cli(["toolchain", "install"], {"FLUXC_CACHE": str(cache)}, timeout=1800)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "removing incomplete toolchain folder" in r.stdout, r.stdout
+        assert not (half / "leftover-from-interrupted-install").exists()
+        monkeypatch.setenv("FLUXC_CACHE", str(cache))
+        assert toolchain.state() == "ok"
+        assert toolchain.installed_versions()["tpu_mlir"] == toolchain.TPU_MLIR_VERSION
+        r = _cli(["toolchain", "status", "--no-smoke"], {"FLUXC_CACHE": str(cache)})
+        assert r.returncode == 0 and "tpu_mlir 1.30.2" in r.stdout, r.stderr
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
 def test_install_repairs_half_installed_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("FLUXC_CACHE", str(tmp_path / "cache"))
     venv = toolchain.toolchain_dir(TINY_SPEC)
@@ -184,6 +221,7 @@ def test_install_repairs_half_installed_folder(tmp_path, monkeypatch):
     marker = json.loads((venv / toolchain.MARKER_NAME).read_text())
     assert marker["spec_hash"] == TINY_SPEC.hash and marker["versions"]["psutil"]
     assert marker["versions"]["python"].startswith("3.10.")
+    assert marker["installer"] == "uv"  # the default installer (the pip one: next test)
 
     # second install: a no-op
     lines.clear()
@@ -200,12 +238,13 @@ def test_install_repairs_half_installed_folder(tmp_path, monkeypatch):
 
 
 def test_concurrent_installs_serialise(tmp_path):
-    """Two processes installing the same spec at once: both succeed, one venv, one marker."""
+    """Two processes installing the same spec at once: both succeed, one venv, one marker.
+    Uses the plain pip installer (the fallback when uv cannot be bootstrapped)."""
     cache = tmp_path / "cache"
     code = ("import sys; from fluxc import toolchain; sys.path.insert(0, %r); "
             "from tests.test_toolchain import TINY_SPEC; "
             "print(toolchain.install(progress=lambda s: print(s, flush=True), spec=TINY_SPEC))" % str(REPO))
-    env = dict(os.environ, FLUXC_CACHE=str(cache))
+    env = dict(os.environ, FLUXC_CACHE=str(cache), FLUXC_TOOLCHAIN_INSTALLER="pip")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=env, cwd=REPO) for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -213,3 +252,13 @@ def test_concurrent_installs_serialise(tmp_path):
     both = "\n".join(outs)
     assert both.count("[5/5] toolchain ready") == 1, both
     assert "already installed" in both
+    assert "installed with pip" in both
+    marker = json.loads((cache / "toolchain" / TINY_SPEC.folder_name / toolchain.MARKER_NAME).read_text())
+    assert marker["installer"] == "pip"
+
+
+def test_model_deploy_outside_mlir_folder_is_refused(installed_toolchain, tmp_path):
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(FluxcError, match="folder holding the .mlir"):
+        toolchain.run_tool("model_deploy", ["--mlir", "sub/x.mlir", "--quantize", "BF16", "--chip", "bm1684x",
+                                            "--model", "x.bmodel"], cwd=tmp_path, log=tmp_path / "d.log")

@@ -19,14 +19,16 @@ against a threshold at least as strict as the one asked for now (or no check is 
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from fluxc.compile.parse import deploy_similarities, f32_ops_from_inputs, parse_info, parse_profile_ms, transform_similarity
 from fluxc.compile.recipe import PiecePlan, deploy_args, transform_args
@@ -93,10 +95,28 @@ def load_cached(folder: Path, check: bool, tolerance: tuple[float, float]) -> di
     return data
 
 
+@contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Exclusive lock on a build folder (two compiles sharing a cache wait for each other)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def compile_piece(spec: PieceSpec, onnx: Path, onnx_sha: str, plan: PiecePlan, chip: str, toolchain: str,
                   build_root: Path, tools: Tools, check: bool) -> PieceResult:
     key = piece_key(spec, onnx_sha, plan, chip, toolchain)
     folder = build_root / "pieces" / f"{spec.name}-{key[:16]}"
+    with folder_lock(folder):
+        return _compile_piece(spec, onnx, key, folder, plan, chip, tools, check)
+
+
+def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: PiecePlan, chip: str,
+                   tools: Tools, check: bool) -> PieceResult:
     t0 = time.monotonic()
     cached = load_cached(folder, check, plan.tolerance)
     if cached is not None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fluxc.compile.build import COMPLETE, PieceResult
+from fluxc.compile.build import COMPLETE, PieceResult, folder_lock
 from fluxc.compile.parse import parse_info
 from fluxc.compile.tools import Tools
 from fluxc.fsutil import sha256_json, write_json_atomic, write_text_atomic
@@ -30,6 +30,11 @@ def combine(out_name: str, pieces: list[PieceResult], build_root: Path, tools: T
                        "toolchain": toolchain})
     stem = out_name.removesuffix(".bmodel")
     folder = build_root / "combined" / f"{stem}-{key[:16]}"
+    with folder_lock(folder):
+        return _combine(out_name, pieces, folder, key, tools)
+
+
+def _combine(out_name: str, pieces: list[PieceResult], folder: Path, key: str, tools: Tools) -> CombinedResult:
     final = folder / out_name
     info_path = folder / f"{out_name}.info.txt"
     if (folder / COMPLETE).is_file() and final.is_file() and info_path.is_file():

@@ -104,9 +104,11 @@ def apply_rotary_table(x, table, cos_sin=None):
 
     out = x * C + (x @ P) * S, with C = [cos, cos], S = [-sin, sin] per pair (from the table)
     and P the constant pair-swap matrix. Written so that no op slices the last axis with
-    stride 2: TPU-MLIR's cost model put four such Slices of q/k (the direct
-    T[..., 0] * x[..., 0] + T[..., 1] * x[..., 1] form) at two thirds of a single block's
-    time (BM1684X BF16, 1280 tokens); a [D, D] MatMul is cheap on the chip.
+    stride 2: with the direct form T[..., 0] * x[..., 0] + T[..., 1] * x[..., 1] (see
+    apply_rotary_table_slices) TPU-MLIR spends ~77 M GDMA cycles on the four strided Slices
+    of q/k and estimates a full-width single block at 115.4 ms (BM1684X BF16, 1280 tokens);
+    in this form the estimate is 34.4 ms (`python -m fluxc.patches.graph_forms`). The extra
+    [D, D] MatMuls are ~0.7% of the block's FLOPs.
     Pass cos_sin=rotary_cos_sin(table, D) to share it between q and k."""
     d = x.shape[-1]
     c, s = cos_sin if cos_sin is not None else rotary_cos_sin(table, d)

@@ -227,7 +227,11 @@ class Worker:
                 raise ValueError(f"net {name}: input {t.name!r} has {x.size} elements, "
                                  f"the bmodel expects shape {list(t.data.shape)}")
             t.data.reshape(-1)[:] = _to_device(x, t.dtype).reshape(-1)
+        import time
+
+        t0 = time.perf_counter()
         net.forward()
+        self.last_forward_s = time.perf_counter() - t0
         outs = [_from_device(t) for t in net.outputs]
         return [t.name for t in net.outputs], outs
 
@@ -257,7 +261,8 @@ def main() -> None:
                 write_message(proto_out, {"ok": True, "nets": w.load(header["key"], header["path"])})
             elif op == "run":
                 names, outs = w.run(header["key"], header["net"], header.get("arrays", []), arrays)
-                write_message(proto_out, {"ok": True, "arrays": names}, outs)
+                write_message(proto_out, {"ok": True, "arrays": names,
+                                          "forward_s": round(w.last_forward_s, 4)}, outs)
             else:
                 write_message(proto_out, {"ok": False, "error": f"unknown op {op!r}"})
         except Exception as e:  # reported to the caller, the worker stays up

@@ -271,6 +271,7 @@ class CmodelEngine(Engine):
         names = list(inputs)
         h, outs = self.worker.request({"op": "run", "key": self.key, "net": net, "arrays": names},
                                       [np.asarray(inputs[n]) for n in names])
+        self.last_forward_s = h.get("forward_s")
         return dict(zip(h["arrays"], outs))
 
     def close(self) -> None:

@@ -308,6 +308,7 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
                     problems.append(f"{label} {t.name}: cosine {cos:.5f} < {thr}" if finite else
                                     f"{label} {t.name}: non-finite values")
         worst = min((v["cosine"] for v in results.values()), default=float("nan"))
+        say(f"  {s.name} ({quant}): min cosine {worst:.5f} {'ok' if not problems else 'FAIL'}")
         rep.add("piece", s.name, not problems, "; ".join(problems) or f"{quant} min cosine {worst:.5f} >= {thr}",
                 quant=quant, threshold=thr, min_cosine=worst, outputs=results)
 

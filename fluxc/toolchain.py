@@ -290,6 +290,17 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGKILL when the fluxc process dies (Linux), so a killed
+    install or compile never leaves pip/uv or a tool writing on behind our back."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort (non-Linux)
+        pass
+
+
 def _run_logged(argv: list[str], cwd: Path, log: Path, env: dict, timeout: float | None, tool: str,
                 append: bool = False) -> None:
     log = Path(log)
@@ -299,7 +310,8 @@ def _run_logged(argv: list[str], cwd: Path, log: Path, env: dict, timeout: float
         f.flush()
         # own process group, so a timeout or Ctrl-C also ends the children tools spawn
         proc = subprocess.Popen(argv, cwd=str(cwd), env=env, stdout=f, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_die_with_parent)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -37,9 +37,11 @@ def status(
     smoke: bool = typer.Option(True, "--smoke/--no-smoke",
                                help="Compile and simulate a one-operator model to prove the toolchain works."),
 ) -> None:
-    """Show the toolchain's location and versions, then run a real smoke check (ONNX MatMul ->
-    model_transform -> model_deploy BF16 bm1684x -> model_runner on the chip simulator ->
-    compared with numpy). Exits non-zero if it is missing, incomplete or failing.
+    """Show where the toolchain is and its versions, then prove it works (non-zero exit if not).
+
+    The smoke check compiles a one-operator ONNX model (MatMul) with model_transform and
+    model_deploy (BF16, bm1684x, self-checked on the simulator), runs the bmodel on the chip
+    simulator with model_runner and compares the result with numpy.
 
     Example: fluxc toolchain status
     """

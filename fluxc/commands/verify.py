@@ -31,7 +31,9 @@ def verify(
     from fluxc.fsutil import write_json_atomic
     from fluxc.validation.verify import DEFAULT_BUDGET_MB, verify_workspace
 
-    con = Console()
+    import sys
+
+    con = Console() if sys.stdout.isatty() else Console(width=150)
     m = workspace.models_dir(models)
     budget = DEFAULT_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
     rep = verify_workspace(m, export, quantize, flux_type, budget, e2e=not no_e2e, steps=steps, seed=seed, pieces=pieces,

@@ -284,8 +284,9 @@ class CmodelEngine(Engine):
 # ---- real chip (sophon.sail) -------------------------------------------------------------
 
 class SailEngine(Engine):
-    """A bmodel on a real BM1684X (sophon.sail.EngineLLM), on one device id. Not testable
-    without the hardware; kept deliberately small."""
+    """A bmodel on a real BM1684X through sophon.sail.EngineLLM, on one device id. Not
+    testable without the hardware; kept deliberately small. I/O is float32/int32 as the
+    piece contract says (bmodels compiled without --quant_input/--quant_output)."""
 
     def __init__(self, path: Path, device_id: int = 0):
         try:
@@ -296,33 +297,40 @@ class SailEngine(Engine):
         self.path = Path(path)
         if not self.path.is_file():
             raise FluxcError(f"missing bmodel {self.path}; run fluxc compile")
-        self._sail = sail
         self.device_id = device_id
         self.engine = sail.EngineLLM(str(self.path), [device_id])
-        self.handle = sail.Handle(device_id)
         self.nets = {}
-        for n in self.engine.get_graph_names():
-            ins = [TensorInfo(nm, tuple(self.engine.get_input_shape(n, i)), "float32")
-                   for i, nm in enumerate(self.engine.get_input_names(n))]
-            outs = [TensorInfo(nm, tuple(self.engine.get_output_shape(n, i)), "float32")
-                    for i, nm in enumerate(self.engine.get_output_names(n))]
-            self.nets[n] = NetInfo(n, ins, outs)
+        self._io: dict[str, tuple[dict, dict]] = {}
+        e = self.engine
+        for g in e.get_graph_names():
+            ins = [TensorInfo(e.get_input_name(g, i), tuple(e.get_input_shape(g, i)), "float32")
+                   for i in range(e.get_input_num(g))]
+            outs = [TensorInfo(e.get_output_name(g, i), tuple(e.get_output_shape(g, i)), "float32")
+                    for i in range(e.get_output_num(g))]
+            self.nets[g] = NetInfo(g, ins, outs)
+
+    def _tensors(self, net: str) -> tuple[dict, dict]:
+        if net not in self._io:
+            e = self.engine
+            if e.get_addr_mode(net) == 1:
+                self._io[net] = (e.get_input_tensors(net), e.get_output_tensors(net))
+            else:
+                self._io[net] = (e.create_max_input_tensors(net), e.create_max_output_tensors(net))
+        return self._io[net]
 
     def process(self, net: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ni = self._check_net(net)
-        sail = self._sail
-        in_t = self.engine.get_input_tensors(net)
-        out_t = self.engine.get_output_tensors(net)
+        ins, outs = self._tensors(net)
         for i, t in enumerate(ni.inputs):
-            dst = in_t[i]
-            dst.update_data(np.ascontiguousarray(inputs[t.name]).astype(dst.asnumpy().dtype))
-            dst.sync_s2d()
-        self.engine.process(net, in_t, out_t)
+            x = inputs[t.name] if t.name in inputs else list(inputs.values())[i]
+            ins[i].update_data(np.ascontiguousarray(x).reshape(t.shape))
+            ins[i].sync_s2d()
+        if self.engine.process(net, ins, outs) not in (0, None):
+            raise FluxcError(f"sophon.sail failed to run {net} on device {self.device_id}")
         res = {}
         for i, t in enumerate(ni.outputs):
-            out_t[i].sync_d2s()
-            res[t.name] = np.asarray(out_t[i].asnumpy(), dtype=np.float32).copy()
-        del sail
+            outs[i].sync_d2s()
+            res[t.name] = np.asarray(outs[i].asnumpy(), dtype=np.float32).copy()
         return res
 
 

@@ -290,19 +290,29 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGKILL when the fluxc process dies (Linux), so a killed
-    install or compile never leaves pip/uv or a tool writing on behind our back."""
+def _die_with_parent_fn() -> Callable[[], None] | None:
+    """A preexec_fn for install-time children: SIGKILL when the fluxc process dies (Linux), so
+    a killed install never leaves pip/uv writing into a folder a later install wipes and
+    rebuilds. Not used by run_tool: preexec_fn is unsafe in multi-threaded callers, and
+    run_tool's children get their process group killed on timeout or interruption instead."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001 - best effort (non-Linux)
-        pass
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def setup() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return setup
 
 
 def _run_logged(argv: list[str], cwd: Path, log: Path, env: dict, timeout: float | None, tool: str,
-                append: bool = False) -> None:
+                append: bool = False, die_with_parent: bool = False) -> None:
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab" if append else "wb") as f:
@@ -311,7 +321,7 @@ def _run_logged(argv: list[str], cwd: Path, log: Path, env: dict, timeout: float
         # own process group, so a timeout or Ctrl-C also ends the children tools spawn
         proc = subprocess.Popen(argv, cwd=str(cwd), env=env, stdout=f, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True,
-                                preexec_fn=_die_with_parent)
+                                preexec_fn=_die_with_parent_fn() if die_with_parent else None)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -363,7 +373,7 @@ def _probe_python(path: str) -> tuple[tuple[int, ...] | None, str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUB_VARS}
     try:
         r = subprocess.run([path, "-c", _PROBE], capture_output=True, text=True, timeout=60, env=env,
-                           stdin=subprocess.DEVNULL)
+                           stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent_fn())
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, path, f"cannot run ({e.__class__.__name__})"
     if r.returncode != 0:
@@ -435,7 +445,7 @@ def _install_lock(spec: InstallSpec, progress: Callable[[str], None]) -> Iterato
 def _venv_run(venv: Path, code: str, spec: InstallSpec, timeout: float = 600) -> str:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUB_VARS}
     r = subprocess.run([str(_venv_python(venv)), "-c", code], capture_output=True, text=True,
-                       env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+                       env=env, timeout=timeout, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent_fn())
     if r.returncode != 0:
         tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-LOG_TAIL_LINES:])
         raise FluxcError(f"toolchain check failed in {venv} (exit {r.returncode}); "
@@ -490,7 +500,8 @@ def install(progress: Callable[[str], None] = print, spec: InstallSpec = DEFAULT
         env = {k: v for k, v in os.environ.items() if k not in _SCRUB_VARS}
         # The venv cannot be built elsewhere and renamed (venvs hold absolute paths); the
         # marker written last is what makes it trusted.
-        _run_logged([str(py), "-m", "venv", str(venv)], toolchain_root(), venv_log, env, 600, "python -m venv")
+        _run_logged([str(py), "-m", "venv", str(venv)], toolchain_root(), venv_log, env, 600, "python -m venv",
+                    die_with_parent=True)
         progress(f"[3/5] installing {' '.join(spec.requirements)} (log: {log}; minutes on a cold cache)")
         how = _install_packages(venv, spec, log, env, progress)
         progress("[4/5] checking the installed toolchain")
@@ -518,7 +529,7 @@ def _pip_settings(venv: Path, env: dict) -> dict[str, str]:
     """The user's effective pip configuration (files and PIP_* variables), as `pip config list`
     reports it: {key: value}, environment variables winning over files."""
     r = subprocess.run([str(_venv_python(venv)), "-m", "pip", "config", "list"], capture_output=True,
-                       text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+                       text=True, env=env, timeout=120, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent_fn())
     files: dict[str, str] = {}
     from_env: dict[str, str] = {}
     for line in r.stdout.splitlines():
@@ -565,21 +576,22 @@ def _install_packages(venv: Path, spec: InstallSpec, log: Path, env: dict,
         raise FluxcError(f"{INSTALLER_ENV_VAR}={installer!r} is not valid; use uv or pip (or unset it)")
     if installer == "uv":
         try:
-            _run_logged(pip + ["uv"], toolchain_root(), log, env, 900, "pip install uv")
+            _run_logged(pip + ["uv"], toolchain_root(), log, env, 900, "pip install uv", die_with_parent=True)
             settings = _pip_settings(venv, env)
             uv_env = dict(env)
             if settings.get("cert") and "SSL_CERT_FILE" not in uv_env:
                 uv_env["SSL_CERT_FILE"] = settings["cert"]
             _run_logged([py, "-m", "uv", "pip", "install", "--python", py, *_uv_args(settings),
                          *spec.requirements, *spec.uv_pins],
-                        toolchain_root(), log, uv_env, None, "uv pip install", append=True)
+                        toolchain_root(), log, uv_env, None, "uv pip install", append=True,
+                        die_with_parent=True)
             return "uv"
         except ToolError as e:
             progress(f"      uv failed ({e.tool}, exit {e.returncode}; see {log}); installing with pip instead")
             with open(log, "ab") as f:
                 f.write(b"\n[fluxc] uv failed; falling back to pip\n")
     _run_logged(pip + list(spec.requirements), toolchain_root(), log, env, None, "pip install",
-                append=installer == "uv")
+                append=installer == "uv", die_with_parent=True)
     return "pip"
 
 
@@ -588,7 +600,7 @@ def _check_launch(venv: Path, spec: InstallSpec) -> None:
     glibc clash breaks: without the fix tpuc-opt dies with a segfault here)."""
     root = _site_packages(venv, spec) / "tpu_mlir"
     r = subprocess.run([str(root / "bin" / "tpuc-opt"), "--version"], capture_output=True, text=True,
-                       env=_build_env(venv, spec), timeout=120, stdin=subprocess.DEVNULL)
+                       env=_build_env(venv, spec), timeout=120, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent_fn())
     if r.returncode != 0:
         raise FluxcError(f"tpu_mlir's tpuc-opt does not start in {venv} (exit {r.returncode}; "
                          f"glibc clash?); not marking it complete: {(r.stderr or r.stdout).strip()[-300:]}")

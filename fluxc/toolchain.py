@@ -279,11 +279,21 @@ def _tail(log: Path, n: int = LOG_TAIL_LINES) -> str:
     return "\n".join(lines[-n:])
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a child and everything it started (tpu_mlir's entry points re-launch python, which
+    launches tpuc-opt, ...)."""
+    victims = []
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
+        import psutil
+
+        victims = psutil.Process(proc.pid).children(recursive=True)
+    except Exception:  # noqa: BLE001 - already gone, or no psutil: the child alone
         pass
+    for p in [proc, *victims]:
+        try:
+            p.kill()
+        except Exception:  # noqa: BLE001 - already gone
+            pass
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
@@ -294,7 +304,8 @@ def _die_with_parent_fn() -> Callable[[], None] | None:
     """A preexec_fn for install-time children: SIGKILL when the fluxc process dies (Linux), so
     a killed install never leaves pip/uv writing into a folder a later install wipes and
     rebuilds. Not used by run_tool: preexec_fn is unsafe in multi-threaded callers, and
-    run_tool's children get their process group killed on timeout or interruption instead."""
+    run_tool's children are killed with their descendants on timeout or interruption instead
+    (and, staying in fluxc's process group, they receive a terminal's Ctrl-C directly)."""
     try:
         import ctypes
 
@@ -318,19 +329,18 @@ def _run_logged(argv: list[str], cwd: Path, log: Path, env: dict, timeout: float
     with open(log, "ab" if append else "wb") as f:
         f.write(f"$ cd {cwd} && {subprocess.list2cmdline(argv)}\n".encode())
         f.flush()
-        # own process group, so a timeout or Ctrl-C also ends the children tools spawn
         proc = subprocess.Popen(argv, cwd=str(cwd), env=env, stdout=f, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                stdin=subprocess.DEVNULL,
                                 preexec_fn=_die_with_parent_fn() if die_with_parent else None)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            _kill_tree(proc)
             f.write(f"\n[fluxc] killed after the {timeout:g} s timeout\n".encode())
             f.flush()
             raise ToolError(tool, argv, log, _tail(log) + f"\n(timed out after {timeout:g} s)", -1) from None
         except BaseException:
-            _kill_group(proc)
+            _kill_tree(proc)
             raise
     if rc != 0:
         raise ToolError(tool, argv, log, _tail(log), rc)

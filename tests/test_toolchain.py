@@ -302,3 +302,24 @@ def test_killed_install_is_not_trusted(tmp_path):
             os.environ.pop("FLUXC_CACHE")
         else:
             os.environ["FLUXC_CACHE"] = old
+
+
+def test_run_tool_timeout_kills_the_whole_tool(installed_toolchain, tmp_path):
+    """On timeout the tool and the processes it started (model_transform re-launches python)
+    are killed, and ToolError says so."""
+    marker = str(tmp_path / "timeout-probe.onnx")
+    with pytest.raises(ToolError) as ei:
+        toolchain.run_tool("model_transform", ["--model_name", "t", "--model_def", marker,
+                                               "--input_shapes", "[[1,4]]", "--mlir", "t.mlir"],
+                           cwd=tmp_path, log=tmp_path / "t.log", timeout=1.5)
+    assert "timed out" in ei.value.tail
+    time.sleep(1)
+    left = [d.name for d in Path("/proc").iterdir() if d.name.isdigit() and _cmdline_has(d, marker)]
+    assert not left, f"tool processes left running: {left}"
+
+
+def _cmdline_has(proc_dir: Path, text: str) -> bool:
+    try:
+        return text.encode() in (proc_dir / "cmdline").read_bytes()
+    except OSError:
+        return False

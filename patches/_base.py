@@ -55,6 +55,7 @@ class Patcher:
     versions: dict[str, str] = field(default_factory=dict)
     _undo: list[_Undo] = field(default_factory=list)
     _warned: set = field(default_factory=set)
+    where: str = ""  # path of the root being patched, for messages (set by apply)
 
     # -- bookkeeping -------------------------------------------------------------------
     def set_attr(self, obj: Any, name: str, value: Any, what: str) -> None:
@@ -113,15 +114,21 @@ class Patcher:
         )
 
     # -- convenience -------------------------------------------------------------------
-    def apply(self, root: Any, patches: tuple[str, ...] | None = None) -> "Patcher":
-        """Apply the export patches (default: all) to every matching submodule of root."""
+    def apply(self, root: Any, patches: tuple[str, ...] | None = None, where: str = "") -> "Patcher":
+        """Apply the export patches (default: all) to every matching submodule of root.
+        `where` names root in messages (e.g. "transformer_blocks.3")."""
         from . import ALL_PATCHES
 
         names = patches or tuple(ALL_PATCHES)
         for name in names:
             if name not in ALL_PATCHES:
                 raise FluxcError(f"unknown fluxc patch {name!r}; use one of {sorted(ALL_PATCHES)}")
-            ALL_PATCHES[name](self, root)
+        old, self.where = self.where, where
+        try:
+            for name in names:
+                ALL_PATCHES[name](self, root)
+        finally:
+            self.where = old
         return self
 
 
@@ -130,8 +137,10 @@ def qualname(obj: Any) -> str:
     return f"{t.__module__}.{t.__qualname__}"
 
 
-def named_instances(root: Any, predicate: Callable[[Any], bool]):
-    """(path, module) for root and every submodule matching predicate."""
+def named_instances(root: Any, predicate: Callable[[Any], bool], where: str = ""):
+    """(path, module) for root and every submodule matching predicate; paths are prefixed
+    with `where` (the root's own path) when given."""
     for path, mod in root.named_modules():
         if predicate(mod):
-            yield path or "<root>", mod
+            full = ".".join(x for x in (where, path) if x)
+            yield full or "<root>", mod

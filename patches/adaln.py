@@ -63,7 +63,7 @@ def patch_adaln(patcher: Patcher, root: Any) -> int:
     ]
     n = 0
     for cls, fwd, parts, need in kinds:
-        for path, mod in named_instances(root, lambda m, c=cls: type(m) is c):
+        for path, mod in named_instances(root, lambda m, c=cls: type(m) is c, patcher.where):
             patcher.check("diffusers", "adaln", f"{qualname(mod)} at '{path}'", _problem(mod, parts, need))
             patcher.set_attr(mod, "forward", types.MethodType(fwd, mod), f"adaln: {path}")
             n += 1

@@ -155,7 +155,7 @@ def patch_flux_attention(patcher: Patcher, root: Any) -> int:
     from diffusers.models.transformers.transformer_flux import FluxAttention
 
     n = 0
-    for path, attn in named_instances(root, lambda m: isinstance(m, FluxAttention)):
+    for path, attn in named_instances(root, lambda m: isinstance(m, FluxAttention), patcher.where):
         patcher.check("diffusers", "flux_attention", f"{qualname(attn)} at '{path}'", _structure_problem(attn))
         patcher.set_attr(attn, "processor", FluxAttnExportProcessor(), f"flux_attention: {path}")
         n += 1

@@ -75,7 +75,7 @@ def patch_rmsnorm(patcher: Patcher, root: Any) -> int:
     (FLUX's attention is what creates it)."""
     n = 0
     for package, cls, fwd, check in _kinds():
-        for path, mod in named_instances(root, lambda m, c=cls: type(m) is c):
+        for path, mod in named_instances(root, lambda m, c=cls: type(m) is c, patcher.where):
             patcher.check(package, "rmsnorm", f"{qualname(mod)} at '{path}'", check(mod))
             patcher.set_attr(mod, "forward", types.MethodType(fwd, mod), f"rmsnorm: {path}")
             n += 1

@@ -281,3 +281,15 @@ def test_adaln_patch_matches_and_has_no_shape_ops():
         assert "Shape" not in ops and "Gather" not in ops, (name, ops)
         for a, r in zip(after if isinstance(after, tuple) else (after,), refs):
             assert torch.equal(a, r)
+
+
+def test_piece_factory_names_the_block_on_version_mismatch_and_leaves_it_unpatched():
+    from fluxc.export.pieces import build_piece_module
+    from fluxc.specs import piece_specs, specs_by_name
+
+    dims = tiny_dims("dev")
+    tr = tiny_transformer("dev", seed=20)
+    spec = specs_by_name(piece_specs(dims))["dev_trans_block_1"]
+    with pytest.raises(FluxcError, match=r"at 'transformer_blocks\.1\.attn\.norm_q' with diffusers 0\.99\.0"):
+        build_piece_module(spec, dims, tr, patcher=Patcher(strict=True, versions={"diffusers": "0.99.0"}))
+    assert not any("forward" in m.__dict__ for m in tr.modules())

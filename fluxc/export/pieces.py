@@ -277,6 +277,18 @@ def build_piece_module(spec: PieceSpec, dims: FluxDims, component: Any, *,
     """The eval-mode nn.Module for `spec`: forward(*inputs in spec order) -> tuple of outputs
     in spec order (a 1-tuple for single-output pieces; see module docstring)."""
     p = patcher or Patcher()
+    try:
+        mod = _build(spec, dims, component, p, split_proj_out)
+    except BaseException:
+        if patcher is None:
+            p.restore()  # leave the component as it was
+        raise
+    mod.eval()
+    object.__setattr__(mod, "fluxc_patcher", p)
+    return mod
+
+
+def _build(spec: PieceSpec, dims: FluxDims, component: Any, p: Patcher, split_proj_out: bool) -> nn.Module:
     kind, i = piece_kind(spec), spec.index
     if kind == "clip_head":
         mod: nn.Module = ClipHead(_sub(component, "embeddings", spec))
@@ -294,32 +306,30 @@ def build_piece_module(spec: PieceSpec, dims: FluxDims, component: Any, *,
         blocks = _sub(component, "encoder.block", spec)
         bias = t5_position_bias(_sub(component, "encoder.block.0.layer.0.SelfAttention", spec), dims.t5_len)
         mod = _Tuple(t5_block_export(blocks[i], bias, p, f"encoder.block.{i}"))
-        p.apply(blocks[i], ("rmsnorm",))
+        p.apply(blocks[i], ("rmsnorm",), f"encoder.block.{i}")
     elif kind == "t5_tail":
         norm = _sub(component, "encoder.final_layer_norm", spec)
-        p.apply(norm, ("rmsnorm",))
+        p.apply(norm, ("rmsnorm",), "encoder.final_layer_norm")
         mod = Single(norm)
     elif kind == "transformer_head":
         mod = (TransformerHeadDev if dims.guidance_embeds else TransformerHeadSchnell)(component)
     elif kind == "double_block":
         block = _sub(component, f"transformer_blocks.{i}", spec)
-        p.apply(block)
+        p.apply(block, None, f"transformer_blocks.{i}")
         mod = DoubleBlock(block)
     elif kind == "single_block":
         block = _sub(component, f"single_transformer_blocks.{i}", spec)
-        p.apply(block)
+        p.apply(block, None, f"single_transformer_blocks.{i}")
         mod = SingleBlock(block, split_proj_out=split_proj_out)
     elif kind == "transformer_tail":
         mod = TransformerTail(component)
-        p.apply(component.norm_out, ("adaln",))
+        p.apply(component.norm_out, ("adaln",), "norm_out")
     elif kind == "vae":
         mod = VaeDecoder(component)
     else:  # pragma: no cover - piece_kind is exhaustive
         raise AssertionError(kind)
     if len(spec.outputs) == 1 and not isinstance(mod, _Tuple):
         mod = _Tuple(mod)
-    mod.eval()
-    object.__setattr__(mod, "fluxc_patcher", p)
     return mod
 
 

@@ -211,13 +211,14 @@ class SingleBlock(_Piece):
         if split_proj_out:
             po = block.proj_out
             d = po.out_features
-            self.proj_out_attn = nn.Linear(d, d, bias=po.bias is not None, dtype=po.weight.dtype)
-            self.proj_out_mlp = nn.Linear(po.in_features - d, d, bias=False, dtype=po.weight.dtype)
+            # built on meta (no random init), then given copies of the two column blocks
+            self.proj_out_attn = nn.Linear(d, d, bias=po.bias is not None, device="meta")
+            self.proj_out_mlp = nn.Linear(po.in_features - d, d, bias=False, device="meta")
             with torch.no_grad():
-                self.proj_out_attn.weight.copy_(po.weight[:, :d])
-                self.proj_out_mlp.weight.copy_(po.weight[:, d:])
+                self.proj_out_attn.weight = nn.Parameter(po.weight[:, :d].clone(memory_format=torch.contiguous_format), requires_grad=False)
+                self.proj_out_mlp.weight = nn.Parameter(po.weight[:, d:].clone(memory_format=torch.contiguous_format), requires_grad=False)
                 if po.bias is not None:
-                    self.proj_out_attn.bias.copy_(po.bias)
+                    self.proj_out_attn.bias = nn.Parameter(po.bias.clone(), requires_grad=False)
         else:
             self.proj_out = block.proj_out
 

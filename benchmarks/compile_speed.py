@@ -3,6 +3,8 @@
   fluxc (cold):  `fluxc compile` into an empty build cache: pieces in parallel (--jobs
                  default), every piece checked on the chip simulator, combined files.
   fluxc (rerun): the same command again, nothing changed (cache hits only).
+  fluxc --no-check (cold): like the reference, no simulator check, into another empty cache
+                 (pieces still in parallel, plus model_tool --info of each piece).
   reference:     the sophon-demo gen_bmodel.sh way: each piece in turn, model_transform
                  then model_deploy, no test inputs (no check), then model_tool --combine.
 
@@ -96,15 +98,19 @@ def main() -> None:
         export = a.export or tiny_export(tmp)
         cold, rep = fluxc_compile(export, tmp / "out", tmp / "build", a.quantize, [])
         rerun, rep2 = fluxc_compile(export, tmp / "out", tmp / "build", a.quantize, [])
+        nocheck, rep3 = fluxc_compile(export, tmp / "out2", tmp / "build2", a.quantize, ["--no-check"])
         ref, ref_runs = reference_way(export, tmp / "ref", a.quantize)
     res = {
         "pieces": len(rep["pieces"]), "quantize": a.quantize, "cores": os.cpu_count(),
         "fluxc_cold_s": round(cold, 1), "fluxc_jobs": rep["jobs"], "fluxc_tool_runs": rep["tool_runs"],
         "fluxc_checked": rep["check"],
         "fluxc_rerun_s": round(rerun, 2), "fluxc_rerun_tool_runs": rep2["tool_runs"],
+        "fluxc_nocheck_cold_s": round(nocheck, 1), "fluxc_nocheck_tool_runs": rep3["tool_runs"],
         "reference_s": round(ref, 1), "reference_tool_runs": ref_runs,
         "reference_over_fluxc_cold": round(ref / cold, 2),
+        "reference_over_fluxc_nocheck_cold": round(ref / nocheck, 2),
         "reference_over_fluxc_rerun": round(ref / rerun, 1),
+        "load_average_1min_at_end": round(os.getloadavg()[0], 1),
     }
     print(json.dumps(res, indent=2))
     if a.json:

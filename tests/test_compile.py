@@ -232,6 +232,9 @@ def test_dev_bf16_split_over_three_devices(compiled_dev_bf16):
     best = min(max(device_cost(ps[a:b]) for a, b in zip((0,) + c, c + (len(ps),)))
                for c in itertools.combinations(range(1, len(ps)), 2))
     assert max(device_cost(ps[i:j]) for i, j in _bounds(split)) == best
+    # the head's timestep/guidance projection is kept in float32 through a quantize table
+    qt = (Path(rep["pieces"]["dev_head"]["build_dir"]) / "work" / "qtable.txt").read_text()
+    assert "time_proj" in qt and "Sin" in qt and qt.count("F32") >= 10
     for family, f in {"clip": "clip.bmodel", "t5": "w4bf16_t5.bmodel", "vae": "vae_decoder_bf16.bmodel"}.items():
         nets, _ = _nets_of(out / f"{f}.info.txt")
         assert nets == _contract(fam[family]), f
@@ -261,6 +264,9 @@ def test_rerun_does_no_compiler_work(compiled_schnell_w4, compile_build_dir):
     assert all(o["cache_hit"] for o in rep["outputs"])
     assert rep["seconds"] < 30
     assert {p.name: p.stat().st_ino for p in out.glob("*.bmodel")} == before
+    # --no-check accepts the checked results as they are
+    rep = compile_into(compiled_schnell_w4, compile_build_dir, ["--quantize", "W4BF16", "--no-check"])
+    assert rep["tool_runs"] == 0 and rep["check"] is False
 
 
 def test_changed_piece_recompiles_only_it(compiled_schnell_w4, compile_build_dir, tmp_path):

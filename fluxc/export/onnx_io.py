@@ -54,16 +54,79 @@ def check_io(model, spec: PieceSpec, where: str) -> None:
                              f"(a bug in the piece wrapper)")
 
 
+def _torch_export(module, spec: PieceSpec, path: Path, args) -> dict | None:
+    """torch.onnx.export (TorchScript, opset 17, constant folding) writing the graph WITHOUT
+    its weights; returns the exporter's own (constant-folded) parameters by graph name.
+
+    The exporter serialises weights through several full copies (proto, string, bytes); by
+    taking the folded parameters from its `_model_to_graph` step and adding them to the
+    graph ourselves, one tensor at a time, the peak stays near two copies of the piece.
+    If that private step is not there (another torch), the weights are exported normally
+    and None is returned."""
+    import torch
+
+    try:
+        from torch.onnx._internal.torchscript_exporter import utils as tsu
+
+        orig = tsu._model_to_graph
+    except (ImportError, AttributeError):
+        tsu = orig = None
+    captured: dict = {}
+
+    def capture(*a, **k):
+        graph, params, out = orig(*a, **k)
+        captured.update(params)
+        return graph, params, out
+
+    if tsu is not None:
+        tsu._model_to_graph = capture
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, args, str(path),
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                opset_version=OPSET, do_constant_folding=True, dynamo=False,
+                export_params=tsu is None, keep_initializers_as_inputs=False,
+            )
+    finally:
+        if tsu is not None:
+            tsu._model_to_graph = orig
+    return captured if tsu is not None else None
+
+
+def _attach_weights(model, params: dict, spec: PieceSpec) -> None:
+    """Graph inputs that are parameters become initializers (popped from `params`)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    want = {t.name for t in spec.inputs}
+    extra = [i.name for i in model.graph.input if i.name not in want]
+    missing = [n for n in extra if n not in params]
+    if missing:
+        raise FluxcError(f"{spec.name}: exporter left inputs {missing[:3]} without weights (unexpected torch version?)")
+    keep = [i for i in model.graph.input if i.name in want]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    for name in extra:
+        t = params.pop(name)
+        arr = np.ascontiguousarray(t.detach().cpu().numpy())
+        del t
+        model.graph.initializer.append(numpy_helper.from_array(arr, name))
+        del arr
+    params.clear()
+
+
 def export_piece(module, spec: PieceSpec, out_dir: Path, *, release=None) -> list[str]:
     """Export `module` as `<out_dir>/<spec.file>`; return the file names written.
 
-    `release()`, if given, is called right after the torch export to free the piece's
-    weights before the ONNX post-processing (which then needs about two copies of the
-    piece at most: the loaded graph and its serialisation)."""
+    `release()`, if given, is called right after the torch export to free the piece's own
+    weights (the exporter's folded copies are freed as they are written)."""
     import gc
 
     import onnx
-    import torch
 
     out_dir = Path(out_dir)
     tmp = out_dir / f".{spec.name}.export-{os.getpid()}"
@@ -72,51 +135,35 @@ def export_piece(module, spec: PieceSpec, out_dir: Path, *, release=None) -> lis
     try:
         raw = tmp / "raw.onnx"
         args = torch_inputs(spec)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module, args, str(raw),
-                input_names=[t.name for t in spec.inputs],
-                output_names=[t.name for t in spec.outputs],
-                opset_version=OPSET, do_constant_folding=True, dynamo=False,
-                export_params=True, keep_initializers_as_inputs=False,
-            )
+        params = _torch_export(module, spec, raw, args)
         del args
         if release is not None:
             release()
         gc.collect()
         _trim_heap()
+        model = onnx.load(str(raw), load_external_data=True)
+        if params is not None:
+            _attach_weights(model, params, spec)
+            del params
+        check_io(model, spec, spec.name)
         onnx_name, data_name = spec.file, f"{spec.file}.data"
         staged = tmp / "staged"
         staged.mkdir()
-        # A big piece is written by torch as one file per tensor: gather them into one.
-        external = raw.stat().st_size > EXTERNAL_THRESHOLD or any(p.name != raw.name for p in tmp.iterdir()
-                                                                   if p.is_file())
-        if not external:
-            # shape inference file to file, in onnx's C++ (no Python copy of the weights)
-            try:
-                onnx.shape_inference.infer_shapes_path(str(raw), str(staged / onnx_name), strict_mode=False,
-                                                       data_prop=True)
-            except Exception:  # shape inference is a nicety, not a requirement
-                shutil.copyfile(raw, staged / onnx_name)
-            raw.unlink()
-            model = onnx.load(str(staged / onnx_name))
-            check_io(model, spec, spec.name)
-            external = _initializer_bytes(model) > EXTERNAL_THRESHOLD
-            del model
+        external = _initializer_bytes(model) > EXTERNAL_THRESHOLD
         if external:
-            model = onnx.load(str(raw if raw.exists() else staged / onnx_name), load_external_data=True)
-            check_io(model, spec, spec.name)
             onnx.save_model(model, str(staged / onnx_name), save_as_external_data=True,
                             all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
-            del model
-            gc.collect()
-            try:
-                onnx.shape_inference.infer_shapes_path(str(staged / onnx_name), str(staged / onnx_name),
-                                                       strict_mode=False, data_prop=True)
-            except Exception:
-                pass
+        else:
+            onnx.save_model(model, str(staged / onnx_name))
+        del model
+        gc.collect()
         _trim_heap()
+        # shape inference file to file, in onnx's C++ (no Python copy of the weights)
+        try:
+            onnx.shape_inference.infer_shapes_path(str(staged / onnx_name), str(staged / onnx_name),
+                                                   strict_mode=False, data_prop=True)
+        except Exception:  # shape inference is a nicety, not a requirement
+            pass
         onnx.checker.check_model(str(staged / onnx_name), full_check=not external)
         written = [onnx_name] + ([data_name] if external else [])
         # data first, the .onnx last: a present .onnx implies complete data

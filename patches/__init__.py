@@ -21,6 +21,10 @@ Helpers that build new modules instead of swapping attributes:
 - t5_position_bias(block0_attn, S) + t5_block_export(block, bias): one T5 block, constants baked
 - clip_causal_mask(L) + clip_layer_export(layer, L): one CLIP layer, causal mask baked
 
+Measurement: `python -m fluxc.patches.graph_forms` compiles one full-width block in each
+graph form with TPU-MLIR and prints the compiler's on-chip estimate (the numbers quoted in
+flux_attention.py / rotary.py / fluxc/export/pieces.py).
+
 Versions: written for diffusers 0.42.x and transformers 5.x (WRITTEN_FOR). Another version
 is accepted when the module structure matches (warning), else FluxcError names the module;
 Patcher(strict=True) refuses any other version.

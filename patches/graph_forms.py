@@ -1,6 +1,7 @@
 """Measure how the graph form of a FLUX single block changes TPU-MLIR's on-chip estimate.
 
-    python -m fluxc.patches.graph_forms [--t5-len 256] [--size 512] [--forms default,slices,sdpa,concat]
+    python -m fluxc.patches.graph_forms [--block single|double] [--t5-len 256] [--size 512]
+                                        [--forms default,slices,sdpa,concat]
     Example: python -m fluxc.patches.graph_forms --t5-len 256 --size 512 --forms default,slices
 
 Builds one full-width FLUX single block (dim 3072, 24 heads x 128, random weights), wraps it
@@ -14,7 +15,8 @@ Forms:
   concat   proj_out applied to concat([attn, mlp]) as in diffusers
 Measured 2026-11-30 (t5 256 + 512x512 image = 1280 tokens, BF16): default 34.45 ms,
 slices 115.43 ms (four stride-2 Slices of q/k: ~77 M GDMA cycles), sdpa 34.45 ms (identical
-to matmul attention), concat 42.50 ms.
+to matmul attention), concat 42.50 ms. Double block (--block double, same sizes): default
+42.25 ms, slices 123.23 ms.
 Takes ~2-3 min per form on 2 cores and ~3 GB RAM.
 """
 from __future__ import annotations
@@ -27,20 +29,30 @@ import time
 from pathlib import Path
 
 
-def measure(form: str, t5_len: int, size: int, work: Path) -> str:
+def measure(form: str, t5_len: int, size: int, work: Path, block: str = "single") -> str:
     import torch
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
-    from fluxc.export.pieces import SingleBlock
+    from fluxc.export.pieces import DoubleBlock, SingleBlock
     from fluxc.patches import FluxAttnExportProcessor, Patcher, rotary_table
     from fluxc.toolchain import run_tool
 
-    J = t5_len + (size // 16) ** 2
+    N = (size // 16) ** 2
+    J = t5_len + N
     torch.manual_seed(0)
-    blk = FluxSingleTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128).eval()
     table = torch.from_numpy(rotary_table(t5_len, size, size, axes_dims=(16, 56, 56)))
-    args = (torch.randn(1, J, 3072), torch.randn(1, 3072), table)
-    wd = work / form
+    if block == "single":
+        blk = FluxSingleTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128).eval()
+        args = (torch.randn(1, J, 3072), torch.randn(1, 3072), table)
+        names, shapes = ["hidden_states", "temb", "rotary_emb"], f"[[1,{J},3072],[1,3072],[1,{J},1,64,2,2]]"
+    else:
+        if form == "concat":
+            raise SystemExit("the concat form only exists for single blocks")
+        blk = FluxTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128).eval()
+        args = (torch.randn(1, N, 3072), torch.randn(1, t5_len, 3072), torch.randn(1, 3072), table)
+        names = ["hidden_states", "encoder_hidden_states", "temb", "rotary_emb"]
+        shapes = f"[[1,{N},3072],[1,{t5_len},3072],[1,3072],[1,{J},1,64,2,2]]"
+    wd = work / f"{block}_{form}"
     wd.mkdir(parents=True, exist_ok=True)
     with Patcher() as p:
         p.apply(blk)
@@ -50,19 +62,18 @@ def measure(form: str, t5_len: int, size: int, work: Path) -> str:
             blk.attn.processor = FluxAttnExportProcessor("sdpa")
         elif form != "default" and form != "concat":
             raise SystemExit(f"unknown form {form!r}")
-        m = SingleBlock(blk, split_proj_out=form != "concat")
+        m = SingleBlock(blk, split_proj_out=form != "concat") if block == "single" else DoubleBlock(blk)
         with torch.no_grad():
-            torch.onnx.export(m, args, str(wd / "b.onnx"), input_names=["hidden_states", "temb", "rotary_emb"],
-                              output_names=["out"], opset_version=17, dynamo=False)
+            torch.onnx.export(m, args, str(wd / "b.onnx"), input_names=names, opset_version=17, dynamo=False)
     t0 = time.time()
-    run_tool("model_transform", ["--model_name", "b", "--model_def", "b.onnx", "--input_shapes",
-                                 f"[[1,{J},3072],[1,3072],[1,{J},1,64,2,2]]", "--mlir", "b.mlir"],
+    run_tool("model_transform", ["--model_name", "b", "--model_def", "b.onnx", "--input_shapes", shapes,
+                                 "--mlir", "b.mlir"],
              cwd=wd, log=wd / "transform.log")
     run_tool("model_deploy", ["--mlir", "b.mlir", "--quantize", "BF16", "--chip", "bm1684x", "--model", "b.bmodel"],
              cwd=wd, log=wd / "deploy.log")
     last = (wd / "compiler_profile_0.txt").read_text().strip().splitlines()[-1]
     ms = re.search(r"runtime:\s*([\d.]+)ms", last)
-    return f"{form:8s} tokens={J}: estimate {ms.group(1) if ms else '?'} ms ({time.time() - t0:.0f} s) | {last}"
+    return f"{block} {form:8s} tokens={J}: estimate {ms.group(1) if ms else '?'} ms ({time.time() - t0:.0f} s) | {last}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,12 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--t5-len", type=int, default=256)
     ap.add_argument("--size", type=int, default=512, help="square image size in pixels")
     ap.add_argument("--forms", default="default,slices,sdpa,concat")
+    ap.add_argument("--block", choices=("single", "double"), default="single")
     ap.add_argument("--keep", type=Path, default=None, help="keep the work folders here")
     a = ap.parse_args(argv)
     work = a.keep or Path(tempfile.mkdtemp(prefix="fluxc_forms_"))
     try:
         for form in a.forms.split(","):
-            print(measure(form, a.t5_len, a.size, work), flush=True)
+            print(measure(form, a.t5_len, a.size, work, a.block), flush=True)
     finally:
         if a.keep is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -61,7 +61,10 @@ def default_jobs(onnx_bytes: list[int]) -> int:
     """min(cores, available memory / the memory of the biggest piece's compile). model_transform
     is the memory peak: measured ~14.7x the ONNX size for a full-size single block
     (8.3 GB for 566 MB) and ~10.4x for a double block (14.1 GB for 1.36 GB); we plan 15x + 1 GB."""
-    cores = os.cpu_count() or 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
     per_piece = 15 * max(onnx_bytes or [0]) + (1 << 30)
     return max(1, min(cores, _mem_available() // per_piece))
 

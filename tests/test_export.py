@@ -3,7 +3,6 @@ models, the manifest contract, incremental re-runs, block-by-block loading, bad 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from functools import lru_cache
 from pathlib import Path

@@ -15,7 +15,6 @@ Order of work:
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import time
 from dataclasses import dataclass, field

@@ -1,6 +1,8 @@
 """Writing one piece to ONNX: TorchScript exporter (opset 17), static shapes, constant
 folding, the piece's own input/output names, token ids as int32; then onnx shape inference
-and the onnx checker. Pieces over 2 GB keep their weights in `<piece>.onnx.data`.
+and the onnx checker (full check on the graph). Pieces over 2 GB keep their weights in
+`<piece>.onnx.data`. Weights are written one tensor at a time (see _write_with_weights), so
+a piece costs about one copy of its weights plus the exporter's working memory.
 
 Files land under temporary names and are renamed into place only once checked.
 """
@@ -18,6 +20,8 @@ OPSET = 17
 TWO_GB = 2 * 1024**3
 # Leave headroom below protobuf's hard 2 GiB limit for the graph itself.
 EXTERNAL_THRESHOLD = TWO_GB - 64 * 1024**2
+# Inline files up to this size are parsed again by the onnx checker after writing.
+RECHECK_MAX_BYTES = 512 * 1024**2
 
 
 def torch_inputs(spec: PieceSpec, seed: int = 0):
@@ -96,36 +100,80 @@ def _torch_export(module, spec: PieceSpec, path: Path, args) -> dict | None:
     return captured if tsu is not None else None
 
 
-def _attach_weights(model, params: dict, spec: PieceSpec) -> None:
-    """Graph inputs that are parameters become initializers (popped from `params`)."""
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _len_field(field: int, payload: bytes) -> bytes:
+    return _varint((field << 3) | 2) + _varint(len(payload)) + payload
+
+
+_GRAPH_FIELD = 7  # ModelProto.graph
+_INITIALIZER_FIELD = 5  # GraphProto.initializer
+
+
+def _write_with_weights(model, params: dict, names: list[str], path: Path, data_name: str | None) -> None:
+    """Write `model` (a graph without weights) plus the tensors `names` from `params` as its
+    initializers, one tensor at a time (each is popped from `params` and freed once written).
+
+    Inline: protobuf merges repeated occurrences of an embedded message field, so the file is
+    the weightless ModelProto followed by one `graph { initializer { ... } }` chunk per tensor,
+    which onnx.load reads as a single graph. External (data_name given): raw bytes go to
+    `data_name` next to `path`, the ModelProto carries external_data references."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
 
-    want = {t.name for t in spec.inputs}
-    extra = [i.name for i in model.graph.input if i.name not in want]
-    missing = [n for n in extra if n not in params]
-    if missing:
-        raise FluxcError(f"{spec.name}: exporter left inputs {missing[:3]} without weights (unexpected torch version?)")
-    keep = [i for i in model.graph.input if i.name in want]
-    del model.graph.input[:]
-    model.graph.input.extend(keep)
-    for name in extra:
-        t = params.pop(name)
-        arr = np.ascontiguousarray(t.detach().cpu().numpy())
-        del t
-        model.graph.initializer.append(numpy_helper.from_array(arr, name))
-        del arr
-    params.clear()
+    if data_name is None:
+        with open(path, "wb") as f:
+            f.write(model.SerializeToString())
+            for name in names:
+                arr = np.ascontiguousarray(params.pop(name).detach().cpu().numpy())
+                chunk = numpy_helper.from_array(arr, name).SerializeToString()
+                del arr
+                f.write(_len_field(_GRAPH_FIELD, _len_field(_INITIALIZER_FIELD, chunk)))
+                del chunk
+        return
+    offset = 0
+    with open(path.parent / data_name, "wb") as f:
+        for name in names:
+            arr = np.ascontiguousarray(params.pop(name).detach().cpu().numpy())
+            t = onnx.TensorProto(name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(arr.dtype),
+                                 dims=list(arr.shape), data_location=onnx.TensorProto.EXTERNAL)
+            pad = (-offset) % 4096  # 4 KiB alignment lets readers memory-map tensors
+            f.write(b"\0" * pad)
+            offset += pad
+            data = arr.tobytes()
+            del arr
+            f.write(data)
+            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(len(data)))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            offset += len(data)
+            del data
+            model.graph.initializer.append(t)
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
 
 
 def export_piece(module, spec: PieceSpec, out_dir: Path, *, release=None) -> list[str]:
     """Export `module` as `<out_dir>/<spec.file>`; return the file names written.
 
     `release()`, if given, is called right after the torch export to free the piece's own
-    weights (the exporter's folded copies are freed as they are written)."""
+    weights. Memory: the weights exist once (the exporter's folded parameters) plus one
+    tensor being written; shape inference and the structural check run on the weightless
+    graph, the final file is checked again by path."""
     import gc
 
+    import numpy as np
     import onnx
 
     out_dir = Path(out_dir)
@@ -140,31 +188,44 @@ def export_piece(module, spec: PieceSpec, out_dir: Path, *, release=None) -> lis
         if release is not None:
             release()
         gc.collect()
-        _trim_heap()
-        model = onnx.load(str(raw), load_external_data=True)
-        if params is not None:
-            _attach_weights(model, params, spec)
-            del params
-        check_io(model, spec, spec.name)
         onnx_name, data_name = spec.file, f"{spec.file}.data"
         staged = tmp / "staged"
         staged.mkdir()
-        external = _initializer_bytes(model) > EXTERNAL_THRESHOLD
-        if external:
-            onnx.save_model(model, str(staged / onnx_name), save_as_external_data=True,
+        if params is None:  # fallback: torch wrote the weights itself
+            model = onnx.load(str(raw), load_external_data=True)
+            check_io(model, spec, spec.name)
+            external = _initializer_bytes(model) > EXTERNAL_THRESHOLD
+            onnx.save_model(model, str(staged / onnx_name), save_as_external_data=external,
                             all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            del model
         else:
-            onnx.save_model(model, str(staged / onnx_name))
-        del model
+            model = onnx.load(str(raw))  # the graph only: parameters are still graph inputs
+            want = {t.name for t in spec.inputs}
+            names = [i.name for i in model.graph.input if i.name not in want]
+            missing = [n for n in names if n not in params]
+            if missing:
+                raise FluxcError(f"{spec.name}: the exporter left inputs {missing[:3]} without weights "
+                                 f"(unexpected torch version?)")
+            try:
+                model = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+            except Exception:  # shape inference is a nicety, not a requirement
+                pass
+            onnx.checker.check_model(model, full_check=True)
+            keep = [i for i in model.graph.input if i.name in want]
+            del model.graph.input[:]
+            model.graph.input.extend(keep)
+            check_io(model, spec, spec.name)
+            total = sum(int(np.prod(params[n].shape)) * params[n].element_size() for n in names)
+            external = total > EXTERNAL_THRESHOLD
+            _write_with_weights(model, params, names, staged / onnx_name, data_name if external else None)
+            params.clear()
+            del model, params
         gc.collect()
         _trim_heap()
-        # shape inference file to file, in onnx's C++ (no Python copy of the weights)
-        try:
-            onnx.shape_inference.infer_shapes_path(str(staged / onnx_name), str(staged / onnx_name),
-                                                   strict_mode=False, data_prop=True)
-        except Exception:  # shape inference is a nicety, not a requirement
-            pass
-        onnx.checker.check_model(str(staged / onnx_name), full_check=not external)
+        if external or (staged / onnx_name).stat().st_size <= RECHECK_MAX_BYTES:
+            # the written file, by path (parsing it costs two copies of an inline file, so big
+            # inline files rely on the full check of their graph above and on construction)
+            onnx.checker.check_model(str(staged / onnx_name), full_check=False)
         written = [onnx_name] + ([data_name] if external else [])
         # data first, the .onnx last: a present .onnx implies complete data
         for name in reversed(written):

@@ -27,7 +27,7 @@ def read_export(folder: Path, flux_type: str | None, tiny_vae: bool | None) -> E
     file is there and that the export is of the flux type / VAE asked for."""
     from fluxc.export.manifest import load_manifest
 
-    folder = Path(folder)
+    folder = Path(folder).resolve()  # tools run in their own folders: absolute paths only
     m = load_manifest(folder)  # FluxcError if missing / incomplete / malformed / files missing
     dims = m.dims
     pieces = []

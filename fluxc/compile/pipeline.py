@@ -147,7 +147,8 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     toolmod.require()
     toolchain = toolmod.version()
     tools = Tools()
-    build_root = Path(opts.build_dir)
+    # Tools run with their own working folders: every path handed to them must be absolute.
+    build_root = Path(opts.build_dir).resolve()
     build_root.mkdir(parents=True, exist_ok=True)
     plans = {p.spec.name: piece_plan(recipe, p.spec, quantize) for p in exp.pieces}
     jobs = opts.jobs or default_jobs([p.path.stat().st_size for p in exp.pieces])
@@ -193,7 +194,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
         by_family.setdefault(p.spec.family, []).append(r)
 
     names = output_files(dims.flux_type, quantize, opts.devices, dims.tiny_vae)
-    out_dir = Path(opts.out_dir)
+    out_dir = Path(opts.out_dir).resolve()
     combined: list[CombinedResult] = []
     split_info: dict[str, Any] | None = None
     for fam in ("clip", "t5", "transformer", "vae"):

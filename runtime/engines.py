@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -166,8 +167,13 @@ class CmodelWorker:
         # cores made every call many times slower. One thread unless asked otherwise.
         env["OMP_NUM_THREADS"] = os.environ.get("FLUXC_CMODEL_THREADS", "1")
         self._stderr_tail: deque[str] = deque(maxlen=40)
+        # Own session: if fluxc dies while this worker is parked (stopped, see _park), the
+        # kernel sends the orphaned, stopped process group SIGHUP + SIGCONT and it exits.
         self.proc = subprocess.Popen([str(python), "-u", str(WORKER_SCRIPT)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                     start_new_session=True)
+        self._parking = os.environ.get("FLUXC_CMODEL_PARK", "1") != "0" and hasattr(signal, "SIGSTOP")
+        self._parked = False
         self._t = threading.Thread(target=self._drain, daemon=True)
         self._t.start()
         self._lock = threading.Lock()
@@ -175,6 +181,25 @@ class CmodelWorker:
         h, _ = self._recv()
         if not h.get("ready"):
             raise FluxcError(f"chip simulator worker did not start: {self.stderr_tail()}")
+        self._park()
+
+    # The simulator's engine threads (TPU_GDE, TPU_SORT, CORE_MAIN) poll even while the
+    # process waits for work, and a run keeps one worker per bmodel file: on 2 cores, idle
+    # workers spinning made every simulator call several times slower. A worker is
+    # therefore stopped (SIGSTOP) between requests and continued (SIGCONT) for each one.
+    # FLUXC_CMODEL_PARK=0 turns this off.
+    def _park(self) -> None:
+        if self._parking and not self._parked and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+            self._parked = True
+
+    def _unpark(self) -> None:
+        if self._parked:
+            try:
+                os.kill(self.proc.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            self._parked = False
 
     def _drain(self) -> None:
         for line in iter(self.proc.stderr.readline, b""):
@@ -199,11 +224,13 @@ class CmodelWorker:
             if self.proc.poll() is not None:
                 raise FluxcError(f"chip simulator worker is not running (exit {self.proc.returncode}); "
                                  f"last output:\n{self.stderr_tail()}")
+            self._unpark()
             try:
                 _write_msg(self.proc.stdin, header, arrays)
             except BrokenPipeError:
                 pass  # _recv reports the exit
             h, outs = self._recv()
+            self._park()
         if not h.get("ok"):
             raise FluxcError(f"chip simulator: {h.get('error')}")
         return h, outs
@@ -216,6 +243,7 @@ class CmodelWorker:
         if self.proc.poll() is None:
             try:
                 with self._lock:
+                    self._unpark()
                     _write_msg(self.proc.stdin, {"op": "quit"})
                 self.proc.wait(timeout=10)
             except Exception:

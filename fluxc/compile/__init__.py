@@ -1,0 +1,1 @@
+"""fluxc compile: every piece through TPU-MLIR, cached, combined into the sophon-demo files."""

@@ -20,15 +20,24 @@ def export(
     tiny_vae: Optional[str] = typer.Option(
         None, "--tiny-vae", help="Export an AutoencoderTiny decoder (taef1) from this folder or Hub id instead of the VAE"),
     force: bool = typer.Option(False, "--force", help="Re-export every piece; replace another model's export"),
+    lora: Optional[list[str]] = typer.Option(
+        None, "--lora", help="FILE[:SCALE] LoRA (.safetensors; diffusers, kohya or ComfyUI keys) fused into the "
+                             "weights at SCALE (default 1); repeat to stack LoRAs"),
 ) -> None:
     """Export FLUX.1 to one ONNX file per piece (block by block, low memory), plus tokenizers,
     rotary table, configs and manifest.json. Re-running with the same inputs rewrites nothing.
 
     Example: fluxc export ./FLUX.1-schnell --height 512 --width 512 --tiny-vae madebyollin/taef1
+
+    Example with LoRAs: fluxc export ./FLUX.1-dev --lora style.safetensors:0.8 --lora detail.safetensors
     """
     from fluxc.export.driver import ExportOptions, run_export
+    from fluxc.export.lora import parse_lora_arg
+
+    loras = [parse_lora_arg(x) for x in lora or []]  # a bad scale fails before any weight is read
 
     res = run_export(ExportOptions(model=model, out=out, models=models, flux_type=flux_type, height=height,
-                                   width=width, t5_len=t5_seq_len, tiny_vae=tiny_vae, force=force))
+                                   width=width, t5_len=t5_seq_len, tiny_vae=tiny_vae, force=force,
+                                   loras=loras))
     typer.echo(f"exported {len(res.exported)} piece(s), reused {len(res.reused)} unchanged, "
                f"in {res.seconds:.1f} s -> {res.export_dir}")

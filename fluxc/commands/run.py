@@ -110,6 +110,10 @@ def run(
     d = pipe.dims
     con.print(f"loaded {len(ms.engines)} model file(s) on {backend} ({d.flux_type}, {q}, "
               f"{d.width}x{d.height}) in {load_s:.2f} s")
+    if pipe.manifest.options.get("lora"):  # fused at export (fluxc.export.lora)
+        from fluxc.export.lora import describe
+
+        con.print(f"LoRA fused at export: {describe(pipe.manifest.options['lora'])}")
     n_steps = steps or (4 if d.flux_type == "schnell" else 28)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncationWarning)

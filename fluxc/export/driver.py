@@ -45,6 +45,7 @@ class ExportOptions:
     t5_len: int = 512
     tiny_vae: str | None = None
     force: bool = False
+    loras: list = field(default_factory=list)  # --lora FILE[:SCALE] strings or LoraArg, fused (fluxc.export.lora)
 
 
 @dataclass
@@ -321,6 +322,10 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
     versions = library_versions()
     code = code_hash()
     from fluxc.export.loading import checkpoint_keys
+    # LoRA hook (fluxc.export.lora): checked against the meta models, fused after each materialize.
+    from fluxc.export.lora import open_loras
+
+    loras = open_loras(opts.loras, {c: ckpt.model(c) for c in ("transformer", "text_encoder")})
 
     plan: list[tuple[PieceSpec, str, list[str]]] = []
     for spec in specs:
@@ -328,13 +333,16 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
         prefixes = piece_prefixes(spec, dims, ckpt)
         keys = checkpoint_keys(ckpt.model(comp), prefixes, ckpt.stores[comp], comp)
         key = sha256_json({"spec": spec.to_dict(), "config": ckpt.configs[comp],
-                           "weights": ckpt.stores[comp].fingerprint(keys), "code": code, "versions": versions})
+                           "weights": ckpt.stores[comp].fingerprint(keys), "code": code, "versions": versions,
+                           **(loras.key_entry(comp, prefixes) if loras is not None else {})})
         plan.append((spec, key, prefixes))
     todo = [s.name for s, k, _ in plan if not _entry_ok(out, old_entries.get(s.name), k)]
 
     out.mkdir(parents=True, exist_ok=True)
     options = {"flux_type": flux_type, "height": opts.height, "width": opts.width, "t5_seq_len": opts.t5_len,
                "tiny_vae": opts.tiny_vae}
+    if loras is not None:
+        options["lora"] = loras.records()
     if old is not None and (todo or old.get("complete") is not True) and (out / mf.MANIFEST).exists():
         # From here on the folder may change: never leave a manifest a later run would trust.
         write_json_atomic(out / mf.MANIFEST, {**old, "complete": False})
@@ -361,6 +369,8 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
             model = ckpt.model(comp)
             try:
                 materialize(model, prefixes, ckpt.stores[comp], comp)
+                if loras is not None:
+                    loras.fuse(model, comp, prefixes)
                 module = build_piece(spec, dims, ckpt)
                 try:
                     # without a callback the weights are freed before the ONNX post-processing
@@ -395,6 +405,8 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
                 "versions": versions, "dims": dims.to_dict(), "files": files, "pieces": entries}
     if mf.read_manifest_json(out) != manifest:
         write_json_atomic(out / mf.MANIFEST, manifest)
+    if loras is not None:
+        loras.close()  # (on an error its temporary folder goes with the object)
     result.seconds = time.time() - t0
     return result
 

@@ -17,7 +17,8 @@ def compile(
                                             "an export of the other type is an error)."),
     tiny_vae: Optional[bool] = typer.Option(None, "--tiny-vae/--no-tiny-vae",
                                             help="Expect the tiny VAE (taef1) / the full VAE (default: the export's)."),
-    chip: str = typer.Option("bm1684x", "--chip", help="Target chip."),
+    chip: str = typer.Option("bm1684x", "--chip", help="Target chip: bm1684x or bm1688 (fluxc/compile/chips.py); "
+                             "outputs go to <models>/<CHIP>/, the recipe is recipes/<chip>.yaml."),
     devices: int = typer.Option(3, "--devices", help="BF16: split the transformer over N chips (1..8)."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Pieces compiled at once "
                                        "(default: min(cores, free memory / per-piece need))."),
@@ -34,6 +35,8 @@ def compile(
     compile_report.json (similarity, estimated on-chip time, memory per piece).
 
     Example: fluxc compile --quantize W4BF16 --flux-type schnell
+
+    Example for the BM1688 (models/BM1688/): fluxc compile --quantize W4BF16 --chip bm1688
     """
     from fluxc import workspace
     from fluxc.compile.pipeline import CompileOptions, run_compile

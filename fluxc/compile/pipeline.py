@@ -13,6 +13,7 @@ from typing import Any
 
 from fluxc.compile import tools as toolmod
 from fluxc.compile.build import PieceResult, compile_piece
+from fluxc.compile.chips import chip_record, get_chip
 from fluxc.compile.combine import CombinedResult, combine, publish
 from fluxc.compile.export_in import ExportIn, read_export
 from fluxc.compile.recipe import QUANTIZE_CLI, Recipe, load_recipe, piece_plan
@@ -134,7 +135,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     console = console or Console(stderr=False)
     t0 = time.monotonic()
     quantize = normalize_quantize(opts.quantize)
-    chip = opts.chip.lower()
+    chip = get_chip(opts.chip).name  # one-line error listing the supported chips (fluxc/compile/chips.py)
     if not 1 <= opts.devices <= MAX_DEVICES:
         raise FluxcError(f"--devices {opts.devices} is out of range; use 1..{MAX_DEVICES}")
     if opts.jobs is not None and opts.jobs < 1:
@@ -228,6 +229,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
         _print_split(console, split_info)
 
     estimate = _estimate(exp, results)
+    estimate["chip"] = chip_record(chip)  # the clock and peak the estimate is read against
     report = {
         "format": REPORT_FORMAT,
         "flux_type": dims.flux_type, "quantize": quantize, "chip": chip, "tiny_vae": dims.tiny_vae,

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fluxc.compile.chips import CHIPS  # the supported chips (fluxc/compile/chips.py)
 from fluxc.errors import FluxcError
 from fluxc.specs import GROUPS, PieceSpec
 
 QUANTIZE_CLI = ("BF16", "W4BF16")  # what `--quantize` accepts (transformer blocks)
 QUANTIZE_ANY = ("F16", "BF16", "W4BF16", "W4F16")
-CHIPS = ("bm1684x",)
 
 _BOOL_KEYS = ("q_symmetric", "quant_input", "quant_output", "high_precision")
 _GROUP_KEYS = ("quantize", "q_group_size", "opt", "compress_mode", "f32_inputs", "transform_args",

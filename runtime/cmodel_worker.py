@@ -8,7 +8,7 @@ process starts it with `toolchain_python() cmodel_worker.py` and talks to it thr
 Framing (no pickle): every message is
     4-byte big-endian length + UTF-8 JSON header
     then, for each array the header announces, 8-byte big-endian length + .npy bytes
-Requests:  {"op": "load", "key": k, "path": p}  -> {"ok": true, "nets": [...]}
+Requests:  {"op": "load", "key": k, "path": p[, "chip": "BM1688"]}  -> {"ok": true, "nets": [...]}
            {"op": "run", "key": k, "net": n, "arrays": [input names]} + arrays
                                                 -> {"ok": true, "arrays": [output names]} + arrays
            {"op": "ping"} / {"op": "quit"}
@@ -175,8 +175,13 @@ class Worker:
         self.models: dict[str, object] = {}
         self.nets: dict[tuple[str, str], object] = {}
         self.rt = None
+        self.chip = None
 
-    def _runtime(self):
+    def _runtime(self, chip: str = "BM1684X"):
+        # The simulator library is per chip and linked once per process (issue 11: BM1688).
+        if self.rt is not None and chip != self.chip:
+            raise ValueError(f"this simulator worker runs {self.chip} bmodels, not {chip}; use one worker per chip")
+        self.chip = chip
         if self.rt is None:
             import ctypes
             import importlib
@@ -187,16 +192,16 @@ class Worker:
             import model_runner as mr  # noqa: E402  (tpu_mlir's own helpers)
 
             with FileLock("/tmp/cmodel_so.lock"):
-                mr.link_cmodel_so("BM1684X")
-                mr.link_custom_so("BM1684X")
+                mr.link_cmodel_so(chip)
+                mr.link_custom_so(chip)
                 if hasattr(mr, "link_bmlib_so"):
-                    mr.link_bmlib_so("BM1684X")
+                    mr.link_bmlib_so(chip)
                 self.rt = importlib.import_module("pyruntime_bm")
                 self._pin = ctypes.CDLL("libcmodel.so")
         return self.rt
 
-    def load(self, key: str, path: str) -> list[dict]:
-        rt = self._runtime()
+    def load(self, key: str, path: str, chip: str = "BM1684X") -> list[dict]:
+        rt = self._runtime(chip)
         if key not in self.models:
             self.models[key] = rt.Model(path, 0, "")
         m = self.models[key]
@@ -258,7 +263,8 @@ def main() -> None:
             if op == "ping":
                 write_message(proto_out, {"ok": True})
             elif op == "load":
-                write_message(proto_out, {"ok": True, "nets": w.load(header["key"], header["path"])})
+                write_message(proto_out, {"ok": True, "nets": w.load(header["key"], header["path"],
+                                                                  header.get("chip", "BM1684X"))})
             elif op == "run":
                 names, outs = w.run(header["key"], header["net"], header.get("arrays", []), arrays)
                 write_message(proto_out, {"ok": True, "arrays": names,

@@ -276,15 +276,17 @@ def new_worker() -> CmodelWorker:
 class CmodelEngine(Engine):
     """A (combined) bmodel on the BM1684X simulator."""
 
-    def __init__(self, path: Path, worker: CmodelWorker | None = None):
+    def __init__(self, path: Path, worker: CmodelWorker | None = None, chip: str = "BM1684X"):
         self.path = Path(path)
+        self.chip = chip  # the simulator to run it on (TPU-MLIR's name: BM1684X, BM1688)
         if not self.path.is_file():
             raise FluxcError(f"missing bmodel {self.path}; run fluxc compile")
         self._own = worker is None
         self.worker = worker or new_worker()
         self.key = self.worker.new_key()
         try:
-            h, _ = self.worker.request({"op": "load", "key": self.key, "path": str(self.path.resolve())})
+            h, _ = self.worker.request({"op": "load", "key": self.key, "path": str(self.path.resolve()),
+                                         "chip": self.chip})
         except FluxcError as e:
             self.close()
             raise FluxcError(f"cannot load {self.path} on the chip simulator ({str(e).splitlines()[0]}); "
@@ -362,11 +364,11 @@ class SailEngine(Engine):
         return res
 
 
-def open_engine(backend: str, path: Path, device_id: int = 0) -> Engine:
+def open_engine(backend: str, path: Path, device_id: int = 0, chip: str = "BM1684X") -> Engine:
     if backend == "onnx":
         return OnnxEngine(path)
     if backend == "cmodel":
-        return CmodelEngine(path)
+        return CmodelEngine(path, chip=chip)
     if backend == "sail":
         return SailEngine(path, device_id)
     raise FluxcError(f"unknown backend {backend!r}; use cmodel, onnx or sail")

@@ -115,7 +115,7 @@ def open_onnx(manifest, progress=None) -> ModelSet:
 
 
 def open_bmodels(backend: str, chip_dir: Path, dims, quantize: str | None, devices: list[int] | None = None,
-                 progress=None) -> tuple[ModelSet, str]:
+                 progress=None, chip: str = "BM1684X") -> tuple[ModelSet, str]:
     """Open the bmodels of one configuration on `backend` (cmodel or sail)."""
     chip_dir = Path(chip_dir)
     if not chip_dir.is_dir():
@@ -138,7 +138,7 @@ def open_bmodels(backend: str, chip_dir: Path, dims, quantize: str | None, devic
     plan += [(p, devices[min(i, len(devices) - 1)]) for i, p in enumerate(files["transformer"])]
     plan += [(files["vae"][0], devices[0])]
     for path, dev in plan:
-        ms.add(open_engine(backend, path, dev))
+        ms.add(open_engine(backend, path, dev, chip=chip))
         if progress:
             progress(path.name)
     ms.load_seconds = time.perf_counter() - t0

@@ -13,7 +13,7 @@ from fluxc.errors import FluxcError
 def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_type: str | None = None,
                   tiny_vae: bool | None = None, devices: list[int] | None = None,
                   height: int | None = None, width: int | None = None, export: Path | None = None,
-                  say=None):
+                  say=None, chip: str = "bm1684x"):
     """(pipeline, model set, quantize used) for one workspace and backend. Shared by verify."""
     from fluxc import workspace
     from fluxc.export.manifest import load_manifest
@@ -22,6 +22,9 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
 
     if backend not in BACKENDS:
         raise FluxcError(f"unknown --backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    from fluxc.compile.chips import get_chip
+
+    c = get_chip(chip)  # models/<CHIP>/ on that chip's simulator (issue 11: BM1688)
     models = Path(models)
     if not models.is_dir():
         raise FluxcError(f"models folder {models} does not exist; run fluxc export and fluxc compile, "
@@ -50,7 +53,8 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
             warnings.warn("--quantize is ignored by the onnx backend (it runs the float export)")
         ms, q = open_onnx(man, progress=say), "F32"
     else:
-        ms, q = open_bmodels(backend, workspace.chip_dir(models), d, quantize, devices, progress=say)
+        ms, q = open_bmodels(backend, workspace.chip_dir(models, c.name), d, quantize, devices, progress=say,
+                             chip=c.runtime_name)
     return FluxPipeline(ms, man), ms, q
 
 
@@ -81,6 +85,7 @@ def run(
     height: Optional[int] = typer.Option(None, "--height", help="Must match the export (default: from the manifest)."),
     width: Optional[int] = typer.Option(None, "--width", help="Must match the export (default: from the manifest)."),
     out: Path = typer.Option(Path("result.png"), "--out", help="Output PNG (written atomically)."),
+    chip: str = typer.Option("bm1684x", "--chip", help="bm1684x or bm1688: which models/<CHIP>/ folder and simulator."),
     save_latents: Optional[Path] = typer.Option(None, "--save-latents", help="Also save the final packed latents (.npy)."),
 ) -> None:
     """Generate one image with the compiled (or exported) FLUX.1 pieces.
@@ -105,7 +110,7 @@ def run(
     t0 = time.perf_counter()
     with con.status(f"loading models ({backend}) ..."):
         pipe, ms, q = open_pipeline(m, backend, quantize, flux_type, tiny_vae, parse_devices(devices),
-                                    height, width)
+                                    height, width, chip=chip)
     load_s = time.perf_counter() - t0
     d = pipe.dims
     con.print(f"loaded {len(ms.engines)} model file(s) on {backend} ({d.flux_type}, {q}, "

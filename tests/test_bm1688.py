@@ -104,3 +104,24 @@ def test_unknown_chip_one_line_error(tmp_path, cmd):
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     assert "bm1690" in lines[0] and "bm1684x" in lines[0] and "bm1688" in lines[0]
     assert not (tmp_path / "BM1690").exists()
+
+
+def test_bm1688_cost_model_clock(bm1688_ws, tmp_path):
+    """The compiler's BM1688 estimate counts cycles at 900 MHz (chips.py): its `runtime` line
+    equals TCYC / 900e3 ms on a real BM1688 profile, and fluxc's fallback for nets without a
+    runtime line uses that clock."""
+    import re
+
+    from fluxc.compile.chips import chip_mhz
+    from fluxc.compile.parse import parse_profile_ms
+
+    rep = json.loads((bm1688_ws / "BM1688" / "compile_report.json").read_text())
+    prof = Path(rep["pieces"]["schnell_trans_block_0"]["build_dir"]) / "work" / "compiler_profile_0.txt"
+    text = prof.read_text()
+    tcyc = sum(int(m) for m in re.findall(r"^TCYC\s*:\s*(\d+)", text, re.M))
+    runtime = float(re.findall(r"runtime:\s*([0-9.]+)\s*ms", text)[-1])
+    assert chip_mhz("bm1688") == 900.0
+    assert abs(runtime - tcyc / 900e3) <= 1e-3 * runtime + 1e-6, (runtime, tcyc)
+    only_cycles = tmp_path / "p.txt"
+    only_cycles.write_text(f"TCYC : {tcyc}. (bdc_cycle:1, gdma_cycle:1)\n")
+    assert parse_profile_ms(only_cycles, chip_mhz("bm1688")) == pytest.approx(runtime, rel=1e-3)

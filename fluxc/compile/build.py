@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from fluxc.compile.chips import chip_mhz
 from fluxc.compile.parse import deploy_similarities, f32_ops_from_inputs, parse_info, parse_profile_ms, transform_similarity
 from fluxc.compile.recipe import PiecePlan, deploy_args, transform_args
 from fluxc.compile.tools import Tools
@@ -121,7 +122,7 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
     cached = load_cached(folder, check, plan.tolerance)
     if cached is not None:
         if cached.get("estimate_ms") is None:  # results written before the TCYC fallback
-            cached["estimate_ms"] = parse_profile_ms(folder / "work" / "compiler_profile_0.txt")
+            cached["estimate_ms"] = parse_profile_ms(folder / "work" / "compiler_profile_0.txt", chip_mhz(chip))
         return PieceResult(spec.name, folder, folder / cached["bmodel"], cached, True, time.monotonic() - t0)
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -202,7 +203,7 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
             raise FluxcError(f"{spec.name}: {plan.quantize} similarity cos {q.cosine:.4f} / euclid "
                              f"{q.euclidean:.4f} below the threshold {plan.tolerance}; log {folder / 'deploy.log'}")
 
-    estimate = parse_profile_ms(work / "compiler_profile_0.txt")
+    estimate = parse_profile_ms(work / "compiler_profile_0.txt", chip_mhz(chip))
     final = folder / f"{spec.name}.bmodel"
     os.replace(bmodel_tmp, final)
     info_text = tools.info(final, work, folder / "info.log", spec.name)

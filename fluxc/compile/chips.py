@@ -58,3 +58,8 @@ def chip_record(name: str) -> dict:
     return {"name": c.name, "cost_model_mhz": c.cost_model_mhz, "peak_tflops_bf16": c.peak_tflops_bf16,
             "cores": c.cores, "board": c.board, "reference_board_memory_mb": c.board_memory_mb,
             "reference_build": c.reference_build}
+
+
+def chip_mhz(name: str) -> float:
+    """The clock at which the compiler's cost model counts cycles for this chip (MHz)."""
+    return get_chip(name).cost_model_mhz

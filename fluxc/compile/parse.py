@@ -130,11 +130,11 @@ _PROFILE = re.compile(r"runtime:\s*([0-9.]+)\s*ms")
 _TCYC = re.compile(r"^TCYC\s*:\s*(\d+)")
 
 
-def parse_profile_ms(path: Path) -> float | None:
+def parse_profile_ms(path: Path, mhz: float = 1000.0) -> float | None:
     """The compiler's estimate of the net's time on the chip: last `runtime: X ms`.
     Nets without arithmetic (a lone Gather: flops 0) get no such line; then the cycle
-    counts (`TCYC : n`) are summed at the BM1684X's 1 GHz (the runtime lines of other nets
-    equal TCYC / 1e6 ms exactly)."""
+    counts (`TCYC : n`) are summed at the chip's cost-model clock `mhz` (BM1684X 1 GHz: the
+    runtime lines of other nets equal TCYC / 1e6 ms exactly; BM1688 900 MHz, fluxc/compile/chips.py)."""
     if not Path(path).is_file():
         return None
     found = None
@@ -147,7 +147,7 @@ def parse_profile_ms(path: Path) -> float | None:
         if m:
             cycles += int(m.group(1))
     if found is None and cycles:
-        found = cycles / 1e6
+        found = cycles / (mhz * 1e3)
     return found
 
 

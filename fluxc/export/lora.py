@@ -1,9 +1,13 @@
 """LoRAs fused into the weights at export time (`fluxc export --lora FILE[:SCALE]`, repeatable).
 
 A bmodel holds its weights, so a LoRA cannot be switched at run time: it is fused into the
-float weights while they stream through export, W += SCALE * scaling * (B @ A) (plus
-SCALE * scaling * lora_B.bias on the bias when the LoRA has one), right after a piece's
-tensors are read (`fuse`, called after `loading.materialize`). Several LoRAs add up.
+weights at export, W' = W + SCALE * scaling * (B @ A) (plus SCALE * scaling * lora_B.bias on
+the bias when the LoRA has one); several LoRAs add up. The export references checkpoint
+tensors in place (fluxc/export/weights.py), so the fused tensors are written, one at a time,
+into one safetensors file of the export per component, and the component's weight store
+points at that file for those tensors (`fuse_loras`, called once before the pieces are
+planned): every piece, traced or rebound, then reads the fused weights, and the content key
+of exactly the touched pieces changes.
 
 Reading a LoRA is diffusers' job, not ours: `FluxLoraLoaderMixin.lora_state_dict` reads the
 file and converts the kohya, ComfyUI, xlabs ... key formats to diffusers names; then each
@@ -14,8 +18,8 @@ alpha / sqrt(r) with rsLoRA), exactly as peft computes it when it injects the la
 diffusers' FluxPipeline, only the transformer and the CLIP text encoder are touched; a T5
 part of a LoRA is ignored (and reported).
 
-Memory: the converted factors are written once to a temporary safetensors file and read
-back per piece (a few MB), so the whole LoRA is never held next to a piece's weights.
+Memory: the converted factors go to a temporary safetensors file and are read back per
+tensor; one fused tensor (float32) is in memory at a time.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from fluxc.errors import FluxcError
 
@@ -210,12 +214,6 @@ def _load_one(arg: LoraArg, models: dict[str, Any], tmpdir: Path, index: int) ->
     return lora
 
 
-def _matches(name: str, prefixes: Iterable[str]) -> bool:
-    from fluxc.export.loading import _matches as matches
-
-    return matches(name + ".weight", prefixes)
-
-
 class LoraSet:
     """Every --lora of one export, checked against the meta-built models, ready to fuse."""
 
@@ -240,58 +238,99 @@ class LoraSet:
     def close(self) -> None:
         self._tmp.cleanup()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
     def records(self) -> list[dict[str, Any]]:
         """What the manifest records: file, sha256, scale, adapted layers per component."""
         return [lo.record() for lo in self.loras]
 
-    def touched(self, component: str, prefixes: Iterable[str]) -> list[tuple[_Lora, list[_Module]]]:
-        prefixes = list(prefixes)
-        out = []
+    def _plan(self, component: str, store) -> dict[str, list[tuple[_Lora, _Module, str]]]:
+        """Checkpoint tensor -> the LoRA updates to add to it ("weight" or "bias")."""
+        from fluxc.export.loading import _ckpt_key
+
+        plan: dict[str, list[tuple[_Lora, _Module, str]]] = {}
         for lo in self.loras:
-            mods = [m for n, m in sorted(lo.modules.get(component, {}).items()) if _matches(n, prefixes)]
-            if mods:
-                out.append((lo, mods))
-        return out
+            for name, m in sorted(lo.modules.get(component, {}).items()):
+                for part in ("weight", "bias") if m.has_bias else ("weight",):
+                    key = _ckpt_key(f"{name}.{part}", store)
+                    if key is None:
+                        raise FluxcError(f"--lora {lo.arg.path}: {component} tensor {name}.{part} is not in the "
+                                         f"checkpoint; the LoRA was made for another model")
+                    plan.setdefault(key, []).append((lo, m, part))
+        return plan
 
-    def key_entry(self, component: str, prefixes: Iterable[str]) -> dict[str, Any]:
-        """The LoRA entry of a piece's content key: {} when no LoRA touches the piece (its key,
-        and so its reuse, is then the same as without --lora)."""
-        touched = self.touched(component, prefixes)
-        if not touched:
-            return {}
-        code = _code_hash()
-        return {"lora": [{"sha256": lo.sha256, "scale": lo.arg.scale, "layers": [m.name for m in mods],
-                          "code": code} for lo, mods in touched]}
+    def fused_stores(self, stores: dict[str, Any], out: Path) -> dict[str, Any]:
+        """For each component a LoRA touches: its weight store with the touched tensors
+        replaced by their fused versions, written once (one tensor in memory at a time) to
+        <out>/weights/<component>/lora-fused-<hash>.safetensors in the checkpoint's dtype.
+        The file name hashes the LoRAs (sha256, scale), this code and the base tensors, so a
+        piece's content key (which covers its tensors' files) changes exactly when a LoRA
+        touching it changes, and a rerun reuses the file."""
+        from fluxc.export.source import WeightStore, _read_header
+        from fluxc.export.weights import WEIGHTS_DIR
+        from fluxc.fsutil import sha256_json
 
-    def fuse(self, model, component: str, prefixes: Iterable[str]) -> int:
-        """Add every LoRA's update to the piece's (already loaded, float32) weights, in place.
-        Returns the number of layer updates applied."""
-        import torch
-        from safetensors import safe_open
+        res = {}
+        for comp in sorted({c for lo in self.loras for c, m in lo.modules.items() if m}):
+            store = stores[comp]
+            plan = self._plan(comp, store)
+            ident = sha256_json({"loras": [[lo.sha256, lo.arg.scale] for lo in self.loras], "code": _code_hash(),
+                                 "component": comp, "base": store.fingerprint(plan)})
+            path = Path(out) / WEIGHTS_DIR / comp / f"lora-fused-{ident[:16]}.safetensors"
+            if not path.is_file():
+                _write_fused(path, store, plan, comp)
+            files = dict(store.files)
+            files.update({k: path for k in plan})
+            headers = dict(store.headers)
+            headers[path] = _read_header(path)
+            res[comp] = WeightStore(store.folder, files, headers)
+        return res
 
-        n = 0
-        for lo, mods in self.touched(component, prefixes):
-            with safe_open(str(lo.store), framework="pt") as f, torch.no_grad():
-                for m in mods:
-                    lin = model.get_submodule(m.name)
-                    w = lin.weight
-                    if w.device.type == "meta":
-                        raise RuntimeError(f"LoRA fuse before the weights of {component}.{m.name} were loaded (bug)")
-                    a = f.get_tensor(f"{component}/{m.name}/A").to(torch.float32)
-                    b = f.get_tensor(f"{component}/{m.name}/B").to(torch.float32)
-                    w.add_((b @ a).to(w.dtype), alpha=m.scaling)
-                    if m.has_bias:
-                        lin.bias.add_(f.get_tensor(f"{component}/{m.name}/bias").to(lin.bias.dtype),
-                                      alpha=m.scaling)
-                    n += 1
-        return n
+
+_TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _write_fused(path: Path, store, plan: dict[str, list[tuple[_Lora, _Module, str]]], component: str) -> None:
+    """A safetensors file of W + sum(scale * scaling * B @ A) for every planned tensor, in the
+    stored dtype, written tensor by tensor (header first: the sizes are known)."""
+    import json
+    import struct
+
+    import torch
+    from safetensors import safe_open
+
+    from fluxc.fsutil import atomic_path
+
+    keys = sorted(plan)
+    header: dict[str, Any] = {}
+    off = 0
+    for k in keys:
+        info = store.info(k)
+        if info["dtype"] not in _TORCH_DTYPES:
+            raise FluxcError(f"{component} tensor {k} is stored as {info['dtype']}; a LoRA can only be fused into "
+                             f"float weights")
+        n = int(info["data_offsets"][1]) - int(info["data_offsets"][0])
+        header[k] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [off, off + n]}
+        off += n
+    header["__metadata__"] = {"fluxc": "LoRA-fused tensors (fluxc.export.lora)"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    used = {id(lo): lo for updates in plan.values() for lo, _, _ in updates}
+    factors = {i: safe_open(str(lo.store), framework="pt") for i, lo in used.items()}
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, torch.no_grad():
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for k in keys:
+            w = store.load([k])[k]  # float32
+            for lo, m, part in plan[k]:
+                fa = factors[id(lo)]
+                if part == "weight":
+                    a = fa.get_tensor(f"{component}/{m.name}/A").to(torch.float32)
+                    b = fa.get_tensor(f"{component}/{m.name}/B").to(torch.float32)
+                    w.add_(b @ a, alpha=m.scaling)
+                else:
+                    w.add_(fa.get_tensor(f"{component}/{m.name}/bias").to(torch.float32), alpha=m.scaling)
+            t = w.to(getattr(torch, _TORCH_DTYPES[header[k]["dtype"]])).contiguous()
+            f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            del w, t
 
 
 def _code_hash() -> str:
@@ -306,6 +345,20 @@ def open_loras(texts: list[str] | list[LoraArg] | None, models: dict[str, Any]) 
         return None
     args = [t if isinstance(t, LoraArg) else parse_lora_arg(str(t)) for t in texts]
     return LoraSet.open(args, models)
+
+
+def fuse_loras(texts, ckpt, out: Path) -> list[dict[str, Any]] | None:
+    """The export's hook: check the --lora files against the checkpoint's models, write the
+    fused tensors into the export, point `ckpt.stores` at them. Returns the manifest records
+    (None without --lora)."""
+    loras = open_loras(texts, {c: ckpt.model(c) for c in COMPONENTS.values()})
+    if loras is None:
+        return None
+    try:
+        ckpt.stores.update(loras.fused_stores(ckpt.stores, out))
+        return loras.records()
+    finally:
+        loras.close()
 
 
 def describe(records: list[dict[str, Any]] | None) -> str:

@@ -73,6 +73,17 @@ class PieceResult:
         return self.data["memory"]
 
 
+def _transform_similarity(folder: Path):
+    """ONNX Runtime vs top MLIR: model_transform's own figure, or ours for a rebound piece."""
+    from fluxc.compile.parse import Similarity
+
+    own = folder / "transform_check.json"
+    if own.is_file():
+        return Similarity(**json.loads(own.read_text()))
+    log = folder / "transform.log"
+    return transform_similarity(log.read_text(errors="replace")) if log.is_file() else None
+
+
 def _check_passes(data: dict[str, Any], tolerance: tuple[float, float]) -> bool:
     q = (data.get("similarity") or {}).get("quantized")
     if not data.get("checked") or not q:
@@ -112,11 +123,81 @@ def compile_piece(spec: PieceSpec, onnx: Path, onnx_sha: str, plan: PiecePlan, c
     key = piece_key(spec, onnx_sha, plan, chip, toolchain)
     folder = build_root / "pieces" / f"{spec.name}-{key[:16]}"
     with folder_lock(folder):
-        return _compile_piece(spec, onnx, key, folder, plan, chip, tools, check)
+        return _compile_piece(spec, onnx, key, folder, plan, chip, tools, check, toolchain)
+
+
+def _run_transform(spec: PieceSpec, onnx: Path, plan: PiecePlan, tools: Tools, check: bool, folder: Path) -> None:
+    name = spec.net_name
+    work = folder / "work"
+    args = ["--model_name", name, "--model_def", str(onnx), *transform_args(spec, plan), "--mlir", f"{name}.mlir"]
+    if check:
+        # The transform runs the ONNX piece in ONNX Runtime and the top MLIR on the
+        # same inputs and compares them (cos/euclid >= 0.99 by default, else it fails);
+        # its top npz then is the float reference for model_deploy below.
+        args += ["--test_input", str(folder / "in.npz"), "--test_result", f"{name}_top.npz"]
+    tools.run("model_transform", args, work, folder / "transform.log", spec.name)
+
+
+def _transform(spec: PieceSpec, onnx: Path, plan: PiecePlan, tools: Tools, check: bool, folder: Path,
+               samples: dict, toolchain: str) -> str:
+    """The piece's top MLIR and weights in <folder>/work: rebound from the template of its graph
+    when there is one (fluxc.compile.rebind), else by model_transform (and the result becomes
+    the template). Returns "rebound" or "transformed"."""
+    from fluxc.compile import rebind
+    from fluxc.export.pieces import piece_kind
+
+    io = {"inputs": [t.to_dict() for t in spec.inputs], "outputs": [t.to_dict() for t in spec.outputs]}
+    tdir = rebind.template_dir(folder.parent.parent, piece_kind(spec),
+                               rebind.graph_key(onnx, io, transform_args(spec, plan), toolchain))
+    work = folder / "work"
+    with folder_lock(tdir):
+        t = rebind.load_template(tdir)
+        if t is None:
+            _run_transform(spec, onnx, plan, tools, check, folder)
+            rebind.make_template(tdir, spec.net_name, work, onnx)
+            return "transformed"
+        if t.rebindable:
+            rebind.apply(t, spec.net_name, work, onnx)
+    if not t.rebindable:
+        _run_transform(spec, onnx, plan, tools, check, folder)
+        return "transformed"
+    if check:
+        _check_rebound(spec, onnx, tools, folder, samples)
+    return "rebound"
+
+
+def _check_rebound(spec: PieceSpec, onnx: Path, tools: Tools, folder: Path, samples: dict) -> None:
+    """What model_transform checks, for a rebound piece: the top MLIR run by TPU-MLIR's own
+    interpreter (all tensors, the reference model_deploy compares against) against the ONNX
+    piece in ONNX Runtime, output by output."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from fluxc.compile.parse import Similarity
+
+    name = spec.net_name
+    work = folder / "work"
+    with open(work / f"{name}_in_f32.npz", "wb") as f:
+        np.savez(f, **samples)
+    tools.run("model_runner", ["--model", f"{name}.mlir", "--input", f"{name}_in_f32.npz",
+                               "--output", f"{name}_top.npz", "--dump_all_tensors"],
+              work, folder / "transform.log", spec.name)
+    top = np.load(work / f"{name}_top.npz")
+    ref = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"]).run(None, samples)
+    worst = None
+    for t, r in zip(spec.outputs, ref):
+        if t.name not in top.files:
+            raise FluxcError(f"{spec.name}: the rebound MLIR has no output {t.name}; see {folder / 'transform.log'}")
+        s = Similarity.between(top[t.name].astype(np.float64), r.astype(np.float64))
+        worst = s if worst is None or s.cosine < worst.cosine else worst
+    if worst.cosine < 0.99 or worst.euclidean < 0.99:
+        raise FluxcError(f"{spec.name}: rebound MLIR vs ONNX Runtime cos {worst.cosine:.5f} euclid "
+                         f"{worst.euclidean:.5f} below 0.99; see {folder / 'transform.log'}")
+    write_json_atomic(folder / "transform_check.json", worst.to_dict())
 
 
 def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: PiecePlan, chip: str,
-                   tools: Tools, check: bool) -> PieceResult:
+                   tools: Tools, check: bool, toolchain: str) -> PieceResult:
     t0 = time.monotonic()
     cached = load_cached(folder, check, plan.tolerance)
     if cached is not None:
@@ -143,6 +224,7 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
             reuse_t = False
     if not reuse_t:
         done_t.unlink(missing_ok=True)
+        (folder / "transform_check.json").unlink(missing_ok=True)
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
@@ -152,15 +234,8 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
         with open(inputs.with_suffix(".tmp.npz"), "wb") as f:
             np.savez(f, **samples)
         os.replace(inputs.with_suffix(".tmp.npz"), inputs)
-        args = ["--model_name", name, "--model_def", str(Path(onnx).resolve()),
-                *transform_args(spec, plan), "--mlir", mlir.name]
-        if check:
-            # The transform runs the ONNX piece in ONNX Runtime and the top MLIR on the
-            # same inputs and compares them (cos/euclid >= 0.99 by default, else it fails);
-            # its top npz then is the float reference for model_deploy below.
-            args += ["--test_input", str(inputs), "--test_result", top.name]
-        tools.run("model_transform", args, work, folder / "transform.log", spec.name)
-        write_json_atomic(done_t, marker_t)
+        how = _transform(spec, Path(onnx).resolve(), plan, tools, check, folder, samples, toolchain)
+        write_json_atomic(done_t, {**marker_t, "how": how})
 
     bmodel_tmp = work / f"{name}.bmodel"
     for stale in (bmodel_tmp, work / "compiler_profile_0.txt"):
@@ -190,8 +265,7 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
     similarity: dict[str, Any] = {}
     if check:
         sims = deploy_similarities((folder / "deploy.log").read_text(errors="replace"))
-        ts = transform_similarity((folder / "transform.log").read_text(errors="replace")) \
-            if (folder / "transform.log").is_file() else None
+        ts = _transform_similarity(folder)
         similarity = {"onnx_vs_top": _sim_dict(ts), "quantized": _sim_dict(sims.get("quantized")),
                       "simulator": _sim_dict(sims.get("simulator"))}
         q = sims.get("quantized")

@@ -12,7 +12,7 @@ from fluxc.specs import FluxDims, PieceSpec
 class ExportPiece:
     spec: PieceSpec
     path: Path
-    sha256: str  # of the .onnx file, plus its external weights file if it has one
+    sha256: str  # of the .onnx file, plus its inline-weights file and the content of the checkpoint tensors it references
 
 
 @dataclass
@@ -33,7 +33,8 @@ def read_export(folder: Path, flux_type: str | None, tiny_vae: bool | None) -> E
     pieces = []
     for s in m.specs:
         e = m.entries[s.name]
-        sha = e["sha256"] + (f"+{e['external_sha256']}" if e.get("external_sha256") else "")
+        sha = e["sha256"] + (f"+{e['external_sha256']}" if e.get("external_sha256") else "") \
+            + (f"+w{e['weights_sha256']}" if e.get("weights_sha256") else "")
         pieces.append(ExportPiece(s, m.path(s.name), sha))
     if flux_type is not None and dims.flux_type != flux_type:
         raise FluxcError(f"export in {folder} is FLUX.1-{dims.flux_type}, not {flux_type}; "

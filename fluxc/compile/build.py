@@ -91,15 +91,16 @@ def _check_passes(data: dict[str, Any], tolerance: tuple[float, float]) -> bool:
     return (q["cosine"] or 0) >= tolerance[0] and (q["euclidean"] or 0) >= tolerance[1]
 
 
-def load_cached(folder: Path, check: bool, tolerance: tuple[float, float]) -> dict[str, Any] | None:
-    """The cached result if the folder is complete (and checked enough when asked)."""
+def load_cached(folder: Path, check: bool, tolerance: tuple[float, float], keep: bool = True) -> dict[str, Any] | None:
+    """The cached result if the folder is complete (and checked enough when asked). Without
+    `keep` (an estimate-only build) a result whose bmodel was not kept is enough."""
     if not (folder / COMPLETE).is_file():
         return None
     try:
         data = json.loads((folder / "result.json").read_text())
     except (OSError, ValueError):
         return None
-    if not (folder / data.get("bmodel", "?")).is_file():
+    if keep and not (folder / data.get("bmodel", "?")).is_file():
         return None
     if check and not _check_passes(data, tolerance):
         return None
@@ -119,11 +120,12 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 
 def compile_piece(spec: PieceSpec, onnx: Path, onnx_sha: str, plan: PiecePlan, chip: str, toolchain: str,
-                  build_root: Path, tools: Tools, check: bool) -> PieceResult:
+                  build_root: Path, tools: Tools, check: bool, keep: bool = True) -> PieceResult:
+    """`keep=False`: an estimate-only build (its memory and cost figures; the bmodel is deleted)."""
     key = piece_key(spec, onnx_sha, plan, chip, toolchain)
     folder = build_root / "pieces" / f"{spec.name}-{key[:16]}"
     with folder_lock(folder):
-        return _compile_piece(spec, onnx, key, folder, plan, chip, tools, check, toolchain)
+        return _compile_piece(spec, onnx, key, folder, plan, chip, tools, check, toolchain, keep)
 
 
 def _run_transform(spec: PieceSpec, onnx: Path, plan: PiecePlan, tools: Tools, check: bool, folder: Path) -> None:
@@ -186,9 +188,11 @@ def _check_rebound(spec: PieceSpec, onnx: Path, tools: Tools, folder: Path, samp
     ref = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"]).run(None, samples)
     worst = None
     for t, r in zip(spec.outputs, ref):
-        if t.name not in top.files:
-            raise FluxcError(f"{spec.name}: the rebound MLIR has no output {t.name}; see {folder / 'transform.log'}")
-        s = Similarity.between(top[t.name].astype(np.float64), r.astype(np.float64))
+        # the interpreter names a tensor after the output and the op that made it ("x_Add")
+        keys = [k for k in top.files if k == t.name] or [k for k in top.files if k.startswith(t.name + "_")]
+        if len(keys) != 1:
+            raise FluxcError(f"{spec.name}: the rebound MLIR has no single output {t.name}; see {folder / 'transform.log'}")
+        s = Similarity.between(top[keys[0]].astype(np.float64), r.astype(np.float64))
         worst = s if worst is None or s.cosine < worst.cosine else worst
     if worst.cosine < 0.99 or worst.euclidean < 0.99:
         raise FluxcError(f"{spec.name}: rebound MLIR vs ONNX Runtime cos {worst.cosine:.5f} euclid "
@@ -197,9 +201,9 @@ def _check_rebound(spec: PieceSpec, onnx: Path, tools: Tools, folder: Path, samp
 
 
 def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: PiecePlan, chip: str,
-                   tools: Tools, check: bool, toolchain: str) -> PieceResult:
+                   tools: Tools, check: bool, toolchain: str, keep: bool = True) -> PieceResult:
     t0 = time.monotonic()
-    cached = load_cached(folder, check, plan.tolerance)
+    cached = load_cached(folder, check, plan.tolerance, keep)
     if cached is not None:
         if cached.get("estimate_ms") is None:  # results written before the TCYC fallback
             cached["estimate_ms"] = parse_profile_ms(folder / "work" / "compiler_profile_0.txt")
@@ -219,7 +223,8 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
     if done_t.is_file() and mlir.is_file():
         try:
             prev = json.loads(done_t.read_text())
-            reuse_t = prev.get("key") == key and (prev.get("check") or not check) and (top.is_file() or not check)
+            reuse_t = prev.get("key") == key and (prev.get("check") or not check) and (top.is_file() or not check) \
+                and (work / f"{name}_top_f32_all_weight.npz").is_file()
         except (OSError, ValueError):
             reuse_t = False
     if not reuse_t:
@@ -290,9 +295,15 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
                    "runtime": info.runtime},
         "info": info.to_dict(), "seconds": round(time.monotonic() - t0, 2),
     }
+    if not keep:
+        final.unlink()
+        data["bmodel_kept"] = False
     write_json_atomic(folder / "result.json", data)
-    # The big intermediates (float and quantised weights as npz) are not needed any more.
+    # The big intermediates (float and quantised weights as npz, deploy's MLIRs) are not
+    # needed any more: the top MLIR stays (small); a rebuild reruns the transform or rebinds.
     for p in work.glob("*weight*.npz"):
+        p.unlink(missing_ok=True)
+    for p in work.glob(f"{name}_*.mlir"):
         p.unlink(missing_ok=True)
     write_text_atomic(folder / COMPLETE, key + "\n")
     return PieceResult(spec.name, folder, final, data, False, time.monotonic() - t0, tools.runs[runs_before:])

@@ -13,6 +13,7 @@ class ExportPiece:
     spec: PieceSpec
     path: Path
     sha256: str  # of the .onnx file, plus its inline-weights file and the content of the checkpoint tensors it references
+    weight_bytes: int = 0  # its weights as float32 (what the compiler holds), files included
 
 
 @dataclass
@@ -35,7 +36,8 @@ def read_export(folder: Path, flux_type: str | None, tiny_vae: bool | None) -> E
         e = m.entries[s.name]
         sha = e["sha256"] + (f"+{e['external_sha256']}" if e.get("external_sha256") else "") \
             + (f"+w{e['weights_sha256']}" if e.get("weights_sha256") else "")
-        pieces.append(ExportPiece(s, m.path(s.name), sha))
+        onnx_bytes = m.path(s.name).stat().st_size if m.path(s.name).is_file() else 0
+        pieces.append(ExportPiece(s, m.path(s.name), sha, 4 * int(e.get("weight_numel", 0)) + onnx_bytes))
     if flux_type is not None and dims.flux_type != flux_type:
         raise FluxcError(f"export in {folder} is FLUX.1-{dims.flux_type}, not {flux_type}; "
                          f"use --flux-type {dims.flux_type} or export the {flux_type} model")

@@ -38,6 +38,7 @@ class CompileOptions:
     jobs: int | None = None
     recipe: Path | None = None
     check: bool = True
+    estimate_only: bool = False  # memory and cost figures only: no bmodel kept, nothing combined
 
 
 def normalize_quantize(q: str) -> str:
@@ -59,7 +60,7 @@ def _mem_available() -> int:
 
 def default_jobs(onnx_bytes: list[int]) -> int:
     """min(cores, available memory / the memory of the biggest piece's compile). model_transform
-    is the memory peak: measured ~14.7x the ONNX size for a full-size single block
+    is the memory peak: measured ~14.7x the float32 weights for a full-size single block
     (8.3 GB for 566 MB) and ~10.4x for a double block (14.1 GB for 1.36 GB); we plan 15x + 1 GB."""
     try:
         cores = len(os.sched_getaffinity(0))
@@ -151,7 +152,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     build_root = Path(opts.build_dir).resolve()
     build_root.mkdir(parents=True, exist_ok=True)
     plans = {p.spec.name: piece_plan(recipe, p.spec, quantize) for p in exp.pieces}
-    jobs = opts.jobs or default_jobs([p.path.stat().st_size for p in exp.pieces])
+    jobs = opts.jobs or default_jobs([p.weight_bytes for p in exp.pieces])
 
     console.print(f"fluxc compile: FLUX.1-{dims.flux_type}, transformer {quantize}, chip {chip}, "
                   f"{len(exp.pieces)} pieces, {jobs} job(s), check {'on' if opts.check else 'off'}; "
@@ -166,7 +167,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
         def submit(p) -> None:
             prog.start(p.spec.name)
             fut = pool.submit(compile_piece, p.spec, p.path, p.sha256, plans[p.spec.name], chip, toolchain,
-                              build_root, tools, opts.check)
+                              build_root, tools, opts.check, not opts.estimate_only)
             running[fut] = p.spec.name
 
         while pending and len(running) < jobs:
@@ -192,6 +193,10 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     by_family: dict[str, list[PieceResult]] = {}
     for p, r in zip(exp.pieces, ordered):
         by_family.setdefault(p.spec.family, []).append(r)
+
+    if opts.estimate_only:
+        return _estimate_only_report(opts, exp, ordered, by_family, quantize, chip, recipe, toolchain, build_root,
+                                     jobs, tools, t0, console)
 
     names = output_files(dims.flux_type, quantize, opts.devices, dims.tiny_vae)
     out_dir = Path(opts.out_dir).resolve()
@@ -253,6 +258,48 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     console.print(f"wrote {len(combined)} bmodel(s) to {out_dir} in {report['seconds']:.1f} s "
                   f"({report['tool_runs']} TPU-MLIR tool run(s)); report: {out_dir / 'compile_report.json'}",
                   highlight=False)
+    return report
+
+
+def _estimate_only_report(opts, exp, ordered, by_family, quantize, chip, recipe, toolchain, build_root, jobs, tools,
+                          t0, console) -> dict[str, Any]:
+    """What a build would take, from every piece compiled for real (bmodels not kept): device
+    memory per chip modelled as in the BF16 split (sum of weight + instructions, plus the largest
+    runtime area of the nets on that chip; exact on the combined files of every tiny build),
+    the cost-model time per step, and the split itself."""
+    def mem(rs):
+        return [PieceMem(r.name, r.memory["weight"] + r.memory["instruct"], r.memory["runtime"]) for r in rs]
+
+    tr = by_family["transformer"]
+    if quantize == "BF16":
+        parts = split_contiguous(mem(tr), min(opts.devices, len(tr)))
+    else:
+        parts = [mem(tr)]
+    # the reference's placement: CLIP and the VAE with the first transformer part, T5 with the last
+    chips = [list(p) for p in parts]
+    chips[0] = mem(by_family["clip"]) + chips[0] + mem(by_family["vae"])
+    chips[-1] = chips[-1] + mem(by_family["t5"])
+    per_chip = [{"device": i, "pieces": [m.name for m in c], "modeled_mb": round(device_cost(c) / MB, 1)}
+                for i, c in enumerate(chips)]
+    estimate = _estimate(exp, {r.name: r for r in ordered})
+    out_dir = Path(opts.out_dir).resolve()
+    report = {
+        "format": REPORT_FORMAT, "estimate_only": True,
+        "flux_type": exp.dims.flux_type, "quantize": quantize, "chip": chip, "tiny_vae": exp.dims.tiny_vae,
+        "devices": len(parts), "check": opts.check, "recipe": recipe.source, "toolchain": toolchain,
+        "export_dir": str(exp.folder), "build_dir": str(build_root), "jobs": jobs,
+        "tool_runs": len(tools.runs), "seconds": round(time.monotonic() - t0, 2), "estimate_ms": estimate,
+        "device_memory": per_chip,
+        "pieces": {r.name: {"quantize": r.data["quantize"], "estimate_ms": r.data["estimate_ms"],
+                            "memory": r.data["memory"], "cache_hit": r.cache_hit,
+                            "seconds": round(r.seconds, 2), "build_dir": str(r.folder)} for r in ordered},
+    }
+    write_json_atomic(out_dir / "estimate_report.json", report)
+    for c in per_chip:
+        console.print(f"device {c['device']}: {len(c['pieces'])} nets, modelled device memory {c['modeled_mb']:.0f} MB",
+                      highlight=False)
+    _print_estimate(console, estimate)
+    console.print(f"estimate only: no bmodel kept; report: {out_dir / 'estimate_report.json'}", highlight=False)
     return report
 
 

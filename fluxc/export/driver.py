@@ -403,7 +403,10 @@ REPEATED_KINDS = ("clip_block", "t5_block", "double_block", "single_block")
 def _weight_entry(out: Path, refs: dict) -> dict[str, Any]:
     from fluxc.export.weights import refs_sha256
 
+    import math
+
     return {"weights": {n: r.key for n, r in sorted(refs.items())},
+            "weight_numel": sum(math.prod(r.shape) for r in refs.values()),
             "weight_files": sorted({r.location for r in refs.values()}),
             "weights_sha256": refs_sha256(out, refs)}
 

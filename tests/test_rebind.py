@@ -152,3 +152,27 @@ def test_second_quantisation_runs_no_model_transform(compiled_dev_bf16, compile_
         assert done["how"] == "rebound", name
     print(f"W4BF16 after BF16: {n_transform} model_transform runs for {len(rep['pieces'])} pieces; "
           f"graphs not rebindable: {[p.name for p in not_rebindable]}")
+
+
+def test_probe_pieces_are_checked_in_place_of_full_pieces(compiled_dev_bf16, compile_build_dir, tmp_path):
+    """An export with probe pieces (as a full-size export has by default): compile checks the
+    probes on the simulator and compiles the full pieces without the simulator run. At the
+    tiny fixture's own shape the probes equal the fixture's first blocks, so they come from the
+    cache; at full size they are separate small pieces."""
+    from fluxc.export.driver import PROBE_KINDS, ExportOptions, run_export
+    from tests.fixtures_compile import compile_into, make_workspace
+
+    src = compiled_dev_bf16 / "onnx"
+    exp = shutil.copytree(src, tmp_path / "onnx", symlinks=False)
+    m = load_manifest(exp)
+    run_export(ExportOptions(model=m.source["path"], out=exp, height=m.options["height"], width=m.options["width"],
+                             t5_len=m.options["t5_seq_len"], probe=True), show_progress=False)
+    m2 = load_manifest(exp)
+    assert len(m2.probe["pieces"]) == len(PROBE_KINDS)
+    ws = make_workspace(tmp_path / "ws", exp)
+    rep = compile_into(ws, compile_build_dir, ["--quantize", "BF16", "--devices", "3"])
+    assert rep["checked"].startswith("probe pieces")
+    assert len(rep["probe_checks"]) == len(PROBE_KINDS)
+    for name, p in rep["probe_checks"].items():
+        assert p["similarity"]["quantized"]["cosine"] >= p["tolerance"][0], name
+    assert all(not p["cache_hit"] or p["checked"] for p in rep["pieces"].values())

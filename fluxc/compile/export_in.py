@@ -1,7 +1,7 @@
 """Reading and checking the export folder that `fluxc compile` starts from."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluxc.errors import FluxcError
@@ -21,6 +21,7 @@ class ExportIn:
     folder: Path
     dims: FluxDims
     pieces: list[ExportPiece]
+    probes: list[ExportPiece] = field(default_factory=list)  # small-shape pieces the simulator checks
 
 
 def read_export(folder: Path, flux_type: str | None, tiny_vae: bool | None) -> ExportIn:
@@ -56,4 +57,18 @@ def read_export(folder: Path, flux_type: str | None, tiny_vae: bool | None) -> E
     for p in pieces:
         if not p.path.is_file():
             raise FluxcError(f"export in {folder}: piece file {p.path.name} is missing; re-run `fluxc export`")
-    return ExportIn(folder, dims, pieces)
+    return ExportIn(folder, dims, pieces, _probes(folder, m))
+
+
+def _probes(folder: Path, m) -> list[ExportPiece]:
+    from fluxc.specs import PieceSpec
+
+    out = []
+    for e in (m.probe or {}).get("pieces", []):
+        spec = PieceSpec.from_dict(e)
+        path = folder / "probe" / e["file"]
+        if not path.is_file():
+            raise FluxcError(f"export in {folder}: probe piece {e['file']} is missing; re-run `fluxc export`")
+        out.append(ExportPiece(spec, path, e["sha256"] + f"+w{e.get('weights_sha256', '')}",
+                               4 * int(e.get("weight_numel", 0)) + path.stat().st_size))
+    return out

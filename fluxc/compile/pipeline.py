@@ -120,13 +120,13 @@ class _Progress:
             self.progress.console.print(line, highlight=False)
 
 
-def _piece_line(r: PieceResult) -> str:
+def _piece_line(r: PieceResult, label: str | None = None) -> str:
     d = r.data
     sim = (d.get("similarity") or {}).get("quantized")
     s = f"cos {sim['cosine']:.5f}" if sim else "unchecked"
     est = f"{d['estimate_ms']:.3f} ms" if d.get("estimate_ms") is not None else "-"
     how = "cached" if r.cache_hit else f"{r.seconds:.0f} s"
-    return f"{r.name:<28} {d['quantize']:<6} {s:<12} est {est:<11} {how}"
+    return f"{label or r.name:<28} {d['quantize']:<6} {s:<12} est {est:<11} {how}"
 
 
 def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
@@ -158,32 +158,48 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
                   f"{len(exp.pieces)} pieces, {jobs} job(s), check {'on' if opts.check else 'off'}; "
                   f"export {exp.folder}, build cache {build_root}", highlight=False)
 
+    # With probe pieces (a full-size export), the simulator checks them, first, in place of the
+    # full-size pieces it cannot run in reasonable time; otherwise every piece is checked.
+    probes = exp.probes if opts.check else []
+    check_full = opts.check and not probes
+    if probes:
+        console.print(f"checking {len(probes)} probe pieces ({', '.join(p.spec.name for p in probes)}, same weights "
+                      f"at a small shape) on the chip simulator first; the full-size pieces are compiled without "
+                      f"the simulator run", highlight=False)
+    probe_plans = {p.spec.name: piece_plan(recipe, p.spec, quantize) for p in probes}
+    probe_results: dict[str, PieceResult] = {}
     results: dict[str, PieceResult] = {}
     errors: list[BaseException] = []
-    with _Progress(len(exp.pieces), console) as prog, ThreadPoolExecutor(max_workers=jobs) as pool:
-        pending = list(exp.pieces)
-        running: dict[Future, str] = {}
+    with _Progress(len(probes) + len(exp.pieces), console) as prog, ThreadPoolExecutor(max_workers=jobs) as pool:
+        pending = [("probe", p) for p in probes] + [("piece", p) for p in exp.pieces]
+        running: dict[Future, tuple[str, str]] = {}
 
-        def submit(p) -> None:
-            prog.start(p.spec.name)
-            fut = pool.submit(compile_piece, p.spec, p.path, p.sha256, plans[p.spec.name], chip, toolchain,
-                              build_root, tools, opts.check, not opts.estimate_only)
-            running[fut] = p.spec.name
+        def submit(item) -> None:
+            what, p = item
+            label = f"probe {p.spec.name}" if what == "probe" else p.spec.name
+            prog.start(label)
+            if what == "probe":
+                fut = pool.submit(compile_piece, p.spec, p.path, p.sha256, probe_plans[p.spec.name], chip, toolchain,
+                                  build_root / "probe", tools, True, True)
+            else:
+                fut = pool.submit(compile_piece, p.spec, p.path, p.sha256, plans[p.spec.name], chip, toolchain,
+                                  build_root, tools, check_full, not opts.estimate_only)
+            running[fut] = (what, label)
 
         while pending and len(running) < jobs:
             submit(pending.pop(0))
         while running:
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in done:
-                name = running.pop(fut)
+                what, name = running.pop(fut)
                 try:
                     r = fut.result()
                 except BaseException as e:  # stop scheduling; let the running ones finish
                     errors.append(e)
                     prog.done(name, f"{name:<28} FAILED")
                     continue
-                results[name] = r
-                prog.done(name, _piece_line(r))
+                (probe_results if what == "probe" else results)[r.name] = r
+                prog.done(name, _piece_line(r, name))
             while pending and len(running) < jobs and not errors:
                 submit(pending.pop(0))
     if errors:
@@ -196,7 +212,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
 
     if opts.estimate_only:
         return _estimate_only_report(opts, exp, ordered, by_family, quantize, chip, recipe, toolchain, build_root,
-                                     jobs, tools, t0, console)
+                                     jobs, tools, t0, console, probe_results)
 
     names = output_files(dims.flux_type, quantize, opts.devices, dims.tiny_vae)
     out_dir = Path(opts.out_dir).resolve()
@@ -237,6 +253,8 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
         "format": REPORT_FORMAT,
         "flux_type": dims.flux_type, "quantize": quantize, "chip": chip, "tiny_vae": dims.tiny_vae,
         "devices": split_info["devices"] if split_info else 1, "check": opts.check,
+        "checked": _checked(opts.check, probe_results),
+        "probe_checks": {n: _probe_entry(r) for n, r in probe_results.items()},
         "recipe": recipe.source, "toolchain": toolchain, "export_dir": str(exp.folder),
         "build_dir": str(build_root), "jobs": jobs,
         "tool_runs": len(tools.runs), "tool_commands": tools.runs,
@@ -261,8 +279,21 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     return report
 
 
+def _checked(check: bool, probe_results: dict) -> str:
+    if not check:
+        return "nothing on the simulator (--no-check)"
+    if probe_results:
+        return f"probe pieces on the simulator ({len(probe_results)}: one per full-width kind, small shape, same weights)"
+    return "every piece on the simulator"
+
+
+def _probe_entry(r: PieceResult) -> dict[str, Any]:
+    return {"quantize": r.data["quantize"], "similarity": r.data["similarity"], "tolerance": r.data["tolerance"],
+            "cache_hit": r.cache_hit, "seconds": round(r.seconds, 2), "build_dir": str(r.folder)}
+
+
 def _estimate_only_report(opts, exp, ordered, by_family, quantize, chip, recipe, toolchain, build_root, jobs, tools,
-                          t0, console) -> dict[str, Any]:
+                          t0, console, probe_results) -> dict[str, Any]:
     """What a build would take, from every piece compiled for real (bmodels not kept): device
     memory per chip modelled as in the BF16 split (sum of weight + instructions, plus the largest
     runtime area of the nets on that chip; exact on the combined files of every tiny build),
@@ -287,6 +318,8 @@ def _estimate_only_report(opts, exp, ordered, by_family, quantize, chip, recipe,
         "format": REPORT_FORMAT, "estimate_only": True,
         "flux_type": exp.dims.flux_type, "quantize": quantize, "chip": chip, "tiny_vae": exp.dims.tiny_vae,
         "devices": len(parts), "check": opts.check, "recipe": recipe.source, "toolchain": toolchain,
+        "checked": _checked(opts.check, probe_results),
+        "probe_checks": {n: _probe_entry(r) for n, r in probe_results.items()},
         "export_dir": str(exp.folder), "build_dir": str(build_root), "jobs": jobs,
         "tool_runs": len(tools.runs), "seconds": round(time.monotonic() - t0, 2), "estimate_ms": estimate,
         "device_memory": per_chip,

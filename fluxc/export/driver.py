@@ -45,6 +45,7 @@ class ExportOptions:
     t5_len: int = 512
     tiny_vae: str | None = None
     force: bool = False
+    probe: bool | None = None  # also export probe pieces (None: when the image is above PROBE_AUTO_TOKENS)
 
 
 @dataclass
@@ -323,21 +324,17 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
 
     versions = library_versions()
     code = code_hash()
-    from fluxc.export.loading import checkpoint_keys
 
     plan: list[tuple[PieceSpec, str, list[str]]] = []
     for spec in specs:
         comp = component_of(spec, dims)
         prefixes = piece_prefixes(spec, dims, ckpt)
-        keys = checkpoint_keys(ckpt.model(comp), prefixes, ckpt.stores[comp], comp)
-        key = sha256_json({"spec": spec.to_dict(), "config": ckpt.configs[comp],
-                           "weights": ckpt.stores[comp].fingerprint(keys), "code": code, "versions": versions})
-        plan.append((spec, key, prefixes))
+        plan.append((spec, _piece_key(spec, comp, prefixes, ckpt, code, versions), prefixes))
     todo = [s.name for s, k, _ in plan if not _entry_ok(out, old_entries.get(s.name), k)]
 
     out.mkdir(parents=True, exist_ok=True)
     options = {"flux_type": flux_type, "height": opts.height, "width": opts.width, "t5_seq_len": opts.t5_len,
-               "tiny_vae": opts.tiny_vae}
+               "tiny_vae": opts.tiny_vae, "probe": opts.probe}
     if old is not None and (todo or old.get("complete") is not True) and (out / mf.MANIFEST).exists():
         # From here on the folder may change: never leave a manifest a later run would trust.
         write_json_atomic(out / mf.MANIFEST, {**old, "complete": False})
@@ -350,7 +347,7 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
     clean_stale_temps(out)
     templates: dict[str, tuple[PieceSpec, dict[str, str]]] = {}  # repeated kind -> first block exported
 
-    with _progress(show_progress, len(plan)) as advance:
+    with _progress(show_progress, len(plan) + (len(probe_specs(dims)[1]) if _want_probe(opts, dims) else 0)) as advance:
         for spec, key, prefixes in plan:
             comp = component_of(spec, dims)
             if spec.name not in todo:
@@ -374,6 +371,8 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
             result.piece_seconds[spec.name] = time.time() - tp
             advance(f"{spec.name} exported", done=True)
 
+        probe = _export_probes(opts, ckpt, dims, out, old, code, versions, advance)
+
     files = _sync_side_files(ckpt, dims, out)
     # Pieces of an earlier export that are not part of this one.
     keep = {s.file for s in specs} | {e["external_data"] for e in entries if e.get("external_data")}
@@ -388,6 +387,8 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
 
     manifest = {"format": mf.FORMAT, "complete": True, "source": source_rec, "options": options,
                 "versions": versions, "dims": dims.to_dict(), "files": files, "pieces": entries}
+    if probe is not None:
+        manifest["probe"] = probe
     if mf.read_manifest_json(out) != manifest:
         write_json_atomic(out / mf.MANIFEST, manifest)
     result.seconds = time.time() - t0
@@ -513,6 +514,82 @@ def _rebind(spec: PieceSpec, dims: FluxDims, ckpt: Checkpoint, out: Path, templa
         finally:
             release(model, prefixes)
     return {"file": spec.file, "sha256": sha256_file(out / spec.file), **_weight_entry(out, refs)}
+
+
+def _piece_key(spec: PieceSpec, comp: str, prefixes: list[str], ckpt: Checkpoint, code: str, versions) -> str:
+    from fluxc.export.loading import checkpoint_keys
+
+    keys = checkpoint_keys(ckpt.model(comp), prefixes, ckpt.stores[comp], comp)
+    return sha256_json({"spec": spec.to_dict(), "config": ckpt.configs[comp],
+                        "weights": ckpt.stores[comp].fingerprint(keys), "code": code, "versions": versions})
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe pieces: one piece of each full-width kind at a small shape, same weights, so that the
+# chip simulator can check the compiled weights and quantisation in bounded time (it needs more
+# than 15 min for one full-size block). `fluxc compile` checks them when the export has them.
+
+PROBE_DIR = "probe"
+PROBE_HW = 128  # 64 image tokens
+PROBE_T5 = 32
+PROBE_AUTO_TOKENS = 1024  # probes by default above 512x512
+PROBE_KINDS = ("t5_block", "transformer_head", "double_block", "single_block", "transformer_tail", "vae")
+
+
+def probe_specs(dims: FluxDims) -> tuple[FluxDims, list[PieceSpec]]:
+    """The probe dims and the first piece of each probed kind at those dims."""
+    import dataclasses
+
+    from fluxc.export.pieces import piece_kind
+
+    pdims = dataclasses.replace(dims, height=PROBE_HW, width=PROBE_HW, t5_len=min(PROBE_T5, dims.t5_len))
+    seen, out = set(), []
+    for s in piece_specs(pdims):
+        k = piece_kind(s)
+        if k in PROBE_KINDS and k not in seen:
+            seen.add(k)
+            out.append(s)
+    return pdims, out
+
+
+def _want_probe(opts: ExportOptions, dims: FluxDims) -> bool:
+    if opts.probe is not None:
+        return opts.probe
+    return (dims.height // (2 * dims.vae_scale)) * (dims.width // (2 * dims.vae_scale)) > PROBE_AUTO_TOKENS
+
+
+def _export_probes(opts: ExportOptions, ckpt: Checkpoint, dims: FluxDims, out: Path, old: dict | None,
+                   code: str, versions, advance) -> dict[str, Any] | None:
+    from fluxc.export.pieces import piece_parts
+    from fluxc.export.weights import prune_unused
+
+    pout = out / PROBE_DIR
+    if not _want_probe(opts, dims):
+        if pout.exists():
+            shutil.rmtree(pout)
+        return None
+    pdims, specs = probe_specs(dims)
+    pout.mkdir(parents=True, exist_ok=True)
+    old_e = {} if (old is None or opts.force) else {e.get("name"): e for e in (old.get("probe") or {}).get("pieces", [])}
+    entries = []
+    for spec in specs:
+        comp = component_of(spec, pdims)
+        prefixes = list(piece_parts(spec))
+        key = _piece_key(spec, comp, prefixes, ckpt, code, versions)
+        if _entry_ok(pout, old_e.get(spec.name), key):
+            entries.append({**old_e[spec.name], **spec.to_dict()})
+            advance(f"probe {spec.name} (unchanged)")
+            continue
+        advance(f"probe {spec.name}", start=True)
+        e = _export_one(spec, pdims, ckpt, pout, prefixes, None)
+        entries.append({**e, **spec.to_dict(), "key": key})
+        advance(f"probe {spec.name} exported", done=True)
+    keep = {e["file"] for e in entries}
+    for p in pout.glob("*.onnx*"):
+        if p.name not in keep:
+            p.unlink()
+    prune_unused(pout, {loc for e in entries for loc in e.get("weight_files", [])})
+    return {"dims": pdims.to_dict(), "pieces": entries}
 
 
 def _free(model, prefixes, module) -> None:

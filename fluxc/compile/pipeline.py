@@ -58,16 +58,33 @@ def _mem_available() -> int:
     return 4 << 30
 
 
-def default_jobs(onnx_bytes: list[int]) -> int:
-    """min(cores, available memory / the memory of the biggest piece's compile). model_transform
-    is the memory peak: measured ~14.7x the float32 weights for a full-size single block
-    (8.3 GB for 566 MB) and ~10.4x for a double block (14.1 GB for 1.36 GB); we plan 15x + 1 GB."""
+def _cores() -> int:
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    per_piece = 15 * max(onnx_bytes or [0]) + (1 << 30)
-    return max(1, min(cores, _mem_available() // per_piece))
+        return os.cpu_count() or 1
+
+
+# Peak memory of compiling one piece, as multiples of its float32 weights, measured on the
+# full-size blocks (tpu-mlir-facts.md): model_transform 10.4x (double) to 14.7x (single);
+# model_deploy 1.8-2.3x; rebinding a transform (fluxc.compile.rebind) about 3x.
+TRANSFORM_X, REBOUND_X, BASE = 15, 3, 1 << 30
+
+
+class MemoryBudget:
+    """Runs pieces side by side while their planned peaks fit in the memory available at the
+    start (80% of it): the first piece of each kind (a real model_transform) is planned at 15x
+    its weights, a rebound one at 3x. `--jobs` caps the count."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.budget, self.used = cap, int(0.8 * _mem_available()), 0
+
+    @staticmethod
+    def need(weight_bytes: int, first_of_kind: bool) -> int:
+        return (TRANSFORM_X if first_of_kind else REBOUND_X) * weight_bytes + BASE
+
+    def fits(self, need: int, running: int) -> bool:
+        return running == 0 or (running < self.cap and self.used + need <= self.budget)
 
 
 def output_files(flux_type: str, quantize: str, devices: int, tiny_vae: bool) -> dict[str, str]:
@@ -152,7 +169,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     build_root = Path(opts.build_dir).resolve()
     build_root.mkdir(parents=True, exist_ok=True)
     plans = {p.spec.name: piece_plan(recipe, p.spec, quantize) for p in exp.pieces}
-    jobs = opts.jobs or default_jobs([p.weight_bytes for p in exp.pieces])
+    jobs = opts.jobs or _cores()
 
     console.print(f"fluxc compile: FLUX.1-{dims.flux_type}, transformer {quantize}, chip {chip}, "
                   f"{len(exp.pieces)} pieces, {jobs} job(s), check {'on' if opts.check else 'off'}; "
@@ -174,8 +191,21 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
         pending = [("probe", p) for p in probes] + [("piece", p) for p in exp.pieces]
         running: dict[Future, tuple[str, str]] = {}
 
+        from fluxc.export.pieces import piece_kind  # (imports torch; only the kind table is used)
+
+        budget = MemoryBudget(jobs)
+        seen_kinds: set[tuple[str, str]] = set()
+        needs: dict[Future, int] = {}
+
+        def need_of(item) -> int:
+            what, p = item
+            kind = (what, piece_kind(p.spec))
+            return MemoryBudget.need(p.weight_bytes, kind not in seen_kinds)
+
         def submit(item) -> None:
             what, p = item
+            n = need_of(item)
+            seen_kinds.add((what, piece_kind(p.spec)))
             label = f"probe {p.spec.name}" if what == "probe" else p.spec.name
             prog.start(label)
             if what == "probe":
@@ -185,13 +215,16 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
                 fut = pool.submit(compile_piece, p.spec, p.path, p.sha256, plans[p.spec.name], chip, toolchain,
                                   build_root, tools, check_full, not opts.estimate_only)
             running[fut] = (what, label)
+            needs[fut] = n
+            budget.used += n
 
-        while pending and len(running) < jobs:
+        while pending and budget.fits(need_of(pending[0]), len(running)):
             submit(pending.pop(0))
         while running:
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in done:
                 what, name = running.pop(fut)
+                budget.used -= needs.pop(fut)
                 try:
                     r = fut.result()
                 except BaseException as e:  # stop scheduling; let the running ones finish
@@ -200,7 +233,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
                     continue
                 (probe_results if what == "probe" else results)[r.name] = r
                 prog.done(name, _piece_line(r, name))
-            while pending and len(running) < jobs and not errors:
+            while pending and not errors and budget.fits(need_of(pending[0]), len(running)):
                 submit(pending.pop(0))
     if errors:
         raise errors[0]

@@ -20,6 +20,10 @@ def export(
     tiny_vae: Optional[str] = typer.Option(
         None, "--tiny-vae", help="Export an AutoencoderTiny decoder (taef1) from this folder or Hub id instead of the VAE"),
     force: bool = typer.Option(False, "--force", help="Re-export every piece; replace another model's export"),
+    probe: Optional[bool] = typer.Option(
+        None, "--probe/--no-probe", help="Also export one piece of each full-width kind at 128x128 / T5 32 with the "
+        "same weights, which `fluxc compile` checks on the chip simulator in place of the full-size pieces "
+        "(default: on above 512x512)"),
     lora: Optional[list[str]] = typer.Option(
         None, "--lora", help="FILE[:SCALE] LoRA (.safetensors; diffusers, kohya or ComfyUI keys) fused into the "
                              "weights at SCALE (default 1); repeat to stack LoRAs"),
@@ -37,7 +41,7 @@ def export(
     loras = [parse_lora_arg(x) for x in lora or []]  # a bad scale fails before any weight is read
 
     res = run_export(ExportOptions(model=model, out=out, models=models, flux_type=flux_type, height=height,
-                                   width=width, t5_len=t5_seq_len, tiny_vae=tiny_vae, force=force,
+                                   width=width, t5_len=t5_seq_len, tiny_vae=tiny_vae, force=force, probe=probe,
                                    loras=loras))
     typer.echo(f"exported {len(res.exported)} piece(s), reused {len(res.reused)} unchanged, "
                f"in {res.seconds:.1f} s -> {res.export_dir}")

@@ -56,9 +56,8 @@ def make_lora(ckpt: Path, out: Path, rank: int) -> tuple[Path, int]:
 
 
 def export_peak(ckpt: Path, out: Path, extra: list[str]) -> dict:
-    fluxc = Path(sys.executable).with_name("fluxc")
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [str(fluxc), "export", str(ckpt), "--out", str(out), *EXPORT_ARGS, *extra]
+    cmd = [sys.executable, "-m", "fluxc.cli", "export", str(ckpt), "--out", str(out), *EXPORT_ARGS, *extra]
     t = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _, status, ru = os.wait4(p.pid, 0)

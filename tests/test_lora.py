@@ -178,6 +178,12 @@ def test_lora_content_key_manifest_and_reuse(tiny_schnell, lora_files, lora_expo
     assert [r["sha256"] for r in recs] == [sha256_file(f) for f, _ in lora_files]
     assert [r["scale"] for r in recs] == [0.8, 0.5]
     assert recs[0]["modules"]["text_encoder"] == 6 and "text_encoder" not in recs[1]["modules"]
+    # the fused tensors live in one file per touched component, referenced by the touched pieces
+    for comp in ("transformer", "text_encoder"):
+        fused = list((ws / "onnx" / "weights" / comp).glob("lora-fused-*.safetensors"))
+        assert len(fused) == 1, (comp, fused)
+        users = [e["name"] for e in man["pieces"] if f"weights/{comp}/{fused[0].name}" in e.get("weight_files", [])]
+        assert users, comp
     plain = {e["name"]: e["key"] for e in json.loads((export_schnell_tinyvae / "manifest.json").read_text())["pieces"]}
     keys = {e["name"]: e["key"] for e in man["pieces"]}
     changed = {n for n in keys if keys[n] != plain[n]}

@@ -78,17 +78,22 @@ def main() -> None:
             wd = work / kind
             wd.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
-            shapes = export_block(kind, a.size, a.t5_len, wd)
-            run_tool("model_transform", ["--model_name", f"{kind}_block", "--model_def", "b.onnx", "--input_shapes",
-                                         shapes, "--mlir", "b.mlir"], cwd=wd, log=wd / "transform.log")
-            (wd / "b.onnx").unlink()
-            print(f"{kind}: export + transform {time.time() - t0:.0f} s", flush=True)
+            if not (wd / "b.mlir").is_file():  # (a kept folder is reused)
+                shapes = export_block(kind, a.size, a.t5_len, wd)
+                run_tool("model_transform", ["--model_name", f"{kind}_block", "--model_def", "b.onnx",
+                                             "--input_shapes", shapes, "--mlir", "b.mlir"], cwd=wd,
+                         log=wd / "transform.log")
+                (wd / "b.onnx").unlink()
+                print(f"{kind}: export + transform {time.time() - t0:.0f} s", flush=True)
             for chip in CHIPS:
                 cd = wd / chip
                 cd.mkdir(exist_ok=True)
-                for f in wd.glob("b*"):
+                for f in wd.iterdir():  # the MLIR itself copied (tools check its folder), the rest linked
                     if f.is_file() and not (cd / f.name).exists():
-                        (cd / f.name).symlink_to(f)
+                        if f.suffix == ".mlir":
+                            shutil.copy(f, cd / f.name)
+                        else:
+                            (cd / f.name).symlink_to(f)
                 t0 = time.time()
                 run_tool("model_deploy", ["--mlir", "b.mlir", "--quantize", "W4BF16", "--q_group_size", "64",
                                           "--chip", chip, "--model", "b.bmodel"], cwd=cd, log=cd / "deploy.log")

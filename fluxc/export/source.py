@@ -159,8 +159,14 @@ class WeightStore:
         files: dict[str, Path] = {}
         if indexes:
             idx = read_json(indexes[0], f"{component} weights index")
-            wm = idx.get("weight_map") or {}
+            wm = idx.get("weight_map") if isinstance(idx, dict) else None
+            if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+                raise FluxcError(f"{component}: {indexes[0]} has no valid weight_map (tensor name -> file); "
+                                 f"re-download the model")
             for k, fn in wm.items():
+                if Path(fn).name != fn:
+                    raise FluxcError(f"{component}: {indexes[0]} names {fn!r}, not a file in {folder}; "
+                                     f"re-download the model")
                 files[k] = folder / fn
             missing = sorted({str(p.name) for p in files.values() if not p.is_file()})
             if missing:
@@ -179,6 +185,11 @@ class WeightStore:
         for p in sorted(set(files.values())):
             store.headers[p] = _read_header(p)
             _check_size(p, store.headers[p], component)
+        if indexes:
+            for k, p in files.items():
+                if k not in store.headers[p]:
+                    raise FluxcError(f"{component}: {indexes[0].name} puts tensor {k} in {p.name}, which does not "
+                                     f"hold it; the index is corrupt: re-download the model")
         return store
 
     def keys(self) -> Iterable[str]:

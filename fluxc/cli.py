@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
 
             if not is_disk_full(e):
                 raise
-            raise from_oserror(e) from None
+            args = sys.argv[1:] if argv is None else argv
+            raise from_oserror(e, next((a for a in args if not a.startswith("-")), None)) from None
     except FluxcError as e:
         msg = str(e)
         first, _, rest = msg.partition("\n")

@@ -32,7 +32,8 @@ def free_bytes(path: Path | str) -> int | None:
 
 def disk_full_error(what: str, where: Path | str | None, option: str = "--out/--build-dir") -> FluxcError:
     free = free_bytes(where) if where is not None else None
-    left = f" ({free / 1e9:.2f} GB left there)" if free is not None else ""
+    left = "" if free is None else (f" ({free / 1e9:.1f} GB left there)" if free >= 1e9 else
+                                    f" ({free / 1e6:.1f} MB left there)")
     return FluxcError(f"disk full while writing {what}{left}: free some GB on that disk or choose another "
                       f"{option}; nothing half-written is kept")
 
@@ -51,7 +52,13 @@ def file_being_written(tb: TracebackType | None) -> str | None:
     return found
 
 
-def from_oserror(e: OSError) -> FluxcError:
+# The option that moves each command's output elsewhere.
+OUTPUT_OPTIONS = {"export": "--out", "compile": "--build-dir/--out", "tiny": "OUT folder", "verify": "--out",
+                  "run": "--out"}
+
+
+def from_oserror(e: OSError, command: str | None = None) -> FluxcError:
     """The disk-full FluxcError for an ENOSPC OSError caught anywhere above the write."""
     path = e.filename or e.filename2 or file_being_written(e.__traceback__)
-    return disk_full_error(str(path) if path else "the output", path)
+    return disk_full_error(str(path) if path else "the output", path,
+                           OUTPUT_OPTIONS.get(command or "", "--out/--build-dir"))

@@ -69,7 +69,7 @@ class Sampler(threading.Thread):
         self.min_free = shutil.disk_usage(disk).free
         self.piece_rss: dict[str, int] = {}
         self.samples = 0
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
         import psutil
@@ -78,7 +78,7 @@ class Sampler(threading.Thread):
             root = psutil.Process(self.pid)
         except psutil.NoSuchProcess:
             return
-        while not self._stop.is_set():
+        while not self._done.is_set():
             total, per_piece = 0, {}
             try:
                 procs = [root, *root.children(recursive=True)]
@@ -101,10 +101,10 @@ class Sampler(threading.Thread):
             except OSError:
                 pass
             self.samples += 1
-            self._stop.wait(SAMPLE_S)
+            self._done.wait(SAMPLE_S)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join(timeout=10)
 
 
@@ -162,12 +162,14 @@ def piece_kind(name: str) -> str:
 def by_kind(report: dict, piece_rss: dict[str, float]) -> dict:
     kinds: dict[str, dict] = {}
     for name, p in report.get("pieces", {}).items():
-        k = kinds.setdefault(piece_kind(name), {"count": 0, "build_s": 0.0, "estimate_ms": 0.0,
-                                                "peak_rss_gb": 0.0, "device_mb": 0.0})
+        k = kinds.setdefault(piece_kind(name), {"count": 0, "cache_hits": 0, "build_s": 0.0, "estimate_ms": 0.0,
+                                                "tool_peak_rss_gb": None, "device_mb": 0.0})
         k["count"] += 1
+        k["cache_hits"] += bool(p.get("cache_hit"))
         k["build_s"] = round(k["build_s"] + float(p.get("build_seconds") or p.get("seconds") or 0), 1)
         k["estimate_ms"] = round(k["estimate_ms"] + float(p.get("estimate_ms") or 0), 4)
-        k["peak_rss_gb"] = max(k["peak_rss_gb"], piece_rss.get(name, 0.0))
+        if name in piece_rss:  # sampled only for pieces built in this run (not cache hits)
+            k["tool_peak_rss_gb"] = max(k["tool_peak_rss_gb"] or 0.0, piece_rss[name])
         k["device_mb"] = round(k["device_mb"] + (p.get("memory") or {}).get("device", 0) / MB, 2)
     return kinds
 

@@ -3,6 +3,7 @@ time, peak RSS of the whole process tree and peak disk use per stage.
 
 Stages (each one a `fluxc` subprocess; run in this order):
 
+    checkpoint      fluxc tiny CHECKPOINT --preset full --flux-type dev   (only if CHECKPOINT holds no model)
     export          fluxc export CHECKPOINT --height 1024 --width 1024 --t5-seq-len 512 --tiny-vae CHECKPOINT/tiny_vae
     compile_w4bf16  fluxc compile --quantize W4BF16 --tiny-vae            (one chip, as on an SE7-32)
     compile_bf16    fluxc compile --quantize BF16 --devices 3
@@ -297,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([*fluxc, "tiny", str(ckpt), "--flux-type", "dev", "--sharded", "--force"], cwd=REPO,
                            check=True)
     ckpt = ckpt.resolve()
+    write_ckpt = not a.tiny and not (ckpt / "model_index.json").is_file()
     size = TINY_SIZE if a.tiny else FULL_SIZE
     results_path = a.results or (work / "full_size_tiny.json" if a.tiny else RESULTS)
     ws = work / "ws"
@@ -324,8 +326,23 @@ def main(argv: list[str] | None = None) -> int:
         summarise(res)
         write_results(results_path, res)
 
-    # ---- export
+    # ---- checkpoint (only when the given folder does not hold one yet; ~34 GB)
     st = state["stages"]
+    if write_ckpt:
+        cmd = [*fluxc, "tiny", str(ckpt), "--preset", "full", "--flux-type", "dev", "--force"]
+        print(f"checkpoint: {' '.join(cmd[3:])}", flush=True)
+        m = run_measured(cmd, log, work, free0)
+        m["du_gb"] = round(du_bytes(ckpt) / GB, 3)
+        m["complete"] = m["returncode"] == 0 and (ckpt / "model_index.json").is_file()
+        st["checkpoint"] = m
+        res["checkpoint_gb"] = m["du_gb"]
+        state["free_at_start"] = free0 = shutil.disk_usage(work).free  # the export's disk figure starts here
+        save()
+        if not m["complete"]:
+            print(f"writing the checkpoint failed (exit {m['returncode']}); see {log}", flush=True)
+            return 1
+
+    # ---- export
     if st.get("export", {}).get("complete") and export_complete(export_dir, size):
         print("export: complete, skipped", flush=True)
     else:

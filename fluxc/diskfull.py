@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import re
 import shutil
 from pathlib import Path
 from types import TracebackType
@@ -57,8 +58,16 @@ OUTPUT_OPTIONS = {"export": "--out", "compile": "--build-dir/--out", "tiny": "OU
                   "run": "--out"}
 
 
+def final_name(path: str) -> str:
+    """The name a temporary file would have been renamed to (.X.tmp-PID -> X; a piece staged in
+    .P.export-PID/staged/ -> its export folder)."""
+    path = re.sub(r"/\.[^/]+\.export-\d+/staged/", "/", path)
+    return re.sub(r"/\.([^/]+)\.tmp-\d+$", r"/\1", path)
+
+
 def from_oserror(e: OSError, command: str | None = None) -> FluxcError:
     """The disk-full FluxcError for an ENOSPC OSError caught anywhere above the write."""
-    path = e.filename or e.filename2 or file_being_written(e.__traceback__)
-    return disk_full_error(str(path) if path else "the output", path,
+    # a two-path operation (copy, link, rename) names its destination second
+    path = e.filename2 or e.filename or file_being_written(e.__traceback__)
+    return disk_full_error(final_name(os.fsdecode(path)) if path else "the output", path,
                            OUTPUT_OPTIONS.get(command or "", "--out/--build-dir"))

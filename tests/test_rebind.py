@@ -54,9 +54,33 @@ def test_rebound_piece_equals_direct_export(export_dev, tmp_path, kind):
     ckpt, _, dims, _ = resolve_inputs(opts)
     out.mkdir()
     e = _export_one(spec, dims, ckpt, out, list(piece_parts(spec)), None)
-    assert (out / spec.file).read_bytes() == (export_dev / spec.file).read_bytes()
+    # The same graph, the same references; the only freedom is the exporter's counter for
+    # anonymous tensors ("onnx::Unsqueeze_25"), which block 0 of T5 shifts by one (its module
+    # has one more, unused, parameter): compare with those names renumbered in order.
+    assert _canonical(out / spec.file) == _canonical(export_dev / spec.file)
     assert e["weights_sha256"] == m.entries[spec.name]["weights_sha256"]
     assert e["weights"] == m.entries[spec.name]["weights"]
+
+
+def _canonical(path: Path) -> bytes:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    names: dict[str, str] = {}
+
+    def ren(n: str) -> str:
+        if not n.startswith("onnx::"):
+            return n
+        return names.setdefault(n, f"onnx::anon_{len(names)}")
+
+    for node in m.graph.node:
+        node.input[:] = [ren(i) for i in node.input]
+        node.output[:] = [ren(o) for o in node.output]
+    for vi in m.graph.value_info:
+        vi.name = ren(vi.name)
+    for t in m.graph.initializer:
+        t.name = ren(t.name)
+    return m.SerializeToString(deterministic=True)
 
 
 def test_rebind_refuses_a_piece_with_other_tensors(export_dev, tmp_path):

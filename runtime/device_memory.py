@@ -102,3 +102,61 @@ def over_budget(per_chip: dict[int, dict], budget_mb: float) -> list[str]:
     """One line per chip whose total exceeds the budget (empty when the build fits)."""
     return [f"device {d}: {r['total'] / MB:.0f} MB (models {r['models'] / MB:.0f} + I/O tensors {r['io'] / MB:.0f}) "
             f"> budget {budget_mb:.0f} MB" for d, r in per_chip.items() if r["total"] > budget_mb * MB]
+
+
+def placement(files: dict[str, list], n_devices: int) -> list[tuple[object, int]]:
+    """(file, device index) as the runtime places a build (runtime/models.open_bmodels, the
+    reference's rule): CLIP and VAE on the first chip, T5 on the last, transformer part i
+    on chip i."""
+    last = max(1, n_devices) - 1
+    plan = [(files["clip"][0], 0), (files["t5"][0], last)]
+    plan += [(p, min(i, last)) for i, p in enumerate(files["transformer"])]
+    plan += [(files["vae"][0], 0)]
+    return plan
+
+
+def read_info(bmodel) -> str:
+    """`model_tool --info` text of a bmodel: the `<name>.info.txt` fluxc compile leaves
+    next to it, else a fresh model_tool run."""
+    import tempfile
+    from pathlib import Path
+
+    p = Path(bmodel)
+    side = p.with_name(p.stem + ".info.txt")
+    if side.is_file() and side.stat().st_mtime >= p.stat().st_mtime:
+        return side.read_text(errors="replace")
+    from fluxc.toolchain import run_tool
+
+    with tempfile.TemporaryDirectory(prefix="fluxc-info-") as td:
+        log = Path(td) / "info.log"
+        run_tool("model_tool", ["--info", str(p.resolve())], cwd=Path(td), log=log, timeout=300)
+        return log.read_text(errors="replace")
+
+
+def device_memory_for_build(chip_dir, manifest, quantize: str) -> dict[int, dict]:
+    """Per chip (index) device memory of a compiled build: its bmodels' model_tool figures
+    + the I/O tensors the sail runtime allocates for it. For `fluxc compile` (report) and
+    `fluxc verify` (against BUDGET_MB)."""
+    from pathlib import Path
+
+    from fluxc.compile.parse import parse_info
+    from fluxc.runtime.models import bmodel_files
+    from fluxc.runtime.sail_flux import io_plan
+
+    d = manifest.dims
+    files = bmodel_files(Path(chip_dir), d.flux_type, quantize, d.tiny_vae)
+    plan = placement(files, len(files["transformer"]))
+    specs = {s.net_name: s for s in manifest.specs}
+    where, mems = {}, []
+    for f, dev in plan:
+        text = read_info(f)
+        mems.append((dev, bmodel_memory_from_info(text)))
+        for net in parse_info(text).nets:
+            where[net.name] = dev
+    missing = [n for n in specs if n not in where]
+    if missing:
+        from fluxc.errors import FluxcError
+
+        raise FluxcError(f"no bmodel in {chip_dir} holds net {missing[0]!r}; rebuild with fluxc compile")
+    tensors, _ = io_plan(specs, where, d.flux_type)
+    return build_device_memory(mems, tensors)

@@ -116,13 +116,13 @@ def placement(files: dict[str, list], n_devices: int) -> list[tuple[object, int]
 
 
 def read_info(bmodel) -> str:
-    """`model_tool --info` text of a bmodel: the `<name>.info.txt` fluxc compile leaves
+    """`model_tool --info` text of a bmodel: the `<file>.bmodel.info.txt` fluxc compile leaves
     next to it, else a fresh model_tool run."""
     import tempfile
     from pathlib import Path
 
     p = Path(bmodel)
-    side = p.with_name(p.stem + ".info.txt")
+    side = p.with_name(p.name + ".info.txt")
     if side.is_file() and side.stat().st_mtime >= p.stat().st_mtime:
         return side.read_text(errors="replace")
     from fluxc.toolchain import run_tool

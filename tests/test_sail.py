@@ -194,7 +194,8 @@ def test_sail_sim_tensor_rules():
         assert st[0].allocations == 1 and st[1].allocations == 1
         with pytest.raises(sail.SailSimError, match="out of device memory"):
             sail.Tensor(h0, [1024, 1024], sail.Dtype.BM_FLOAT32, False, True)
-        del a, b
+        a.free()
+        b.free()
         assert st[0].live_tensors == 0 and st[0].tensor_bytes == 0
     finally:
         sail.reset()

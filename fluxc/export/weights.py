@@ -81,10 +81,16 @@ def link_into(out: Path, component: str, src: Path) -> str:
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copy2(src, tmp)  # another filesystem: one copy in the stored dtype
-    os.replace(tmp, dst)
+        try:
+            # realpath: Hub cache snapshots hold symlinks into blobs/, and link() would
+            # hard-link the (relative, then dangling) symlink itself
+            os.link(os.path.realpath(src), tmp)
+        except OSError:
+            shutil.copy2(src, tmp)  # another filesystem: one copy in the stored dtype
+        os.replace(tmp, dst)
+    except BaseException:  # e.g. disk full during the copy: leave no temp name behind
+        tmp.unlink(missing_ok=True)
+        raise
     return rel
 
 

@@ -17,7 +17,7 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
     """(pipeline, model set, quantize used) for one workspace and backend. Shared by verify."""
     from fluxc import workspace
     from fluxc.export.manifest import load_manifest
-    from fluxc.runtime.models import BACKENDS, open_bmodels, open_onnx
+    from fluxc.runtime.models import BACKENDS, open_bmodels, open_onnx, read_build
     from fluxc.runtime.pipeline import FluxPipeline
 
     if backend not in BACKENDS:
@@ -50,7 +50,10 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
             warnings.warn("--quantize is ignored by the onnx backend (it runs the float export)")
         ms, q = open_onnx(man, progress=say), "F32"
     else:
-        ms, q = open_bmodels(backend, workspace.chip_dir(models), d, quantize, devices, progress=say)
+        # What was built comes from the build record only (fluxc/build_record.py).
+        rec = read_build(workspace.chip_dir(models), d, quantize)
+        rec.check_export(exp)
+        ms, q = open_bmodels(backend, rec.chip_dir, d, quantize, devices, progress=say, record=rec)
     return FluxPipeline(ms, man), ms, q
 
 

@@ -249,6 +249,10 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
         } for r in ordered},
     }
     write_json_atomic(out_dir / "compile_report.json", report)
+    # Last: the build record run and verify read (fluxc/build_record.py).
+    from fluxc.build_record import write_record
+    write_record(out_dir, exp=exp, recipe=recipe, chip=chip, toolchain=toolchain, quantize=quantize,
+                 check=opts.check, combined=combined, results=results, split_info=split_info)
     _print_estimate(console, estimate)
     console.print(f"wrote {len(combined)} bmodel(s) to {out_dir} in {report['seconds']:.1f} s "
                   f"({report['tool_runs']} TPU-MLIR tool run(s)); report: {out_dir / 'compile_report.json'}",

@@ -16,7 +16,8 @@ Schema (format 1; docs/DESIGN.md "Build record"):
                 "nets": [net, ...], "memory": {"device", "weight", "instruct", "runtime"}}],
      "pieces": [{"spec": PieceSpec.to_dict(), "file": "clip.bmodel", "net": "clip_head",
                  "quantize": "F16", "options": {...}, "tolerance": [cos, euclid], "checked": bool,
-                 "similarity": {...} | null, "device": 0, "memory": {...}}]}
+                 "similarity": {...} | null, "device": 0, "memory": {...}}],
+     "record_sha256": sha256 of the record without this key (json, sorted keys): a hand edit shows}
 
 Devices are logical indices 0..N-1 of the build; the runtime maps them onto chip ids.
 Placement (decided here, once): CLIP and VAE on device 0, T5 on the last device, transformer
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxc.errors import FluxcError
-from fluxc.fsutil import sha256_file, write_json_atomic
+from fluxc.fsutil import sha256_file, sha256_json, write_json_atomic
 from fluxc.specs import PieceSpec
 
 RECORD = "fluxc_build.json"
@@ -86,6 +87,7 @@ def write_record(out_dir: Path, *, exp, recipe, chip: str, toolchain: str, quant
         "export": {"dir": str(exp.folder), "manifest_sha256": sha256_file(Path(exp.folder) / "manifest.json")},
         "files": files, "pieces": piece_rows,
     }
+    record["record_sha256"] = sha256_json(record)  # written last; a hand edit breaks it
     dest = out_dir / RECORD
     write_json_atomic(dest, record)
     return dest
@@ -212,6 +214,9 @@ def load_record(chip_dir: Path, check_files: bool = True) -> BuildRecord:
         raise _bad(path, "is incomplete")
     if raw.get("format") != FORMAT:
         raise _bad(path, f"has format {raw.get('format')!r}, this fluxc reads {FORMAT}")
+    body = {k: v for k, v in raw.items() if k != "record_sha256"}
+    if raw.get("record_sha256") != sha256_json(body):
+        raise _bad(path, "was edited after compile (its checksum record_sha256 does not match its content)")
     try:
         files = [BuiltFile(chip_dir / f["file"], f["family"], int(f["device"]), str(f["sha256"]), int(f["size"]),
                            tuple(f["nets"]), dict(f.get("memory") or {})) for f in raw["files"]]

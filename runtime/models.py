@@ -29,7 +29,12 @@ def read_build(chip_dir: Path, dims=None, quantize: str | None = None, check_fil
     dims and the quantisation asked for. One-line FluxcError otherwise."""
     from fluxc.build_record import RECOMPILE, load_record
 
-    rec = load_record(Path(chip_dir), check_files=check_files)
+    try:
+        rec = load_record(Path(chip_dir), check_files=check_files)
+    except FluxcError as e:
+        if quantize and "fluxc_build.json" in str(e) and "older fluxc" in str(e):
+            raise FluxcError(f"{e} (--quantize {quantize.upper()})") from None
+        raise
     if dims is not None:
         if rec.flux_type != dims.flux_type or rec.tiny_vae != dims.tiny_vae:
             raise FluxcError(f"{rec.path} is a {rec.flux_type} build{' (tiny VAE)' if rec.tiny_vae else ''}, the "

@@ -46,7 +46,7 @@ DEFAULT_BUDGET_MB = 7615 + 2360 + 2360
 # Blocks (residual pieces), per hop, on the update out - in: cosine >= DELTA_COSINE and
 # relative error <= DELTA_REL_ERR. Values from the measured margins (benchmarks/verify_margins.py,
 # BENCHMARKS.md "Verify"): good builds' worst figure vs the closest mutant's.
-REL_ERR = {"F16": 0.02, "BF16": 0.05, "W4BF16": 0.15, "W4F16": 0.15, "F32": 1e-4}
+REL_ERR = {"F16": 0.02, "BF16": 0.1, "W4BF16": 0.15, "W4F16": 0.15, "F32": 1e-4}
 DELTA_COSINE = {"F16": 0.995, "BF16": 0.99, "W4BF16": 0.95, "W4F16": 0.95, "F32": 0.9999}
 DELTA_REL_ERR = {"F16": 0.05, "BF16": 0.12, "W4BF16": 0.3, "W4F16": 0.3, "F32": 1e-3}
 # End to end, by the transformer blocks' quantisation.

@@ -163,7 +163,7 @@ class ReferenceModels:
         model = build_on_meta(lambda: _construct(component, cfg, folder))
         store = WeightStore.open(folder, component)
         units = _stream_units(component, model)
-        rest = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters()
+        rest = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters(remove_duplicate=False)
                        if not any(n.startswith(u + ".") for u in units)})
         if rest:
             materialize(model, rest, store, component)

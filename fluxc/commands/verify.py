@@ -44,9 +44,15 @@ def verify(
         raise FluxcError(f"--reference {reference!r}: use auto or onnx")
     if steps is not None and steps < 1:
         raise FluxcError("--steps must be at least 1")
+    import time
+
+    t0 = time.perf_counter()
+
+    def say(text: str) -> None:  # progress, one line per step and per piece, with the elapsed time
+        con.print(f"[{time.perf_counter() - t0:6.1f} s] {text}", style="dim", highlight=False, markup=False)
+
     rep = verify_workspace(m, export, quantize, flux_type, budget, e2e=not no_e2e, steps=steps, seed=seed, pieces=pieces,
-                           guidance=guidance, reference=reference, say=lambda s: con.print(s, style="dim", highlight=False,
-                                                                                           markup=False))
+                           guidance=guidance, reference=reference, say=say)
     table = Table(title=f"fluxc verify: {rep.info['flux_type']} {rep.info['quantize']} ({m})")
     for col in ("check", "item", "result", "detail"):
         table.add_column(col, overflow="fold")

@@ -44,11 +44,16 @@ DEFAULT_BUDGET_MB = 7615 + 2360 + 2360
 # Every output of a piece, per hop: cosine >= the recipe's own threshold for the piece's
 # quantisation (recorded per piece at compile: `tolerance[0]`), and relative error <= REL_ERR.
 # Blocks (residual pieces), per hop, on the update out - in: cosine >= DELTA_COSINE and
-# relative error <= DELTA_REL_ERR. Values from the measured margins (benchmarks/verify_margins.py,
-# BENCHMARKS.md "Verify"): good builds' worst figure vs the closest mutant's.
+# relative error <= DELTA_REL_ERR. Set from measured margins (tiny schnell W4BF16, 64x64;
+# benchmarks/verify_margins.py, BENCHMARKS.md "Verify"):
+#   W4BF16 blocks, good build: update rel. error <= 0.186, update cosine >= 0.983;
+#   mutants: weights x1.05 0.269, T5 block x1.1 0.402, x1.25 1.15, zeroed 1.00, identity 1.00
+#   (update cosine: x1.25 still 0.978 - the direction survives a scale, so the relative error is
+#   what catches scaling; zeroed -0.06, identity 0.00). 0.25 sits between 0.186 and 0.269.
+#   F16 blocks: 0.001; BF16 head/tail/T5 tail rel. error <= 0.0063, the BF16 tiny VAE 0.061.
 REL_ERR = {"F16": 0.02, "BF16": 0.1, "W4BF16": 0.15, "W4F16": 0.15, "F32": 1e-4}
 DELTA_COSINE = {"F16": 0.995, "BF16": 0.99, "W4BF16": 0.95, "W4F16": 0.95, "F32": 0.9999}
-DELTA_REL_ERR = {"F16": 0.05, "BF16": 0.12, "W4BF16": 0.3, "W4F16": 0.3, "F32": 1e-3}
+DELTA_REL_ERR = {"F16": 0.05, "BF16": 0.12, "W4BF16": 0.25, "W4F16": 0.25, "F32": 1e-3}
 # End to end, by the transformer blocks' quantisation.
 E2E_LATENT_COSINE = {"BF16": 0.99, "W4BF16": 0.98}
 E2E_PSNR_DB = {"BF16": 30.0, "W4BF16": 18.0}

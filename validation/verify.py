@@ -348,11 +348,15 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
         if s.name not in engines and not any(c.name == s.name for c in rep.checks):
             rep.add("structure", s.name, False, f"net {s.net_name!r} not loaded from {rec.piece(s.name).file}")
 
-    say("memory: model_tool --info per file, devices as the build record places them")
+    say("memory: per device as the build record places the files (model_tool --info figures of the record "
+        "for files whose sha256 matches, measured again otherwise)")
     for dev in range(rec.devices):
         total, parts, unread = 0, [], []
         for f in rec.on_device(dev):
-            m = bmodel_memory(f.path) if f.path.is_file() else None
+            if f.path.name not in bad and f.memory.get("device"):
+                m = {"total": int(f.memory["device"])}
+            else:
+                m = bmodel_memory(f.path) if f.path.is_file() else None
             if m is None:
                 unread.append(f.path.name)
                 continue

@@ -81,7 +81,19 @@ def _mutant(base_ws: Path, root: Path, name: str, mutate, recompile: bool) -> tu
     return ws, time.perf_counter() - t0
 
 
+def _record_block_mutants(out: dict, rep: dict, muts: dict, log) -> None:
+    checks = _pieces(rep)
+    failing = [f.split(":")[1].strip() for f in rep["failures"]]
+    for piece, name in muts.items():
+        c = checks[piece]
+        out["mutants"][name] = {"target": piece, "caught": not c["ok"], "figure": _figure(c),
+                                "failing_in_this_build": failing}
+        log(f"    {name} ({piece}): caught={not c['ok']}: {c['detail'][:150]}")
+
+
 def margins_for(ws: Path, scales: list[float], root: Path, log) -> dict:
+    """Mutated blocks are put into one build (each piece is judged per hop on its own chip
+    inputs, so they do not mask each other: the tests assert the other pieces pass)."""
     from fluxc.validation import mutants as mu
 
     rec = json.loads((ws / "BM1684X" / "fluxc_build.json").read_text())
@@ -90,45 +102,59 @@ def margins_for(ws: Path, scales: list[float], root: Path, log) -> dict:
                       "transformer" / "config.json").read_text())
     out: dict = {"flux_type": ft, "quantize": q, "good": {}, "mutants": {}, "scale_search": []}
     log(f"[{ft} {q}] verify on the good build")
-    good = _pieces(_verify(ws))
-    for n, c in good.items():
+    t0 = time.perf_counter()
+    good_rep = _verify(ws)
+    out["good_verify_s"] = round(time.perf_counter() - t0, 1)
+    for n, c in _pieces(good_rep).items():
         k = f"{_kind(n)} {c['metrics']['quant']}"
         f = _figure(c)
         cur = out["good"].setdefault(k, {"worst": f, "piece": n})
-        for m in ("cosine", "delta_cosine"):
-            if m in f and f[m] < cur["worst"].get(m, 2):
-                cur["worst"] = f
-                cur["piece"] = n
-    blk = f"{ft}_trans_block_1"
-    cases = [("zeroed", blk, lambda e: mu.zero_block_weights(e, blk), True),
-             ("x1.25", blk, lambda e: mu.scale_block_weights(e, blk, 1.25), True),
-             ("identity", f"{ft}_single_trans_block_1", lambda e: mu.identity_block(e, f"{ft}_single_trans_block_1"), True),
-             ("rotary axes swapped", "rotary_emb.npy",
-              lambda e: mu.swap_rotary_axes(e, tuple(cfg["axes_dims_rope"])), False),
-             ("scheduler shift", "scheduler", lambda e: mu.set_scheduler(e, shift=3.0), False)]
+        for m in ("rel_err", "delta_rel_err"):
+            if m in f and f[m] > cur["worst"].get(m, -1):
+                cur["worst"], cur["piece"] = f, n
+    blocks = {f"{ft}_trans_block_0": ("zeroed", lambda e, p: mu.zero_block_weights(e, p)),
+              f"{ft}_trans_block_1": ("x1.25", lambda e, p: mu.scale_block_weights(e, p, 1.25)),
+              f"{ft}_single_trans_block_1": ("identity", lambda e, p: mu.identity_block(e, p))}
     if ft == "dev":
-        cases.append(("timestep/guidance swapped", "dev_head",
-                      lambda e: mu.swap_inputs(e, "dev_head", "timestep", "guidance"), True))
-    for name, target, mutate, rc in cases:
-        log(f"[{ft} {q}] mutant: {name} ({target})")
-        mws, secs = _mutant(ws, root, f"{ft}-{name.replace(' ', '_').replace('/', '_')}", mutate, rc)
+        blocks[f"{ft}_head"] = ("timestep/guidance swapped", lambda e, p: mu.swap_inputs(e, p, "timestep", "guidance"))
+
+    def mutate(e):
+        for p, (_, fn) in blocks.items():
+            fn(e, p)
+
+    log(f"[{ft} {q}] block mutants: " + ", ".join(f"{v[0]} ({k})" for k, v in blocks.items()))
+    mws, secs = _mutant(ws, root, f"{ft}-blocks", mutate, True)
+    _record_block_mutants(out, _verify(mws), {p: v[0] for p, v in blocks.items()}, log)
+    for name, target, fn in (("rotary axes swapped", "rotary_emb.npy",
+                              lambda e: mu.swap_rotary_axes(e, tuple(cfg["axes_dims_rope"]))),
+                             ("scheduler shift 3.0", "scheduler", lambda e: mu.set_scheduler(e, shift=3.0))):
+        log(f"[{ft} {q}] mutant: {name}")
+        mws, _ = _mutant(ws, root, f"{ft}-{target}", fn, False)
         rep = _verify(mws)
-        checks = {c["name"]: c for c in rep["checks"]}
-        c = checks[target]
-        fig = _figure(c) if c["section"] == "piece" else {"ok": c["ok"], "detail": c["detail"], **c["metrics"]}
-        out["mutants"][name] = {"target": target, "caught": not c["ok"], "figure": fig, "compile_s": round(secs, 1),
+        c = next(c for c in rep["checks"] if c["name"] == target)
+        out["mutants"][name] = {"target": target, "caught": not c["ok"], "figure": {"detail": c["detail"], **c["metrics"]},
                                 "failing": [f.split(":")[1].strip() for f in rep["failures"]]}
-        log(f"    caught={not c['ok']}: {c['detail']}")
-    for s in scales:
-        log(f"[{ft} {q}] scale search: {blk} weights x{s}")
-        mws, _ = _mutant(ws, root, f"{ft}-scale-{s}", lambda e, s=s: mu.scale_block_weights(e, blk, s), True)
-        c = _pieces(_verify(mws))[blk]
-        out["scale_search"].append({"scale": s, "caught": not c["ok"], "figure": _figure(c)})
-        log(f"    caught={not c['ok']}: {c['detail']}")
-        if c["ok"]:
+        log(f"    caught={not c['ok']}: {c['detail'][:150]}")
+    # smallest weight scale caught: one block and one T5 block per scale, one build per scale
+    blk, t5b = f"{ft}_trans_block_2", "t5_block_1"
+    for s_ in scales:
+        log(f"[{ft} {q}] scale search: {blk} and {t5b} weights x{s_}")
+        mws, _ = _mutant(ws, root, f"{ft}-scale-{s_}", lambda e, s_=s_: (mu.scale_block_weights(e, blk, s_),
+                                                                         mu.scale_block_weights(e, t5b, s_)), True)
+        checks = _pieces(_verify(mws))
+        for p in (blk, t5b):
+            c = checks[p]
+            out["scale_search"].append({"scale": s_, "piece": p, "quant": c["metrics"]["quant"], "caught": not c["ok"],
+                                        "figure": _figure(c)})
+            log(f"    {p} x{s_}: caught={not c['ok']}: {c['detail'][:120]}")
+        if all(checks[p]["ok"] for p in (blk, t5b)):
             break
-    caught = [r["scale"] for r in out["scale_search"] if r["caught"]]
-    out["smallest_scale_caught"] = min(caught) if caught else None
+    out["smallest_scale_caught"] = {}
+    for r in out["scale_search"]:
+        key = f"{r['piece']} ({r['quant']})"
+        if r["caught"]:
+            cur = out["smallest_scale_caught"].get(key)
+            out["smallest_scale_caught"][key] = r["scale"] if cur is None else min(cur, r["scale"])
     return out
 
 
@@ -136,7 +162,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--schnell", type=Path, help="compiled tiny schnell W4BF16 workspace")
     ap.add_argument("--dev", type=Path, help="compiled tiny dev BF16 workspace")
-    ap.add_argument("--scales", default="1.25,1.1,1.05,1.02,1.01")
+    ap.add_argument("--scales", default="1.1,1.05,1.02")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "verify_margins.json")
     a = ap.parse_args()
     scales = [float(x) for x in a.scales.split(",")]

@@ -371,8 +371,10 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
         rep.add("memory", f"device {dev}", not unread and mb <= budget_mb, detail, device_mb=round(mb, 3),
                 budget_mb=budget_mb)
 
-    if len(engines) < len(specs):
-        rep.add("piece", "all pieces", False, "skipped: not every piece loaded (see structure)")
+    if len(engines) < len(specs) or any(c.section in ("record", "structure") and not c.ok for c in rep.checks):
+        # figures from files that are not what was built would mean nothing
+        rep.add("piece", "all pieces", False, "skipped: the files do not match the build record or the export "
+                "(see record/structure)")
         ms.close()
         return rep
 

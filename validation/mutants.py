@@ -56,9 +56,10 @@ def map_weights(export: Path, piece: str, fn, min_ndim: int = 2) -> int:
 
     def edit(m):
         for i, init in enumerate(m.graph.initializer):
-            a = numpy_helper.to_array(init)
-            if a.dtype.kind == "f" and a.ndim >= min_ndim:
-                new = numpy_helper.from_array(np.asarray(fn(a), dtype=a.dtype), init.name)
+            a = numpy_helper.to_array(init)  # external data (weights/ links) was loaded by onnx.load
+            if "float" in a.dtype.name and a.ndim >= min_ndim:  # float32/16 and ml_dtypes' bfloat16
+                b = np.asarray(fn(a.astype(np.float32)), dtype=np.float32).astype(a.dtype)
+                new = numpy_helper.from_array(b, init.name)  # saved inline: the linked files stay untouched
                 m.graph.initializer[i].CopyFrom(new)
                 count[0] += 1
 

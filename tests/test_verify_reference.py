@@ -96,3 +96,37 @@ def test_missing_source_is_reported(export_schnell_tinyvae, tmp_path):
     (exp / "manifest.json").write_text(json.dumps(m))
     src, why = find_source(load_manifest(Path(exp)))
     assert src is None and "nowhere" in why
+
+
+def test_mutants_change_the_piece_and_never_the_checkpoint(export_schnell_tinyvae, tiny_schnell, tmp_path):
+    """A mutated piece computes something else in ONNX Runtime, its manifest hash follows (so
+    compile rebuilds it), and no file of the source checkpoint (hard-linked into weights/ by the
+    export) changes."""
+    import json
+
+    from fluxc.export.manifest import load_manifest
+    from fluxc.fsutil import sha256_file
+    from fluxc.runtime.engines import OnnxEngine
+    from fluxc.validation import mutants as mu
+
+    ckpt = {p: sha256_file(p) for p in Path(tiny_schnell).rglob("*.safetensors")}
+    exp = mu.copy_export(export_schnell_tinyvae, tmp_path / "onnx")
+    man0 = load_manifest(Path(export_schnell_tinyvae))
+    name = "schnell_trans_block_1"
+    before = json.loads((exp / "manifest.json").read_text())
+    assert mu.scale_block_weights(exp, name, 1.25) > 0
+    mu.identity_block(exp, "schnell_single_trans_block_0")
+    after = json.loads((exp / "manifest.json").read_text())
+    sha = {e["name"]: e["sha256"] for e in before["pieces"]}
+    changed = {e["name"] for e in after["pieces"] if e["sha256"] != sha[e["name"]]}
+    assert changed == {name, "schnell_single_trans_block_0"}
+    spec = man0.spec(name)
+    x = spec.sample_inputs(0)
+    a = OnnxEngine(man0.path(name)).process(name, x)
+    b = OnnxEngine(exp / f"{name}.onnx").process(name, x)
+    assert max(rel_err(a[k], b[k]) for k in a) > 0.1
+    s = man0.spec("schnell_single_trans_block_0")
+    xi = s.sample_inputs(0)
+    out = OnnxEngine(exp / "schnell_single_trans_block_0.onnx").process(s.net_name, xi)
+    assert np.array_equal(list(out.values())[0], xi["hidden_states"])  # identity, exactly
+    assert ckpt == {p: sha256_file(p) for p in ckpt}

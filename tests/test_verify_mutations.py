@@ -127,9 +127,11 @@ def test_rotary_axes_swapped_fails(table_mutants, tiny_schnell):
     assert not rot["ok"]
     print(f"\n[margin] rotary axes swapped: max error {rot['metrics']['max_abs_err']:.3g} vs threshold 1e-5 "
           f"(good build: 0)")
-    # the blocks fed the swapped table fail against diffusers' own rotary too
-    checks = _piece_checks(rep)
-    assert any(not c["ok"] for n, c in checks.items() if "trans_block" in n)
+    # The blocks fed the swapped table are NOT caught on the tiny random-weight model (measured:
+    # every block passes): its attention logits are small, softmax is near uniform, and a
+    # permuted rotation hardly moves the output. The direct check of the table against
+    # diffusers' FluxPosEmbed is what catches it, naming the file.
+    assert [f.split(":")[1].strip() for f in rep["failures"]] == ["rotary_emb.npy"]
 
 
 def test_scheduler_shift_changed_fails(table_mutants):

@@ -73,7 +73,10 @@ def write_record(out_dir: Path, *, exp, recipe, chip: str, toolchain: str, quant
             r = results[n]
             piece_rows.append({"spec": spec_of[n].to_dict(), "file": c.name, "net": spec_of[n].net_name,
                                "quantize": r.data["quantize"], "options": r.data["options"],
-                               "tolerance": r.data["tolerance"], "checked": r.data["checked"],
+                               # the recipe's threshold for this quantisation (a cached result may
+                               # have been checked against a stricter one: checked_tolerance)
+                               "tolerance": list(recipe.thresholds[r.data["quantize"]]),
+                               "checked_tolerance": r.data["tolerance"], "checked": r.data["checked"],
                                "similarity": r.data["similarity"], "device": dev, "memory": r.data["memory"]})
     order = {p.spec.name: i for i, p in enumerate(exp.pieces)}
     piece_rows.sort(key=lambda row: order[row["spec"]["name"]])

@@ -1,5 +1,6 @@
 """The `fluxc` command line. Each command lives in fluxc/commands/<name>.py; this file only
-assembles them and turns FluxcError into a one-line message and a non-zero exit."""
+assembles them and turns FluxcError (and a full disk, OSError ENOSPC, wherever it happens)
+into a one-line message and a non-zero exit."""
 from __future__ import annotations
 
 import sys
@@ -39,7 +40,15 @@ _register()
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        app(args=argv, standalone_mode=True)
+        try:
+            app(args=argv, standalone_mode=True)
+        except OSError as e:
+            from fluxc.diskfull import from_oserror, is_disk_full
+
+            if not is_disk_full(e):
+                raise
+            args = sys.argv[1:] if argv is None else argv
+            raise from_oserror(e, next((a for a in args if not a.startswith("-")), None)) from None
     except FluxcError as e:
         msg = str(e)
         first, _, rest = msg.partition("\n")

@@ -11,7 +11,18 @@ torch's "meta" device (names and shapes only, no memory), and every tensor is dr
 own generator seeded by (seed, component, tensor name). So:
 - the same seed gives byte-identical files;
 - dev and schnell built with the same seed share identical text encoders and VAEs;
-- a big checkpoint (benchmark overrides) never needs more than one tensor in memory.
+- a big checkpoint (benchmark overrides, the "full" preset) never needs more than one tensor
+  in memory.
+
+Presets: "tiny" (the default; small sizes the tests rely on) and "full" (exactly the published
+FLUX.1-dev/-schnell sizes: a 12B transformer, CLIP-L, T5-XXL encoder, the FLUX VAE, bf16,
+sharded like the Hub repos). The tokenizers are always the tiny offline ones (their ids fit
+any larger vocabulary); their model_max_length is 77 (CLIP) and 512 (T5) as in FLUX.1.
+
+Sharded layout (``sharded=True``, implied by the full preset): transformer/ as
+diffusion_pytorch_model-0000K-of-00003.safetensors and text_encoder_2/ as
+model-0000K-of-00002.safetensors, each with its *.safetensors.index.json, the file names of
+the Hub's FLUX.1 repos. The tensors are the same as unsharded with the same seed.
 
 Initialisation is our own (not the libraries' defaults, which zero some output and AdaLN
 layers): every weight is random with a fan-in scaled std, so each piece's output depends on
@@ -109,6 +120,74 @@ TINY_VAE_DEFAULTS: dict[str, Any] = {
     "scaling_factor": 1.0,
     "shift_factor": 0.0,
 }
+PRESETS = ("tiny", "full")
+# The published FLUX.1-dev/-schnell sizes: transformer/config.json, text_encoder/config.json
+# (openai/clip-vit-large-patch14's text model), text_encoder_2/config.json
+# (google/t5-v1_1-xxl's encoder), vae/config.json. guidance_embeds follows the flux type.
+FULL_PRESET: dict[str, Any] = {
+    "dtype": "bfloat16",
+    "transformer": {
+        "num_layers": 19,
+        "num_single_layers": 38,
+        "attention_head_dim": 128,
+        "num_attention_heads": 24,
+        "joint_attention_dim": 4096,
+        "pooled_projection_dim": 768,
+        "axes_dims_rope": [16, 56, 56],
+    },
+    "clip": {
+        "vocab_size": 49408,
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "max_position_embeddings": 77,
+        "projection_dim": 768,
+        "hidden_act": "quick_gelu",
+        "layer_norm_eps": 1e-5,
+        # the legacy openai ids: eos_token_id 2 makes CLIP pool at argmax(input_ids), which
+        # lands on the tokenizer's end-of-text (its highest id), as in FLUX.1
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+    },
+    "t5": {
+        "vocab_size": 32128,
+        "d_model": 4096,
+        "d_kv": 64,
+        "num_heads": 64,
+        "d_ff": 10240,
+        "num_layers": 24,
+        "num_decoder_layers": 24,
+        "feed_forward_proj": "gated-gelu",
+        "relative_attention_num_buckets": 32,
+        "relative_attention_max_distance": 128,
+        "layer_norm_epsilon": 1e-6,
+        "dropout_rate": 0.1,
+        "tie_word_embeddings": False,
+    },
+    "vae": {
+        "block_out_channels": [128, 256, 512, 512],
+        "layers_per_block": 2,
+        "norm_num_groups": 32,
+    },
+    # madebyollin/taef1's channel widths (not part of the Hub's FLUX.1 repos; fluxc's extra)
+    "tiny_vae": {
+        "encoder_block_out_channels": [64, 64, 64, 64],
+        "decoder_block_out_channels": [64, 64, 64, 64],
+    },
+}
+# Shard counts of the Hub's FLUX.1 repos (folder -> number of safetensors files).
+HUB_SHARDS = {"transformer": 3, "text_encoder_2": 2}
+
+
+def preset_overrides(preset: str) -> dict[str, Any]:
+    """The build_tiny overrides of a named preset ("tiny": none)."""
+    if preset not in PRESETS:
+        raise FluxcError(f"unknown preset {preset!r}: use one of {', '.join(PRESETS)} (e.g. --preset full)")
+    return copy.deepcopy(FULL_PRESET) if preset == "full" else {}
+
+
 # The real FLUX.1 scheduler_config.json values (everything else: diffusers defaults).
 SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
     "schnell": {
@@ -262,11 +341,14 @@ class _SafetensorsWriter:
         self.header = raw
         self.total = off
 
-    def write(self, make: Callable[[str, tuple[int, ...]], Any], tick: Callable[[int, int], None] | None = None) -> int:
+    def write(self, make: Callable[[str, tuple[int, ...]], Any], tick: Callable[[int, int], None] | None = None,
+              done: int = 0, total: int | None = None) -> int:
+        """Write the file; `tick(bytes done, total)` after each tensor (`done`/`total` let
+        several files share one count)."""
         import torch
 
         tdtype = getattr(torch, self.dtype)
-        done = 0
+        total = self.total if total is None else total
         with open(self.path, "wb") as f:
             f.write(len(self.header).to_bytes(8, "little"))
             f.write(self.header)
@@ -277,13 +359,48 @@ class _SafetensorsWriter:
                 done += t.numel() * t.element_size()
                 del t
                 if tick is not None:
-                    tick(done, self.total)
+                    tick(done, total)
         return 8 + len(self.header) + self.total
+
+    def sizes(self) -> dict[str, int]:
+        itemsize = 4 if self.dtype == "float32" else 2
+        out = {}
+        for name, shape in self.entries:
+            n = itemsize
+            for d in shape:
+                n *= int(d)
+            out[name] = n
+        return out
+
+
+def _split_entries(entries: list[tuple[str, tuple[int, ...]]], nbytes: dict[str, int], shards: int) -> list[list]:
+    """Cut the (sorted) tensor list into `shards` consecutive groups of about equal bytes."""
+    if shards > len(entries):
+        raise FluxcError(f"cannot split {len(entries)} tensors into {shards} shards")
+    total = sum(nbytes.values())
+    groups: list[list] = [[] for _ in range(shards)]
+    start = 0
+    for i, (name, shape) in enumerate(entries):
+        k = min(shards - 1, start * shards // max(total, 1))
+        k = max(k, min(shards - 1, shards - (len(entries) - i)))  # leave no later shard empty
+        groups[k].append((name, shape))
+        start += nbytes[name]
+    for k in range(shards):  # an early shard left empty by a huge tensor: borrow the next one's first
+        if not groups[k]:
+            for j in range(k + 1, shards):
+                if len(groups[j]) > 1:
+                    groups[k].append(groups[j].pop(0))
+                    break
+    if any(not g for g in groups):
+        raise FluxcError(f"cannot split {len(entries)} tensors into {shards} non-empty shards")
+    return groups
 
 
 def _write_weights(model, folder: Path, filename: str, component: str, seed: int, dtype: str,
-                   progress: Progress | None = None) -> int:
-    """Generate every state_dict tensor of a meta-device `model` into folder/filename."""
+                   progress: Progress | None = None, shards: int = 1) -> int:
+    """Generate every state_dict tensor of a meta-device `model` into folder/filename, or, with
+    shards > 1, into STEM-0000K-of-0000N.safetensors files plus STEM.safetensors.index.json
+    (the layout save_pretrained writes for big models)."""
     import torch
 
     params: dict[str, tuple[str, Any, str]] = {}
@@ -322,18 +439,34 @@ def _write_weights(model, folder: Path, filename: str, component: str, seed: int
     # Like save_pretrained: a tied duplicate (T5's encoder.embed_tokens) is not stored; the
     # loader ties it back to its source.
     entries = [(k, tuple(sd[k].shape)) for k in sorted(sd) if source_of[k] == k]
-    writer = _SafetensorsWriter(folder / filename, entries, dtype)
+    whole = _SafetensorsWriter(folder / filename, entries, dtype)
+    total = whole.total
     tick = None
-    if progress is not None and writer.total > BIG_FILE_BYTES:
+    if progress is not None and total > BIG_FILE_BYTES:
         last = [0]
+        t0 = time.time()
 
         def tick(done: int, total: int) -> None:
-            step = done * 10 // total
+            step = done * 20 // total
             if step > last[0]:
                 last[0] = step
-                progress(f"  {component}: {done / 1e6:.0f} / {total / 1e6:.0f} MB")
+                progress(f"  {component}: {done / 1e9:.2f} / {total / 1e9:.2f} GB ({time.time() - t0:.0f} s)")
 
-    return writer.write(make, tick)
+    if shards <= 1:
+        return whole.write(make, tick)
+    stem = filename[: -len(".safetensors")]
+    groups = _split_entries(entries, whole.sizes(), shards)
+    weight_map: dict[str, str] = {}
+    done = written = 0
+    for i, group in enumerate(groups, 1):
+        name = f"{stem}-{i:05d}-of-{shards:05d}.safetensors"
+        w = _SafetensorsWriter(folder / name, group, dtype)
+        written += w.write(make, tick, done, total)
+        done += w.total
+        weight_map.update({k: name for k, _ in group})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / f"{filename}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return written
 
 
 # ------------------------------------------------------------------------------ components
@@ -345,21 +478,21 @@ def _meta(build: Callable[[], Any]):
 
 
 def _write_diffusers_model(cls, config: dict, folder: Path, component: str, seed: int, dtype: str,
-                           progress: Progress | None = None) -> int:
+                           progress: Progress | None = None, shards: int = 1) -> int:
     folder.mkdir(parents=True)
     model = _meta(lambda: cls(**config))
     model.save_config(str(folder))
-    return _write_weights(model, folder, "diffusion_pytorch_model.safetensors", component, seed, dtype, progress)
+    return _write_weights(model, folder, "diffusion_pytorch_model.safetensors", component, seed, dtype, progress, shards)
 
 
 def _write_transformers_model(model_cls, config, folder: Path, component: str, seed: int, dtype: str,
-                              progress: Progress | None = None) -> int:
+                              progress: Progress | None = None, shards: int = 1) -> int:
     folder.mkdir(parents=True)
     model = _meta(lambda: model_cls(config))
     config.architectures = [model_cls.__name__]
     config.dtype = dtype
     config.save_pretrained(str(folder))
-    return _write_weights(model, folder, "model.safetensors", component, seed, dtype, progress)
+    return _write_weights(model, folder, "model.safetensors", component, seed, dtype, progress, shards)
 
 
 def _write_model_index(out: Path) -> None:
@@ -379,7 +512,19 @@ def _write_model_index(out: Path) -> None:
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _build_into(tmp: Path, flux_type: str, seed: int, cfg: dict, progress: Progress) -> dict[str, int]:
+def _vocab(cfg: dict, tokenizer_vocab: int, what: str) -> tuple[int, dict]:
+    """(vocab size, other config values): the configured vocab_size if given (the full
+    preset's published one), else the tokenizer's; it must hold every tokenizer id."""
+    rest = dict(cfg)
+    vocab = int(rest.pop("vocab_size", tokenizer_vocab))
+    if vocab < tokenizer_vocab:
+        raise FluxcError(f"{what} vocab_size {vocab} is smaller than the tokenizer's {tokenizer_vocab} ids; "
+                         f"give at least {tokenizer_vocab}")
+    return vocab, rest
+
+
+def _build_into(tmp: Path, flux_type: str, seed: int, cfg: dict, progress: Progress,
+                sharded: bool = False) -> dict[str, int]:
     import transformers
     from diffusers import AutoencoderKL, AutoencoderTiny, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -397,19 +542,21 @@ def _build_into(tmp: Path, flux_type: str, seed: int, cfg: dict, progress: Progr
     progress("scheduler: FlowMatchEulerDiscreteScheduler")
     FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]).save_pretrained(str(tmp / "scheduler"))
 
-    progress(f"text_encoder: CLIPTextModel (vocab {clip_vocab})")
-    clip_cfg = CLIPTextConfig(
-        vocab_size=clip_vocab,
-        bos_token_id=clip_vocab - 2,  # <|startoftext|>
-        eos_token_id=clip_vocab - 1,  # <|endoftext|>: the highest id, pooled at argmax(ids)
-        pad_token_id=clip_vocab - 1,
-        **cfg["clip"],
-    )
+    shards = HUB_SHARDS if sharded else {}
+    clip_model_vocab, clip_rest = _vocab(cfg["clip"], clip_vocab, "clip")
+    progress(f"text_encoder: CLIPTextModel (vocab {clip_model_vocab}, tokenizer {clip_vocab})")
+    clip_rest.setdefault("bos_token_id", clip_vocab - 2)  # <|startoftext|>
+    clip_rest.setdefault("eos_token_id", clip_vocab - 1)  # <|endoftext|>: the highest id, pooled at argmax(ids)
+    clip_rest.setdefault("pad_token_id", clip_vocab - 1)
+    clip_cfg = CLIPTextConfig(vocab_size=clip_model_vocab, **clip_rest)
     sizes["text_encoder"] = _write_transformers_model(CLIPTextModel, clip_cfg, tmp / "text_encoder", "clip", seed, dtype, progress)
 
-    progress(f"text_encoder_2: T5EncoderModel (vocab {t5_vocab})")
-    t5_cfg = T5Config(vocab_size=t5_vocab, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, is_encoder_decoder=True, **cfg["t5"])
-    sizes["text_encoder_2"] = _write_transformers_model(T5EncoderModel, t5_cfg, tmp / "text_encoder_2", "t5", seed, dtype, progress)
+    t5_model_vocab, t5_rest = _vocab(cfg["t5"], t5_vocab, "t5")
+    progress(f"text_encoder_2: T5EncoderModel (vocab {t5_model_vocab}, tokenizer {t5_vocab})")
+    t5_cfg = T5Config(vocab_size=t5_model_vocab, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                      is_encoder_decoder=True, **t5_rest)
+    sizes["text_encoder_2"] = _write_transformers_model(T5EncoderModel, t5_cfg, tmp / "text_encoder_2", "t5", seed, dtype,
+                                                        progress, shards.get("text_encoder_2", 1))
 
     progress("vae: AutoencoderKL")
     sizes["vae"] = _write_diffusers_model(AutoencoderKL, cfg["vae"], tmp / "vae", "vae", seed, dtype, progress)
@@ -418,7 +565,8 @@ def _build_into(tmp: Path, flux_type: str, seed: int, cfg: dict, progress: Progr
     sizes["tiny_vae"] = _write_diffusers_model(AutoencoderTiny, cfg["tiny_vae"], tmp / "tiny_vae", "tiny_vae", seed, dtype, progress)
 
     progress(f"transformer: FluxTransformer2DModel ({flux_type})")
-    sizes["transformer"] = _write_diffusers_model(FluxTransformer2DModel, cfg["transformer"], tmp / "transformer", "transformer", seed, dtype, progress)
+    sizes["transformer"] = _write_diffusers_model(FluxTransformer2DModel, cfg["transformer"], tmp / "transformer", "transformer",
+                                                  seed, dtype, progress, shards.get("transformer", 1))
 
     _write_model_index(tmp)
     marker = {
@@ -426,6 +574,7 @@ def _build_into(tmp: Path, flux_type: str, seed: int, cfg: dict, progress: Progr
         "flux_type": flux_type,
         "seed": seed,
         "dtype": dtype,
+        "sharded": bool(sharded),
         "configs": {k: cfg[k] for k in ("transformer", "clip", "t5", "vae", "tiny_vae", "scheduler")},
         "vocab": {"clip": clip_vocab, "t5": t5_vocab},
         "versions": {"transformers": transformers.__version__, "diffusers": __import__("diffusers").__version__},
@@ -460,12 +609,15 @@ def build_tiny(
     force: bool = False,
     *,
     progress: Progress | None = None,
+    sharded: bool = False,
     **overrides: Any,
 ) -> Path:
     """Write a random-weight FLUX.1 pipeline (diffusers layout) into `out` and return it.
 
     overrides: transformer={...}, clip={...}, t5={...}, vae={...}, tiny_vae={...} config
-    values, and dtype ("float32" default, "float16", "bfloat16") for the saved weights.
+    values, and dtype ("float32" default, "float16", "bfloat16") for the saved weights;
+    ``**preset_overrides("full")`` gives the published sizes. sharded: write transformer/ and
+    text_encoder_2/ as the Hub's sharded files (HUB_SHARDS) with their index.json.
     Refuses a non-empty `out` unless force. Builds in a temp sibling folder and renames it
     into place at the end.
     """
@@ -489,7 +641,7 @@ def build_tiny(
         shutil.rmtree(tmp)
     t0 = time.time()
     try:
-        _build_into(tmp, flux_type, seed, cfg, say)
+        _build_into(tmp, flux_type, seed, cfg, say, sharded)
         if out.is_dir():
             shutil.rmtree(out)
         elif out.exists() or out.is_symlink():

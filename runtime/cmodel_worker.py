@@ -11,6 +11,11 @@ Framing (no pickle): every message is
 Requests:  {"op": "load", "key": k, "path": p}  -> {"ok": true, "nets": [...]}
            {"op": "run", "key": k, "net": n, "arrays": [input names]} + arrays
                                                 -> {"ok": true, "arrays": [output names]} + arrays
+           {"op": "run_dev", "key": k, "net": n, "inputs": [[file, offset, nbytes], ...],
+            "outputs": [[file, offset, nbytes], ...]}  (the sail stand-in, runtime/sail_sim.py:
+            each net input/output by index is a byte range of a file holding simulated device
+            memory; bytes are copied raw, in the net's own dtype, no conversion)
+                                                -> {"ok": true, "forward_s": s}
            {"op": "ping"} / {"op": "quit"}
 Errors:    {"ok": false, "error": "..."}
 
@@ -218,11 +223,8 @@ class Worker:
         given = dict(zip(names, arrays))
         for i, t in enumerate(net.inputs):
             x = given.get(t.name)
-            if x is None:
-                if len(arrays) == len(net.inputs):
-                    x = arrays[i]
-                else:
-                    raise ValueError(f"net {name}: input {t.name!r} not given (have {names})")
+            if x is None:  # never by position: a renamed input must not be fed silently
+                raise ValueError(f"net {name}: input {t.name!r} not given (have {names})")
             if int(x.size) != int(t.data.size):
                 raise ValueError(f"net {name}: input {t.name!r} has {x.size} elements, "
                                  f"the bmodel expects shape {list(t.data.shape)}")
@@ -234,6 +236,37 @@ class Worker:
         self.last_forward_s = time.perf_counter() - t0
         outs = [_from_device(t) for t in net.outputs]
         return [t.name for t in net.outputs], outs
+
+    def run_dev(self, key: str, name: str, ins: list, outs: list) -> None:
+        """Run a net on byte ranges of simulated device memory (files, memory-mapped)."""
+        import time
+
+        import numpy as np
+
+        net = self._net(key, name)
+        if len(ins) != len(net.inputs) or len(outs) != len(net.outputs):
+            raise ValueError(f"net {name}: {len(ins)} inputs / {len(outs)} outputs given, "
+                             f"it has {len(net.inputs)} / {len(net.outputs)}")
+
+        def view(t):
+            return np.ascontiguousarray(t.data).reshape(-1).view(np.uint8)
+
+        for t, (path, off, n) in zip(net.inputs, ins):
+            dst = t.data.reshape(-1).view(np.uint8)
+            if n != dst.nbytes:
+                raise ValueError(f"net {name}: input {t.name!r} takes {dst.nbytes} bytes, got {n}")
+            dst[:] = np.memmap(path, dtype=np.uint8, mode="r", offset=off, shape=(n,))
+        t0 = time.perf_counter()
+        net.forward()
+        self.last_forward_s = time.perf_counter() - t0
+        for t, (path, off, n) in zip(net.outputs, outs):
+            src = view(t)
+            if n != src.nbytes:
+                raise ValueError(f"net {name}: output {t.name!r} gives {src.nbytes} bytes, got room for {n}")
+            mm = np.memmap(path, dtype=np.uint8, mode="r+", offset=off, shape=(n,))
+            mm[:] = src
+            mm.flush()
+            del mm
 
 
 def main() -> None:
@@ -263,6 +296,9 @@ def main() -> None:
                 names, outs = w.run(header["key"], header["net"], header.get("arrays", []), arrays)
                 write_message(proto_out, {"ok": True, "arrays": names,
                                           "forward_s": round(w.last_forward_s, 4)}, outs)
+            elif op == "run_dev":
+                w.run_dev(header["key"], header["net"], header["inputs"], header["outputs"])
+                write_message(proto_out, {"ok": True, "forward_s": round(w.last_forward_s, 4)})
             else:
                 write_message(proto_out, {"ok": False, "error": f"unknown op {op!r}"})
         except Exception as e:  # reported to the caller, the worker stays up

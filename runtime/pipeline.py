@@ -94,26 +94,38 @@ class FluxPipeline:
             raise FluxcError(f"{rp} has shape {self.rotary.shape}, expected {d.rotary_shape}; re-run fluxc export")
         self.prefix = d.flux_type
         self.vae_name = "tiny_vae_decoder" if d.tiny_vae else "vae_decoder"
+        # A device-resident runtime (runtime/sail_flux.py) runs the pieces itself; the
+        # pipeline then only hands it token ids, latents and scalars.
+        self.resident = getattr(models, "device_resident", None)
 
-    # One piece: outputs in the spec's order (by name, else by position).
+    # One piece: outputs in the spec's order, by name (or the name plus the suffix TPU-MLIR
+    # may add, e.g. noise_pred_Add_f32); never by position.
     def run(self, piece: str, **inputs: np.ndarray) -> list[np.ndarray]:
+        from fluxc.runtime.sail_flux import output_name
+
         spec = self.specs[piece]
         feed = {t.name: np.ascontiguousarray(inputs[t.name], dtype=t.dtype) for t in spec.inputs}
         out = self.m.process(spec.net_name, feed)
-        vals = list(out.values())
+        wanted = [t.name for t in spec.outputs]
+        named = {}
+        for k, v in out.items():
+            w = output_name(k, wanted)
+            if w is not None:
+                named.setdefault(w, v)
         res = []
-        for i, t in enumerate(spec.outputs):
-            if t.name in out:
-                res.append(out[t.name])
-            elif i < len(vals):
-                res.append(vals[i])
-            else:
-                raise FluxcError(f"net {spec.net_name} returned {len(vals)} outputs, expected {len(spec.outputs)}")
+        for t in spec.outputs:
+            if t.name not in named:
+                raise FluxcError(f"net {spec.net_name} gave no output {t.name!r} (it gave {', '.join(out)}); "
+                                 "rebuild it with fluxc compile")
+            res.append(named[t.name])
         return [np.asarray(r, dtype=np.float32).reshape(t.shape) for r, t in zip(res, spec.outputs)]
 
     def encode_prompt(self, prompt: str, prompt_2: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         d = self.dims
         ids = self.clip_tok(prompt)
+        if self.resident is not None:  # pooled and T5 states stay on the chips
+            self.resident.encode(ids, self.t5_tok(prompt_2 if prompt_2 else prompt))
+            return None, None
         (h,) = self.run("clip_head", input_ids=ids)
         for i in range(d.clip_layers):
             (h,) = self.run(f"clip_block_{i}", hidden_states=h)
@@ -127,6 +139,8 @@ class FluxPipeline:
 
     def transformer(self, latents, t: float, guidance: float | None, pooled, t5) -> np.ndarray:
         d, p = self.dims, self.prefix
+        if self.resident is not None:
+            return self.resident.transformer(latents, t, guidance, self.rotary)
         head = dict(hidden_states=latents, timestep=np.array([t], np.float32),
                     pooled_projections=pooled, encoder_hidden_states=t5)
         if d.guidance_embeds:
@@ -144,6 +158,8 @@ class FluxPipeline:
     def decode(self, latents: np.ndarray) -> np.ndarray:
         lat = unpack_latents(latents, 2 * (self.dims.height // (self.dims.vae_scale * 2)),
                              2 * (self.dims.width // (self.dims.vae_scale * 2)))
+        if self.resident is not None:
+            return self.resident.decode(lat)
         (img,) = self.run(self.vae_name, latents=lat)
         return img
 
@@ -166,12 +182,16 @@ class FluxPipeline:
         self.scheduler.set_timesteps(steps, latents.shape[1])
         ts = [float(x) for x in self.scheduler.timesteps]
         t1 = time.perf_counter()
+        step_s = []
         for i, t in enumerate(self.scheduler.timesteps):
+            ts0 = time.perf_counter()
             noise = self.transformer(latents, float(t), guidance, pooled, t5)
             latents = self.scheduler.step(noise, i, latents)
+            step_s.append(time.perf_counter() - ts0)
             if on_step:
                 on_step(i + 1, steps)
         timings["denoise_s"] = time.perf_counter() - t1
+        timings["step_s"] = step_s
         t2 = time.perf_counter()
         img = self.decode(latents)
         timings["vae_s"] = time.perf_counter() - t2

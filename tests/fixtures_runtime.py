@@ -7,6 +7,9 @@
   cached per session.
 - ``onnx_run``: a function (flux_type) -> dict with `fluxc run --backend onnx`'s image and
   latents, cached per session (the reference for the cmodel backend).
+- ``bmodel_run``: a function (backend, quant) -> dict with `fluxc run --backend B` on the
+  compiled tiny build of that quantisation (W4BF16: compiled_schnell_w4, one chip; BF16:
+  compiled_dev_bf16, 3 chips): image, latents, output, cached per session.
 """
 from __future__ import annotations
 
@@ -109,5 +112,41 @@ def onnx_run(request, tmp_path_factory):
         cache[flux_type] = {"image": np.array(Image.open(out / "result.png").convert("RGB")),
                             "latents": np.load(out / "latents.npy"), "output": r.output}
         return cache[flux_type]
+
+    return get
+
+
+BUILD_FIXTURE = {"W4BF16": "compiled_schnell_w4", "BF16": "compiled_dev_bf16"}
+
+
+@pytest.fixture(scope="session")
+def bmodel_run(request, tmp_path_factory):
+    cache: dict[tuple[str, str], dict] = {}
+
+    def get(backend: str, quant: str, extra: tuple[str, ...] = ()) -> dict:
+        key = (backend, quant, *extra)
+        if key in cache:
+            return cache[key]
+        from PIL import Image
+
+        ws = Path(request.getfixturevalue(BUILD_FIXTURE[quant]))
+        out = tmp_path_factory.mktemp(f"run_{backend}_{quant}")
+        if backend == "sail-sim":
+            from fluxc.runtime import sail_sim
+
+            sail_sim.reset()  # counters of this run only
+        r = invoke(["run", "--models", str(ws), "--backend", backend, "--quantize", quant, "--prompt", RUNTIME_PROMPT,
+                    "--seed", str(RUNTIME_SEED), "--steps", str(RUNTIME_STEPS), "--guidance", str(RUNTIME_GUIDANCE),
+                    "--out", str(out / "result.png"), "--save-latents", str(out / "latents.npy"), *extra])
+        assert r.exit_code == 0, (r.output, r.exception)
+        res = {"image": np.array(Image.open(out / "result.png").convert("RGB")),
+               "latents": np.load(out / "latents.npy"), "output": r.output, "ws": ws}
+        if backend == "sail-sim":
+            from fluxc.runtime import sail_sim
+
+            res["chips"] = {d: c.to_dict() for d, c in sail_sim.stats().items()}
+            res["tensor_log"] = {d: list(c.tensor_log) for d, c in sail_sim.stats().items()}
+        cache[key] = res
+        return res
 
     return get

@@ -2,6 +2,8 @@
 
 - ``tiny_schnell`` / ``tiny_dev``: Path to a tiny model (seed 0, default sizes) in diffusers
   layout (plus ``tiny_vae/``). Treat them as read-only: other tests share them.
+- ``tiny_schnell_sharded``: the same model as ``tiny_schnell`` (same seed, same tensors) in the
+  Hub's sharded layout (transformer in 3, text_encoder_2 in 2 safetensors files + index.json).
 - ``make_tiny(tmp_path_factory, name, flux_type, seed=0, **overrides)``: build another one
   (e.g. other sizes) under the session's temp root.
 - ``load_tiny_pipeline(path)``: ``diffusers.FluxPipeline`` loaded offline on CPU, float32.
@@ -47,3 +49,8 @@ def tiny_schnell(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dev(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny(tmp_path_factory, "dev", "dev", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_schnell_sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny(tmp_path_factory, "schnell-sharded", "schnell", seed=0, sharded=True)

@@ -123,27 +123,21 @@ def test_onnx_backend_matches_diffusers(flux_type, onnx_run, diffusers_reference
 # ---------------------------------------------------------------- cmodel backend
 
 @pytest.mark.parametrize("quant", ["BF16", "W4BF16"])
-def test_cmodel_backend_close_to_onnx(quant, request, onnx_run, tmp_path, record_property):
-    from PIL import Image
-
+def test_cmodel_backend_close_to_onnx(quant, bmodel_run, onnx_run, record_property):
     from fluxc.export.manifest import load_manifest
     from fluxc.validation.metrics import cosine, psnr
 
-    ws = Path(request.getfixturevalue("compiled_dev_bf16" if quant == "BF16" else "compiled_schnell_w4"))
+    run = bmodel_run("cmodel", quant)  # cached: test_sail.py compares the sail runtime with it
+    ws, r = run["ws"], run
     flux_type = load_manifest(ws / "onnx").dims.flux_type
     ref = onnx_run(flux_type)
-    out = tmp_path / "cmodel.png"
-    r = invoke(["run", "--models", str(ws), "--backend", "cmodel", "--quantize", quant, "--prompt", RUNTIME_PROMPT,
-                "--seed", str(RUNTIME_SEED), "--steps", str(RUNTIME_STEPS), "--out", str(out),
-                "--save-latents", str(tmp_path / "lat.npy")])
-    assert r.exit_code == 0, (r.output, r.exception)
-    img = np.array(Image.open(out).convert("RGB"))
+    img = run["image"]
     p = psnr(img, ref["image"])
-    c = cosine(np.load(tmp_path / "lat.npy"), ref["latents"])
+    c = cosine(run["latents"], ref["latents"])
     record_property("psnr_db", p)
     record_property("latent_cosine", c)
     print(f"\n[measure] cmodel {quant} ({flux_type}) vs onnx backend: PSNR {p:.2f} dB, latent cosine {c:.6f}")
-    print(r.output)
+    print(r["output"])
     assert p >= CMODEL_PSNR_DB[quant]
     assert c >= CMODEL_LATENT_COS[quant]
 

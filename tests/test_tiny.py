@@ -320,3 +320,78 @@ def test_cli_refuses_non_empty_and_unknown_type(tmp_path: Path, capsys: pytest.C
     assert e.value.code in (0, None)
     assert not (out / "keep.txt").exists() and is_tiny_model(out)
     assert json.loads((out / "fluxc_tiny.json").read_text())["seed"] == 2
+
+
+# ------------------------------------------------------------------------- the full preset
+# The published FLUX.1 configs (transformer/, text_encoder/, text_encoder_2/, vae/ config.json of
+# black-forest-labs/FLUX.1-dev and -schnell), written out here independently of fluxc/tiny.py.
+PUBLISHED = {
+    "transformer": {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
+                    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+                    "pooled_projection_dim": 768, "axes_dims_rope": [16, 56, 56]},
+    "text_encoder": {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                     "num_attention_heads": 12, "max_position_embeddings": 77, "projection_dim": 768,
+                     "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 2,
+                     "pad_token_id": 1},
+    "text_encoder_2": {"vocab_size": 32128, "d_model": 4096, "d_kv": 64, "num_heads": 64, "d_ff": 10240,
+                       "num_layers": 24, "feed_forward_proj": "gated-gelu", "relative_attention_num_buckets": 32,
+                       "relative_attention_max_distance": 128, "layer_norm_epsilon": 1e-6},
+    "vae": {"latent_channels": 16, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+            "norm_num_groups": 32, "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
+            "use_post_quant_conv": False},
+}
+# Parameter counts of the published models (transformer 11.9B, T5-XXL encoder 4.76B, CLIP-L text 123M).
+PUBLISHED_PARAMS = {"transformer": 11_901_408_320, "text_encoder_2": 4_762_310_656, "text_encoder": 123_060_480,
+                    "vae": 83_819_683}
+
+
+def test_full_preset_writes_the_published_configs_and_layout(tmp_path: Path, monkeypatch) -> None:
+    """`fluxc tiny --preset full` end to end except the weight bytes (33 GB): the tensor list of
+    every file is generated for real, only the random draws are skipped (header + sparse file)."""
+    import torch
+    from safetensors import safe_open
+
+    import fluxc.tiny as tiny_mod
+    from fluxc.cli import main
+
+    def write_header_only(self, make, tick=None, done=0, total=None):
+        with open(self.path, "wb") as f:
+            f.write(len(self.header).to_bytes(8, "little"))
+            f.write(self.header)
+            f.truncate(8 + len(self.header) + self.total)  # sparse: no disk blocks
+        return 8 + len(self.header) + self.total
+
+    monkeypatch.setattr(tiny_mod._SafetensorsWriter, "write", write_header_only)
+    for flux_type in ("dev", "schnell"):
+        out = tmp_path / flux_type
+        with pytest.raises(SystemExit) as e:
+            main(["tiny", str(out), "--preset", "full", "--flux-type", flux_type])
+        assert e.value.code in (0, None)
+        for comp, want in PUBLISHED.items():
+            cfg = json.loads((out / comp / "config.json").read_text())
+            assert {k: cfg[k] for k in want} == want, comp
+            assert cfg.get("dtype", cfg.get("torch_dtype", "bfloat16")) == "bfloat16"
+        tr = json.loads((out / "transformer" / "config.json").read_text())
+        assert tr["guidance_embeds"] is (flux_type == "dev")
+        # the Hub's file names, and the tensor counts behind them
+        for comp, stem, n in (("transformer", "diffusion_pytorch_model", 3), ("text_encoder_2", "model", 2)):
+            names = sorted(p.name for p in (out / comp).glob("*.safetensors"))
+            assert names == [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+            idx = json.loads((out / comp / f"{stem}.safetensors.index.json").read_text())
+            assert sorted(set(idx["weight_map"].values())) == names
+        counts = {}
+        for comp in PUBLISHED_PARAMS:
+            total = 0
+            for f in (out / comp).glob("*.safetensors"):
+                with safe_open(str(f), "pt") as sf:
+                    for k in sf.keys():
+                        sl = sf.get_slice(k)
+                        assert sl.get_dtype() == "BF16"
+                        total += int(torch.tensor(sl.get_shape()).prod()) if sl.get_shape() else 1
+            counts[comp] = total
+        want_params = dict(PUBLISHED_PARAMS)
+        if flux_type == "schnell":
+            want_params["transformer"] -= 3072 * 256 + 3072 + 3072 * 3072 + 3072  # no guidance embedder
+        assert counts == want_params
+        for tok, n in (("tokenizer", 77), ("tokenizer_2", 512)):
+            assert json.loads((out / tok / "tokenizer_config.json").read_text())["model_max_length"] == n

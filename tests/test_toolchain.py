@@ -323,3 +323,62 @@ def _cmdline_has(proc_dir: Path, text: str) -> bool:
         return text.encode() in (proc_dir / "cmdline").read_bytes()
     except OSError:
         return False
+
+
+# ---------------------------------------------------------------- the tool launcher (no TPU-MLIR needed)
+SLEEP = "sleep\x00"  # matches the sleep processes' own argv only (not the shell's or the driver's)
+
+
+def _alive_cmd(text: str) -> list[str]:
+    left = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and _cmdline_has(d, text):
+            try:
+                if "\nState:\tZ" not in (d / "status").read_text():
+                    left.append(d.name)
+            except OSError:
+                pass
+    return left
+
+
+def test_launcher_passes_env_and_exit_code_and_cleans_the_group(tmp_path):
+    env = {**os.environ, "FLUXC_LAUNCHER_PROBE": "bar"}
+    toolchain._run_logged(["/bin/sh", "-c", 'test "$FLUXC_LAUNCHER_PROBE" = bar && pwd'], tmp_path, tmp_path / "a.log",
+                          env, None, "probe", guarded=True)
+    assert str(tmp_path) in (tmp_path / "a.log").read_text()
+    with pytest.raises(ToolError) as ei:
+        toolchain._run_logged(["/bin/sh", "-c", "echo out; exit 3"], tmp_path, tmp_path / "b.log", env, None, "probe",
+                              guarded=True)
+    assert ei.value.returncode == 3 and "out" in ei.value.tail
+    # a tool that exits but leaves a background child: the child goes with it
+    toolchain._run_logged(["/bin/sh", "-c", "sleep 1041.5 & exit 0"], tmp_path, tmp_path / "c.log", env, None,
+                          "probe", guarded=True)
+    time.sleep(0.5)
+    assert not _alive_cmd(SLEEP + "1041.5")
+
+
+def test_launcher_kills_the_tool_tree_when_fluxc_is_killed(tmp_path):
+    """kill -9 of the process that ran the tool: the tool and its children die too (before the
+    launcher, they were re-parented to init and kept running)."""
+    code = ("import os, sys; from pathlib import Path; from fluxc import toolchain; "
+            "toolchain._run_logged(['/bin/sh', '-c', 'sleep 1042.5 & sleep 1043.5; :'], Path(sys.argv[1]), "
+            "Path(sys.argv[1]) / 't.log', dict(os.environ), None, 'probe', guarded=True)")
+    driver = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO)
+    try:
+        for _ in range(200):
+            if _alive_cmd(SLEEP + "1042.5") and _alive_cmd(SLEEP + "1043.5"):
+                break
+            time.sleep(0.05)
+        assert _alive_cmd(SLEEP + "1042.5") and _alive_cmd(SLEEP + "1043.5"), "the probe tool did not start"
+        driver.kill()  # SIGKILL: no Python clean-up runs in the driver
+        driver.wait(timeout=10)
+        for _ in range(50):
+            if not _alive_cmd(SLEEP + "1042.5") and not _alive_cmd(SLEEP + "1043.5"):
+                break
+            time.sleep(0.1)
+        assert not _alive_cmd(SLEEP + "1042.5") and not _alive_cmd(SLEEP + "1043.5"), "tool processes outlived their fluxc"
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        for pid in _alive_cmd(SLEEP + "1042.5") + _alive_cmd(SLEEP + "1043.5"):  # never leak the probes
+            os.kill(int(pid), 9)

@@ -24,6 +24,9 @@ def compile(
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe YAML (default: recipes/bm1684x.yaml)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: <models>/BM1684X)."),
     no_check: bool = typer.Option(False, "--no-check", help="Skip the chip-simulator similarity check."),
+    estimate_only: bool = typer.Option(False, "--estimate-only", help="Compile every piece for its device memory "
+                                       "and estimated time, keep no bmodel and combine nothing (to plan a build "
+                                       "that does not fit this disk); writes estimate_report.json."),
     models: Optional[Path] = typer.Option(None, "--models", help="Workspace folder (default: $FLUXC_MODELS or ./models)."),
     build_dir: Optional[Path] = typer.Option(None, "--build-dir", help=f"Compile cache (default: ${BUILD_DIR_ENV} "
                                              "or <models>/build)."),
@@ -48,6 +51,6 @@ def compile(
         out_dir=out or workspace.chip_dir(ws, chip),
         build_dir=bdir,
         quantize=quantize, flux_type=flux_type, tiny_vae=tiny_vae, chip=chip, devices=devices,
-        jobs=jobs, recipe=recipe, check=not no_check,
+        jobs=jobs, recipe=recipe, check=not no_check, estimate_only=estimate_only,
     )
     run_compile(opts)

@@ -20,6 +20,10 @@ def export(
     tiny_vae: Optional[str] = typer.Option(
         None, "--tiny-vae", help="Export an AutoencoderTiny decoder (taef1) from this folder or Hub id instead of the VAE"),
     force: bool = typer.Option(False, "--force", help="Re-export every piece; replace another model's export"),
+    probe: Optional[bool] = typer.Option(
+        None, "--probe/--no-probe", help="Also export one piece of each full-width kind at 128x128 / T5 32 with the "
+        "same weights, which `fluxc compile` checks on the chip simulator in place of the full-size pieces "
+        "(default: on above 512x512)"),
 ) -> None:
     """Export FLUX.1 to one ONNX file per piece (block by block, low memory), plus tokenizers,
     rotary table, configs and manifest.json. Re-running with the same inputs rewrites nothing.
@@ -29,6 +33,6 @@ def export(
     from fluxc.export.driver import ExportOptions, run_export
 
     res = run_export(ExportOptions(model=model, out=out, models=models, flux_type=flux_type, height=height,
-                                   width=width, t5_len=t5_seq_len, tiny_vae=tiny_vae, force=force))
+                                   width=width, t5_len=t5_seq_len, tiny_vae=tiny_vae, force=force, probe=probe))
     typer.echo(f"exported {len(res.exported)} piece(s), reused {len(res.reused)} unchanged, "
                f"in {res.seconds:.1f} s -> {res.export_dir}")

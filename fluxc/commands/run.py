@@ -20,8 +20,9 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
     from fluxc.runtime.models import BACKENDS, open_bmodels, open_onnx, read_build
     from fluxc.runtime.pipeline import FluxPipeline
 
-    if backend not in BACKENDS:
-        raise FluxcError(f"unknown --backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    backends = tuple(BACKENDS) + tuple(b for b in SAIL_BACKENDS if b not in BACKENDS)
+    if backend not in backends:
+        raise FluxcError(f"unknown --backend {backend!r}; use one of {', '.join(backends)}")
     models = Path(models)
     if not models.is_dir():
         raise FluxcError(f"models folder {models} does not exist; run fluxc export and fluxc compile, "
@@ -39,12 +40,8 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
     if (height and height != d.height) or (width and width != d.width):
         raise FluxcError(f"the models are compiled for {d.width}x{d.height} (width x height); "
                          f"re-export at {width or d.width}x{height or d.height} to change it")
-    if backend == "sail":
-        try:
-            import sophon.sail  # noqa: F401
-        except ImportError:
-            raise FluxcError("the sail backend needs sophon.sail (Sophgo's SDK Python package, on a board or "
-                             "a host with the BM1684X PCIe driver); use --backend cmodel or onnx here") from None
+    if backend in SAIL_BACKENDS:
+        return _open_sail(models, backend, man, quantize, devices, say)
     if backend == "onnx":
         if quantize:
             warnings.warn("--quantize is ignored by the onnx backend (it runs the float export)")
@@ -55,6 +52,52 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
         rec.check_export(exp)
         ms, q = open_bmodels(backend, rec.chip_dir, d, quantize, devices, progress=say, record=rec)
     return FluxPipeline(ms, man), ms, q
+
+
+# ---- sail backends (sophon.sail on the chip; sail-sim: its stand-in on the simulator) ----
+SAIL_BACKENDS = ("sail", "sail-sim")
+
+
+def _open_sail(models: Path, backend: str, man, quantize, devices, say):
+    """Check the device ids, open the build's bmodels through sail (or the stand-in) and lay
+    out the device tensors (runtime/sail_flux.py). Nothing runs unless all of it fits."""
+    from fluxc import workspace
+    from fluxc.runtime.engines import check_devices, import_sail
+    from fluxc.runtime.models import detect_quantize, open_bmodels, transformer_files
+    from fluxc.runtime.pipeline import FluxPipeline
+    from fluxc.runtime.sail_flux import SailFlux
+
+    d = man.dims
+    sail = import_sail(backend)
+    chip_dir = workspace.chip_dir(models)
+    if not Path(chip_dir).is_dir():
+        raise FluxcError(f"no compiled models in {chip_dir}; run fluxc compile (or use --backend onnx)")
+    q = detect_quantize(chip_dir, d.flux_type, quantize)
+    n_tr = len(transformer_files(chip_dir, d.flux_type, q))
+    devices = list(devices) if devices else list(range(max(1, n_tr)))
+    if len(devices) < n_tr:
+        raise FluxcError(f"the {q} transformer is split over {n_tr} chips; give --devices with {n_tr} ids")
+    check_devices(sail, devices)
+    ms, q = open_bmodels(backend, chip_dir, d, q, devices, progress=say)
+    try:
+        ms.device_resident = SailFlux(ms, man)
+    except BaseException:
+        ms.close()
+        raise
+    return FluxPipeline(ms, man), ms, q
+
+
+def device_memory_lines(backend: str) -> list[str]:
+    """What the sail stand-in measured per chip (peak of models + tensors)."""
+    if backend != "sail-sim":
+        return []
+    from fluxc.runtime import sail_sim
+    from fluxc.runtime.device_memory import MB
+
+    return [f"device {c.dev_id}: {c.peak_bytes / MB:.1f} MB peak (models {c.model_bytes / MB:.1f} MB, "
+            f"{c.allocations} tensors {c.tensor_bytes / MB:.2f} MB; host->device {c.h2d_bytes / MB:.2f} MB, "
+            f"device->host {c.d2h_bytes / MB:.2f} MB, chip->chip in {c.c2c_in_bytes / MB:.2f} MB)"
+            for c in sail_sim.stats().values()]
 
 
 def parse_devices(text: str | None) -> list[int] | None:
@@ -76,7 +119,8 @@ def run(
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default 4 schnell, 28 dev)."),
     guidance: float = typer.Option(3.5, "--guidance", help="Guidance scale (dev only)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise (torch CPU generator, as diffusers)."),
-    backend: str = typer.Option("cmodel", "--backend", help="cmodel (chip simulator), onnx (float reference) or sail (chip)."),
+    backend: str = typer.Option("cmodel", "--backend", help="cmodel (chip simulator), onnx (float reference), sail (chip) "
+                                "or sail-sim (the sail runtime on a stand-in over the chip simulator)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Transformer quantisation: BF16 or W4BF16 (default: what is compiled)."),
     flux_type: Optional[str] = typer.Option(None, "--flux-type", help="dev or schnell (checked against the export)."),
     tiny_vae: Optional[bool] = typer.Option(None, "--tiny-vae/--full-vae", help="Check which VAE the export holds."),
@@ -89,6 +133,8 @@ def run(
     """Generate one image with the compiled (or exported) FLUX.1 pieces.
 
     Example: fluxc run --backend cmodel --prompt "a red fox in the snow" --steps 4 --seed 42 --out fox.png
+
+    Example (the board's sail runtime, on the simulator): fluxc run --backend sail-sim --devices 0,1,2
     """
     import time
 
@@ -133,5 +179,15 @@ def run(
     t = res.timings
     con.print(f"generation {t['generate_s']:.2f} s (text encoders {t['text_encoders_s']:.2f} s, "
               f"{n_steps} steps {t['denoise_s']:.2f} s, VAE {t['vae_s']:.2f} s); load {load_s:.2f} s")
+    steps_s = t.get("step_s") or []
+    # the reference's table: load | N-step generation | per step (relative only on a simulator)
+    con.print(f"| {backend} | load {load_s:.2f} s | {n_steps}-step generation {t['generate_s']:.2f} s | "
+              f"per step {min(steps_s) if steps_s else 0:.2f}-{max(steps_s) if steps_s else 0:.2f} s |"
+              + (" simulator: relative figures only" if backend in ("sail-sim", "cmodel") else ""))
+    for line in device_memory_lines(backend):
+        con.print(line)
     typer.echo(str(out))
+    rt = getattr(ms, "device_resident", None)
+    if rt is not None:
+        rt.close()
     ms.close()

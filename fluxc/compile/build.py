@@ -73,6 +73,17 @@ class PieceResult:
         return self.data["memory"]
 
 
+def _transform_similarity(folder: Path):
+    """ONNX Runtime vs top MLIR: model_transform's own figure, or ours for a rebound piece."""
+    from fluxc.compile.parse import Similarity
+
+    own = folder / "transform_check.json"
+    if own.is_file():
+        return Similarity(**json.loads(own.read_text()))
+    log = folder / "transform.log"
+    return transform_similarity(log.read_text(errors="replace")) if log.is_file() else None
+
+
 def _check_passes(data: dict[str, Any], tolerance: tuple[float, float]) -> bool:
     q = (data.get("similarity") or {}).get("quantized")
     if not data.get("checked") or not q:
@@ -80,15 +91,16 @@ def _check_passes(data: dict[str, Any], tolerance: tuple[float, float]) -> bool:
     return (q["cosine"] or 0) >= tolerance[0] and (q["euclidean"] or 0) >= tolerance[1]
 
 
-def load_cached(folder: Path, check: bool, tolerance: tuple[float, float]) -> dict[str, Any] | None:
-    """The cached result if the folder is complete (and checked enough when asked)."""
+def load_cached(folder: Path, check: bool, tolerance: tuple[float, float], keep: bool = True) -> dict[str, Any] | None:
+    """The cached result if the folder is complete (and checked enough when asked). Without
+    `keep` (an estimate-only build) a result whose bmodel was not kept is enough."""
     if not (folder / COMPLETE).is_file():
         return None
     try:
         data = json.loads((folder / "result.json").read_text())
     except (OSError, ValueError):
         return None
-    if not (folder / data.get("bmodel", "?")).is_file():
+    if keep and not (folder / data.get("bmodel", "?")).is_file():
         return None
     if check and not _check_passes(data, tolerance):
         return None
@@ -108,17 +120,90 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 
 def compile_piece(spec: PieceSpec, onnx: Path, onnx_sha: str, plan: PiecePlan, chip: str, toolchain: str,
-                  build_root: Path, tools: Tools, check: bool) -> PieceResult:
+                  build_root: Path, tools: Tools, check: bool, keep: bool = True) -> PieceResult:
+    """`keep=False`: an estimate-only build (its memory and cost figures; the bmodel is deleted)."""
     key = piece_key(spec, onnx_sha, plan, chip, toolchain)
     folder = build_root / "pieces" / f"{spec.name}-{key[:16]}"
     with folder_lock(folder):
-        return _compile_piece(spec, onnx, key, folder, plan, chip, tools, check)
+        return _compile_piece(spec, onnx, key, folder, plan, chip, tools, check, toolchain, keep)
+
+
+def _run_transform(spec: PieceSpec, onnx: Path, plan: PiecePlan, tools: Tools, check: bool, folder: Path) -> None:
+    name = spec.net_name
+    work = folder / "work"
+    args = ["--model_name", name, "--model_def", str(onnx), *transform_args(spec, plan), "--mlir", f"{name}.mlir"]
+    if check:
+        # The transform runs the ONNX piece in ONNX Runtime and the top MLIR on the
+        # same inputs and compares them (cos/euclid >= 0.99 by default, else it fails);
+        # its top npz then is the float reference for model_deploy below.
+        args += ["--test_input", str(folder / "in.npz"), "--test_result", f"{name}_top.npz"]
+    tools.run("model_transform", args, work, folder / "transform.log", spec.name)
+
+
+def _transform(spec: PieceSpec, onnx: Path, plan: PiecePlan, tools: Tools, check: bool, folder: Path,
+               samples: dict, toolchain: str) -> str:
+    """The piece's top MLIR and weights in <folder>/work: rebound from the template of its graph
+    when there is one (fluxc.compile.rebind), else by model_transform (and the result becomes
+    the template). Returns "rebound" or "transformed"."""
+    from fluxc.compile import rebind
+    from fluxc.export.pieces import piece_kind
+
+    io = {"inputs": [t.to_dict() for t in spec.inputs], "outputs": [t.to_dict() for t in spec.outputs]}
+    tdir = rebind.template_dir(folder.parent.parent, piece_kind(spec),
+                               rebind.graph_key(onnx, io, transform_args(spec, plan), toolchain))
+    work = folder / "work"
+    with folder_lock(tdir):
+        t = rebind.load_template(tdir)
+        if t is None:
+            _run_transform(spec, onnx, plan, tools, check, folder)
+            rebind.make_template(tdir, spec.net_name, work, onnx)
+            return "transformed"
+        if t.rebindable:
+            rebind.apply(t, spec.net_name, work, onnx)
+    if not t.rebindable:
+        _run_transform(spec, onnx, plan, tools, check, folder)
+        return "transformed"
+    if check:
+        _check_rebound(spec, onnx, tools, folder, samples)
+    return "rebound"
+
+
+def _check_rebound(spec: PieceSpec, onnx: Path, tools: Tools, folder: Path, samples: dict) -> None:
+    """What model_transform checks, for a rebound piece: the top MLIR run by TPU-MLIR's own
+    interpreter (all tensors, the reference model_deploy compares against) against the ONNX
+    piece in ONNX Runtime, output by output."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from fluxc.compile.parse import Similarity
+
+    name = spec.net_name
+    work = folder / "work"
+    with open(work / f"{name}_in_f32.npz", "wb") as f:
+        np.savez(f, **samples)
+    tools.run("model_runner", ["--model", f"{name}.mlir", "--input", f"{name}_in_f32.npz",
+                               "--output", f"{name}_top.npz", "--dump_all_tensors"],
+              work, folder / "transform.log", spec.name)
+    top = np.load(work / f"{name}_top.npz")
+    ref = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"]).run(None, samples)
+    worst = None
+    for t, r in zip(spec.outputs, ref):
+        # the interpreter names a tensor after the output and the op that made it ("x_Add")
+        keys = [k for k in top.files if k == t.name] or [k for k in top.files if k.startswith(t.name + "_")]
+        if len(keys) != 1:
+            raise FluxcError(f"{spec.name}: the rebound MLIR has no single output {t.name}; see {folder / 'transform.log'}")
+        s = Similarity.between(top[keys[0]].astype(np.float64), r.astype(np.float64))
+        worst = s if worst is None or s.cosine < worst.cosine else worst
+    if worst.cosine < 0.99 or worst.euclidean < 0.99:
+        raise FluxcError(f"{spec.name}: rebound MLIR vs ONNX Runtime cos {worst.cosine:.5f} euclid "
+                         f"{worst.euclidean:.5f} below 0.99; see {folder / 'transform.log'}")
+    write_json_atomic(folder / "transform_check.json", worst.to_dict())
 
 
 def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: PiecePlan, chip: str,
-                   tools: Tools, check: bool) -> PieceResult:
+                   tools: Tools, check: bool, toolchain: str, keep: bool = True) -> PieceResult:
     t0 = time.monotonic()
-    cached = load_cached(folder, check, plan.tolerance)
+    cached = load_cached(folder, check, plan.tolerance, keep)
     if cached is not None:
         if cached.get("estimate_ms") is None:  # results written before the TCYC fallback
             cached["estimate_ms"] = parse_profile_ms(folder / "work" / "compiler_profile_0.txt")
@@ -138,11 +223,13 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
     if done_t.is_file() and mlir.is_file():
         try:
             prev = json.loads(done_t.read_text())
-            reuse_t = prev.get("key") == key and (prev.get("check") or not check) and (top.is_file() or not check)
+            reuse_t = prev.get("key") == key and (prev.get("check") or not check) and (top.is_file() or not check) \
+                and (work / f"{name}_top_f32_all_weight.npz").is_file()
         except (OSError, ValueError):
             reuse_t = False
     if not reuse_t:
         done_t.unlink(missing_ok=True)
+        (folder / "transform_check.json").unlink(missing_ok=True)
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
@@ -152,15 +239,8 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
         with open(inputs.with_suffix(".tmp.npz"), "wb") as f:
             np.savez(f, **samples)
         os.replace(inputs.with_suffix(".tmp.npz"), inputs)
-        args = ["--model_name", name, "--model_def", str(Path(onnx).resolve()),
-                *transform_args(spec, plan), "--mlir", mlir.name]
-        if check:
-            # The transform runs the ONNX piece in ONNX Runtime and the top MLIR on the
-            # same inputs and compares them (cos/euclid >= 0.99 by default, else it fails);
-            # its top npz then is the float reference for model_deploy below.
-            args += ["--test_input", str(inputs), "--test_result", top.name]
-        tools.run("model_transform", args, work, folder / "transform.log", spec.name)
-        write_json_atomic(done_t, marker_t)
+        how = _transform(spec, Path(onnx).resolve(), plan, tools, check, folder, samples, toolchain)
+        write_json_atomic(done_t, {**marker_t, "how": how})
 
     bmodel_tmp = work / f"{name}.bmodel"
     for stale in (bmodel_tmp, work / "compiler_profile_0.txt"):
@@ -190,8 +270,7 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
     similarity: dict[str, Any] = {}
     if check:
         sims = deploy_similarities((folder / "deploy.log").read_text(errors="replace"))
-        ts = transform_similarity((folder / "transform.log").read_text(errors="replace")) \
-            if (folder / "transform.log").is_file() else None
+        ts = _transform_similarity(folder)
         similarity = {"onnx_vs_top": _sim_dict(ts), "quantized": _sim_dict(sims.get("quantized")),
                       "simulator": _sim_dict(sims.get("simulator"))}
         q = sims.get("quantized")
@@ -216,9 +295,15 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
                    "runtime": info.runtime},
         "info": info.to_dict(), "seconds": round(time.monotonic() - t0, 2),
     }
+    if not keep:
+        final.unlink()
+        data["bmodel_kept"] = False
     write_json_atomic(folder / "result.json", data)
-    # The big intermediates (float and quantised weights as npz) are not needed any more.
+    # The big intermediates (float and quantised weights as npz, deploy's MLIRs) are not
+    # needed any more: the top MLIR stays (small); a rebuild reruns the transform or rebinds.
     for p in work.glob("*weight*.npz"):
+        p.unlink(missing_ok=True)
+    for p in work.glob(f"{name}_*.mlir"):
         p.unlink(missing_ok=True)
     write_text_atomic(folder / COMPLETE, key + "\n")
     return PieceResult(spec.name, folder, final, data, False, time.monotonic() - t0, tools.runs[runs_before:])

@@ -1,7 +1,7 @@
 """Reading and checking the export folder that `fluxc compile` starts from."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluxc.errors import FluxcError
@@ -12,7 +12,8 @@ from fluxc.specs import FluxDims, PieceSpec
 class ExportPiece:
     spec: PieceSpec
     path: Path
-    sha256: str  # of the .onnx file, plus its external weights file if it has one
+    sha256: str  # of the .onnx file, plus its inline-weights file and the content of the checkpoint tensors it references
+    weight_bytes: int = 0  # its weights as float32 (what the compiler holds), files included
 
 
 @dataclass
@@ -20,6 +21,7 @@ class ExportIn:
     folder: Path
     dims: FluxDims
     pieces: list[ExportPiece]
+    probes: list[ExportPiece] = field(default_factory=list)  # small-shape pieces the simulator checks
 
 
 def read_export(folder: Path, flux_type: str | None, tiny_vae: bool | None) -> ExportIn:
@@ -33,8 +35,10 @@ def read_export(folder: Path, flux_type: str | None, tiny_vae: bool | None) -> E
     pieces = []
     for s in m.specs:
         e = m.entries[s.name]
-        sha = e["sha256"] + (f"+{e['external_sha256']}" if e.get("external_sha256") else "")
-        pieces.append(ExportPiece(s, m.path(s.name), sha))
+        sha = e["sha256"] + (f"+{e['external_sha256']}" if e.get("external_sha256") else "") \
+            + (f"+w{e['weights_sha256']}" if e.get("weights_sha256") else "")
+        onnx_bytes = m.path(s.name).stat().st_size if m.path(s.name).is_file() else 0
+        pieces.append(ExportPiece(s, m.path(s.name), sha, 4 * int(e.get("weight_numel", 0)) + onnx_bytes))
     if flux_type is not None and dims.flux_type != flux_type:
         raise FluxcError(f"export in {folder} is FLUX.1-{dims.flux_type}, not {flux_type}; "
                          f"use --flux-type {dims.flux_type} or export the {flux_type} model")
@@ -53,4 +57,18 @@ def read_export(folder: Path, flux_type: str | None, tiny_vae: bool | None) -> E
     for p in pieces:
         if not p.path.is_file():
             raise FluxcError(f"export in {folder}: piece file {p.path.name} is missing; re-run `fluxc export`")
-    return ExportIn(folder, dims, pieces)
+    return ExportIn(folder, dims, pieces, _probes(folder, m))
+
+
+def _probes(folder: Path, m) -> list[ExportPiece]:
+    from fluxc.specs import PieceSpec
+
+    out = []
+    for e in (m.probe or {}).get("pieces", []):
+        spec = PieceSpec.from_dict(e)
+        path = folder / "probe" / e["file"]
+        if not path.is_file():
+            raise FluxcError(f"export in {folder}: probe piece {e['file']} is missing; re-run `fluxc export`")
+        out.append(ExportPiece(spec, path, e["sha256"] + f"+w{e.get('weights_sha256', '')}",
+                               4 * int(e.get("weight_numel", 0)) + path.stat().st_size))
+    return out

@@ -83,6 +83,19 @@ class Similarity:
     def to_dict(self) -> dict[str, float]:
         return {"cosine": self.cosine, "euclidean": self.euclidean, "sqnr": self.sqnr}
 
+    @classmethod
+    def between(cls, a, b) -> "Similarity":
+        """fluxc's own figures for two arrays (where no TPU-MLIR log gives them): cosine,
+        1 - |a-b| / mean(|a|, |b|), and the signal-to-error ratio of a in dB."""
+        import numpy as np
+
+        a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+        na, nb, nd = np.linalg.norm(a), np.linalg.norm(b), np.linalg.norm(a - b)
+        cos = float(a @ b / (na * nb)) if na > 0 and nb > 0 else (1.0 if nd == 0 else 0.0)
+        euc = 1.0 - float(nd / ((na + nb) / 2)) if na + nb > 0 else 1.0
+        sqnr = float(20 * np.log10(na / nd)) if nd > 0 and na > 0 else float("inf")
+        return cls(cos, euc, sqnr)
+
 
 _RUN_COMPARE = re.compile(r"\[Running\]: npz_tool\.py compare (\S+) (\S+)")
 _MIN_SIM = re.compile(r"min_similarity = \(([^,]+), ([^,]+), ([^)]+)\)")

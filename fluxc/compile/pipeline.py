@@ -38,6 +38,7 @@ class CompileOptions:
     jobs: int | None = None
     recipe: Path | None = None
     check: bool = True
+    estimate_only: bool = False  # memory and cost figures only: no bmodel kept, nothing combined
 
 
 def normalize_quantize(q: str) -> str:
@@ -57,16 +58,33 @@ def _mem_available() -> int:
     return 4 << 30
 
 
-def default_jobs(onnx_bytes: list[int]) -> int:
-    """min(cores, available memory / the memory of the biggest piece's compile). model_transform
-    is the memory peak: measured ~14.7x the ONNX size for a full-size single block
-    (8.3 GB for 566 MB) and ~10.4x for a double block (14.1 GB for 1.36 GB); we plan 15x + 1 GB."""
+def _cores() -> int:
     try:
-        cores = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    per_piece = 15 * max(onnx_bytes or [0]) + (1 << 30)
-    return max(1, min(cores, _mem_available() // per_piece))
+        return os.cpu_count() or 1
+
+
+# Peak memory of compiling one piece, as multiples of its float32 weights, measured on the
+# full-size blocks (tpu-mlir-facts.md): model_transform 10.4x (double) to 14.7x (single);
+# model_deploy 1.8-2.3x; rebinding a transform (fluxc.compile.rebind) about 3x.
+TRANSFORM_X, REBOUND_X, BASE = 15, 3, 1 << 30
+
+
+class MemoryBudget:
+    """Runs pieces side by side while their planned peaks fit in the memory available at the
+    start (80% of it): the first piece of each kind (a real model_transform) is planned at 15x
+    its weights, a rebound one at 3x. `--jobs` caps the count."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.budget, self.used = cap, int(0.8 * _mem_available()), 0
+
+    @staticmethod
+    def need(weight_bytes: int, first_of_kind: bool) -> int:
+        return (TRANSFORM_X if first_of_kind else REBOUND_X) * weight_bytes + BASE
+
+    def fits(self, need: int, running: int) -> bool:
+        return running == 0 or (running < self.cap and self.used + need <= self.budget)
 
 
 def output_files(flux_type: str, quantize: str, devices: int, tiny_vae: bool) -> dict[str, str]:
@@ -119,13 +137,13 @@ class _Progress:
             self.progress.console.print(line, highlight=False)
 
 
-def _piece_line(r: PieceResult) -> str:
+def _piece_line(r: PieceResult, label: str | None = None) -> str:
     d = r.data
     sim = (d.get("similarity") or {}).get("quantized")
     s = f"cos {sim['cosine']:.5f}" if sim else "unchecked"
     est = f"{d['estimate_ms']:.3f} ms" if d.get("estimate_ms") is not None else "-"
     how = "cached" if r.cache_hit else f"{r.seconds:.0f} s"
-    return f"{r.name:<28} {d['quantize']:<6} {s:<12} est {est:<11} {how}"
+    return f"{label or r.name:<28} {d['quantize']:<6} {s:<12} est {est:<11} {how}"
 
 
 def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
@@ -151,39 +169,71 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     build_root = Path(opts.build_dir).resolve()
     build_root.mkdir(parents=True, exist_ok=True)
     plans = {p.spec.name: piece_plan(recipe, p.spec, quantize) for p in exp.pieces}
-    jobs = opts.jobs or default_jobs([p.path.stat().st_size for p in exp.pieces])
+    jobs = opts.jobs or _cores()
 
     console.print(f"fluxc compile: FLUX.1-{dims.flux_type}, transformer {quantize}, chip {chip}, "
                   f"{len(exp.pieces)} pieces, {jobs} job(s), check {'on' if opts.check else 'off'}; "
                   f"export {exp.folder}, build cache {build_root}", highlight=False)
 
+    # With probe pieces (a full-size export), the simulator checks them, first, in place of the
+    # full-size pieces it cannot run in reasonable time; otherwise every piece is checked.
+    probes = exp.probes if opts.check else []
+    check_full = opts.check and not probes
+    if probes:
+        console.print(f"checking {len(probes)} probe pieces ({', '.join(p.spec.name for p in probes)}, same weights "
+                      f"at a small shape) on the chip simulator first; the full-size pieces are compiled without "
+                      f"the simulator run", highlight=False)
+    probe_plans = {p.spec.name: piece_plan(recipe, p.spec, quantize) for p in probes}
+    probe_results: dict[str, PieceResult] = {}
     results: dict[str, PieceResult] = {}
     errors: list[BaseException] = []
-    with _Progress(len(exp.pieces), console) as prog, ThreadPoolExecutor(max_workers=jobs) as pool:
-        pending = list(exp.pieces)
-        running: dict[Future, str] = {}
+    with _Progress(len(probes) + len(exp.pieces), console) as prog, ThreadPoolExecutor(max_workers=jobs) as pool:
+        pending = [("probe", p) for p in probes] + [("piece", p) for p in exp.pieces]
+        running: dict[Future, tuple[str, str]] = {}
 
-        def submit(p) -> None:
-            prog.start(p.spec.name)
-            fut = pool.submit(compile_piece, p.spec, p.path, p.sha256, plans[p.spec.name], chip, toolchain,
-                              build_root, tools, opts.check)
-            running[fut] = p.spec.name
+        from fluxc.export.pieces import piece_kind  # (imports torch; only the kind table is used)
 
-        while pending and len(running) < jobs:
+        budget = MemoryBudget(jobs)
+        seen_kinds: set[tuple[str, str]] = set()
+        needs: dict[Future, int] = {}
+
+        def need_of(item) -> int:
+            what, p = item
+            kind = (what, piece_kind(p.spec))
+            return MemoryBudget.need(p.weight_bytes, kind not in seen_kinds)
+
+        def submit(item) -> None:
+            what, p = item
+            n = need_of(item)
+            seen_kinds.add((what, piece_kind(p.spec)))
+            label = f"probe {p.spec.name}" if what == "probe" else p.spec.name
+            prog.start(label)
+            if what == "probe":
+                fut = pool.submit(compile_piece, p.spec, p.path, p.sha256, probe_plans[p.spec.name], chip, toolchain,
+                                  build_root / "probe", tools, True, True)
+            else:
+                fut = pool.submit(compile_piece, p.spec, p.path, p.sha256, plans[p.spec.name], chip, toolchain,
+                                  build_root, tools, check_full, not opts.estimate_only)
+            running[fut] = (what, label)
+            needs[fut] = n
+            budget.used += n
+
+        while pending and budget.fits(need_of(pending[0]), len(running)):
             submit(pending.pop(0))
         while running:
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in done:
-                name = running.pop(fut)
+                what, name = running.pop(fut)
+                budget.used -= needs.pop(fut)
                 try:
                     r = fut.result()
                 except BaseException as e:  # stop scheduling; let the running ones finish
                     errors.append(e)
                     prog.done(name, f"{name:<28} FAILED")
                     continue
-                results[name] = r
-                prog.done(name, _piece_line(r))
-            while pending and len(running) < jobs and not errors:
+                (probe_results if what == "probe" else results)[r.name] = r
+                prog.done(name, _piece_line(r, name))
+            while pending and not errors and budget.fits(need_of(pending[0]), len(running)):
                 submit(pending.pop(0))
     if errors:
         raise errors[0]
@@ -192,6 +242,10 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     by_family: dict[str, list[PieceResult]] = {}
     for p, r in zip(exp.pieces, ordered):
         by_family.setdefault(p.spec.family, []).append(r)
+
+    if opts.estimate_only:
+        return _estimate_only_report(opts, exp, ordered, by_family, quantize, chip, recipe, toolchain, build_root,
+                                     jobs, tools, t0, console, probe_results)
 
     names = output_files(dims.flux_type, quantize, opts.devices, dims.tiny_vae)
     out_dir = Path(opts.out_dir).resolve()
@@ -232,6 +286,8 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
         "format": REPORT_FORMAT,
         "flux_type": dims.flux_type, "quantize": quantize, "chip": chip, "tiny_vae": dims.tiny_vae,
         "devices": split_info["devices"] if split_info else 1, "check": opts.check,
+        "checked": _checked(opts.check, probe_results),
+        "probe_checks": {n: _probe_entry(r) for n, r in probe_results.items()},
         "recipe": recipe.source, "toolchain": toolchain, "export_dir": str(exp.folder),
         "build_dir": str(build_root), "jobs": jobs,
         "tool_runs": len(tools.runs), "tool_commands": tools.runs,
@@ -257,6 +313,63 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     console.print(f"wrote {len(combined)} bmodel(s) to {out_dir} in {report['seconds']:.1f} s "
                   f"({report['tool_runs']} TPU-MLIR tool run(s)); report: {out_dir / 'compile_report.json'}",
                   highlight=False)
+    return report
+
+
+def _checked(check: bool, probe_results: dict) -> str:
+    if not check:
+        return "nothing on the simulator (--no-check)"
+    if probe_results:
+        return f"probe pieces on the simulator ({len(probe_results)}: one per full-width kind, small shape, same weights)"
+    return "every piece on the simulator"
+
+
+def _probe_entry(r: PieceResult) -> dict[str, Any]:
+    return {"quantize": r.data["quantize"], "similarity": r.data["similarity"], "tolerance": r.data["tolerance"],
+            "cache_hit": r.cache_hit, "seconds": round(r.seconds, 2), "build_dir": str(r.folder)}
+
+
+def _estimate_only_report(opts, exp, ordered, by_family, quantize, chip, recipe, toolchain, build_root, jobs, tools,
+                          t0, console, probe_results) -> dict[str, Any]:
+    """What a build would take, from every piece compiled for real (bmodels not kept): device
+    memory per chip modelled as in the BF16 split (sum of weight + instructions, plus the largest
+    runtime area of the nets on that chip; exact on the combined files of every tiny build),
+    the cost-model time per step, and the split itself."""
+    def mem(rs):
+        return [PieceMem(r.name, r.memory["weight"] + r.memory["instruct"], r.memory["runtime"]) for r in rs]
+
+    tr = by_family["transformer"]
+    if quantize == "BF16":
+        parts = split_contiguous(mem(tr), min(opts.devices, len(tr)))
+    else:
+        parts = [mem(tr)]
+    # the reference's placement: CLIP and the VAE with the first transformer part, T5 with the last
+    chips = [list(p) for p in parts]
+    chips[0] = mem(by_family["clip"]) + chips[0] + mem(by_family["vae"])
+    chips[-1] = chips[-1] + mem(by_family["t5"])
+    per_chip = [{"device": i, "pieces": [m.name for m in c], "modeled_mb": round(device_cost(c) / MB, 1)}
+                for i, c in enumerate(chips)]
+    estimate = _estimate(exp, {r.name: r for r in ordered})
+    out_dir = Path(opts.out_dir).resolve()
+    report = {
+        "format": REPORT_FORMAT, "estimate_only": True,
+        "flux_type": exp.dims.flux_type, "quantize": quantize, "chip": chip, "tiny_vae": exp.dims.tiny_vae,
+        "devices": len(parts), "check": opts.check, "recipe": recipe.source, "toolchain": toolchain,
+        "checked": _checked(opts.check, probe_results),
+        "probe_checks": {n: _probe_entry(r) for n, r in probe_results.items()},
+        "export_dir": str(exp.folder), "build_dir": str(build_root), "jobs": jobs,
+        "tool_runs": len(tools.runs), "seconds": round(time.monotonic() - t0, 2), "estimate_ms": estimate,
+        "device_memory": per_chip,
+        "pieces": {r.name: {"quantize": r.data["quantize"], "estimate_ms": r.data["estimate_ms"],
+                            "memory": r.data["memory"], "cache_hit": r.cache_hit,
+                            "seconds": round(r.seconds, 2), "build_dir": str(r.folder)} for r in ordered},
+    }
+    write_json_atomic(out_dir / "estimate_report.json", report)
+    for c in per_chip:
+        console.print(f"device {c['device']}: {len(c['pieces'])} nets, modelled device memory {c['modeled_mb']:.0f} MB",
+                      highlight=False)
+    _print_estimate(console, estimate)
+    console.print(f"estimate only: no bmodel kept; report: {out_dir / 'estimate_report.json'}", highlight=False)
     return report
 
 

@@ -6,6 +6,15 @@ from typing import Any
 from fluxc.errors import FluxcError
 from fluxc.specs import FluxDims
 
+# FLUX.1's longest T5 prompt (its pipelines' max_sequence_length limit; dev uses 512, schnell 256).
+MAX_T5_LEN = 512
+
+
+def check_t5_len(t5_len: int) -> None:
+    if t5_len < 1 or t5_len > MAX_T5_LEN:
+        raise FluxcError(f"--t5-seq-len {t5_len} is outside 1..{MAX_T5_LEN} (FLUX.1's longest T5 prompt is "
+                         f"{MAX_T5_LEN} tokens); use 512 for dev or 256 for schnell")
+
 
 def check_resolution(height: int, width: int, multiple: int = 16) -> None:
     for name, v in (("height", height), ("width", width)):
@@ -25,8 +34,7 @@ def build_dims(*, flux_type: str, height: int, width: int, t5_len: int,
                vae: dict[str, Any], tiny_vae: dict[str, Any] | None) -> FluxDims:
     scale = vae_scale(vae)
     check_resolution(height, width, 2 * scale)
-    if t5_len <= 0:
-        raise FluxcError(f"--t5-seq-len {t5_len} must be positive (FLUX uses 512, or 256 for schnell)")
+    check_t5_len(t5_len)
     heads, hd = int(transformer.get("num_attention_heads", 24)), int(transformer.get("attention_head_dim", 128))
     in_ch = int(transformer.get("in_channels", 64))
     latent_ch = int(vae.get("latent_channels", 16))

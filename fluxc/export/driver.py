@@ -45,6 +45,7 @@ class ExportOptions:
     t5_len: int = 512
     tiny_vae: str | None = None
     force: bool = False
+    probe: bool | None = None  # also export probe pieces (None: when the image is above PROBE_AUTO_TOKENS)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class ExportResult:
     reused: list[str] = field(default_factory=list)
     seconds: float = 0.0
     piece_seconds: dict[str, float] = field(default_factory=dict)
+    traced: list[str] = field(default_factory=list)  # exported through torch (the others were rebound)
 
 
 def library_versions() -> dict[str, str]:
@@ -74,7 +76,7 @@ def code_hash() -> str:
     import fluxc.patches as pa
 
     h = hashlib.sha256()
-    files = [Path(ex.__file__).parent / n for n in ("pieces.py", "onnx_io.py", "loading.py")]
+    files = [Path(ex.__file__).parent / n for n in ("pieces.py", "onnx_io.py", "loading.py", "weights.py")]
     files += sorted(Path(pa.__file__).parent.glob("*.py"))
     for p in files:
         if p.is_file():
@@ -236,6 +238,8 @@ def _entry_ok(out: Path, entry: dict[str, Any] | None, key: str) -> bool:
     f = out / entry.get("file", "")
     if not f.is_file() or sha256_file(f) != entry.get("sha256"):
         return False
+    if any(not (out / loc).is_file() for loc in entry.get("weight_files", [])):
+        return False
     data = entry.get("external_data")
     if data:
         d = out / data
@@ -320,21 +324,17 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
 
     versions = library_versions()
     code = code_hash()
-    from fluxc.export.loading import checkpoint_keys
 
     plan: list[tuple[PieceSpec, str, list[str]]] = []
     for spec in specs:
         comp = component_of(spec, dims)
         prefixes = piece_prefixes(spec, dims, ckpt)
-        keys = checkpoint_keys(ckpt.model(comp), prefixes, ckpt.stores[comp], comp)
-        key = sha256_json({"spec": spec.to_dict(), "config": ckpt.configs[comp],
-                           "weights": ckpt.stores[comp].fingerprint(keys), "code": code, "versions": versions})
-        plan.append((spec, key, prefixes))
+        plan.append((spec, _piece_key(spec, comp, prefixes, ckpt, code, versions), prefixes))
     todo = [s.name for s, k, _ in plan if not _entry_ok(out, old_entries.get(s.name), k)]
 
     out.mkdir(parents=True, exist_ok=True)
     options = {"flux_type": flux_type, "height": opts.height, "width": opts.width, "t5_seq_len": opts.t5_len,
-               "tiny_vae": opts.tiny_vae}
+               "tiny_vae": opts.tiny_vae, "probe": opts.probe}
     if old is not None and (todo or old.get("complete") is not True) and (out / mf.MANIFEST).exists():
         # From here on the folder may change: never leave a manifest a later run would trust.
         write_json_atomic(out / mf.MANIFEST, {**old, "complete": False})
@@ -342,49 +342,43 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
     result = ExportResult(out)
     entries: list[dict[str, Any]] = []
     from fluxc.export.loading import release
-    from fluxc.export.onnx_io import export_piece
+    from fluxc.export.onnx_io import clean_stale_temps, export_piece
 
-    with _progress(show_progress, len(plan)) as advance:
+    clean_stale_temps(out)
+    templates: dict[str, tuple[PieceSpec, dict[str, str]]] = {}  # repeated kind -> first block exported
+
+    with _progress(show_progress, len(plan) + (len(probe_specs(dims)[1]) if _want_probe(opts, dims) else 0)) as advance:
         for spec, key, prefixes in plan:
             comp = component_of(spec, dims)
             if spec.name not in todo:
                 e = dict(old_entries[spec.name])
                 e.update(spec.to_dict())
                 entries.append(e)
+                _remember_template(spec, e, templates)
                 result.reused.append(spec.name)
                 advance(f"{spec.name} (unchanged)")
                 continue
             tp = time.time()
             advance(f"{spec.name}", start=True)
-            from fluxc.export.loading import materialize
-
-            model = ckpt.model(comp)
-            try:
-                materialize(model, prefixes, ckpt.stores[comp], comp)
-                module = build_piece(spec, dims, ckpt)
-                try:
-                    # without a callback the weights are freed before the ONNX post-processing
-                    free = None if on_piece is not None else (lambda: _free(model, prefixes, module))
-                    written = export_piece(module, spec, out, release=free)
-                    if on_piece is not None:
-                        on_piece(spec, module, out / spec.file)
-                finally:
-                    unpatch(module)
-                    del module
-            finally:
-                release(model, prefixes)
-            e = {**spec.to_dict(), "file": spec.file, "sha256": sha256_file(out / spec.file), "key": key}
-            if len(written) > 1:
-                e["external_data"] = written[1]
-                e["external_sha256"] = sha256_file(out / written[1])
+            e = _rebind(spec, dims, ckpt, out, templates, on_piece)
+            if e is None:
+                e = _export_one(spec, dims, ckpt, out, prefixes, on_piece)
+                result.traced.append(spec.name)
+            e.update({**spec.to_dict(), "key": key})
+            _remember_template(spec, e, templates)
             entries.append(e)
             result.exported.append(spec.name)
             result.piece_seconds[spec.name] = time.time() - tp
             advance(f"{spec.name} exported", done=True)
 
+        probe = _export_probes(opts, ckpt, dims, out, old, code, versions, advance)
+
     files = _sync_side_files(ckpt, dims, out)
     # Pieces of an earlier export that are not part of this one.
     keep = {s.file for s in specs} | {e["external_data"] for e in entries if e.get("external_data")}
+    from fluxc.export.weights import prune_unused
+
+    prune_unused(out, {loc for e in entries for loc in e.get("weight_files", [])})
     if old is not None:
         for e in old.get("pieces", []):
             for f in (e.get("file"), e.get("external_data")):
@@ -393,10 +387,209 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
 
     manifest = {"format": mf.FORMAT, "complete": True, "source": source_rec, "options": options,
                 "versions": versions, "dims": dims.to_dict(), "files": files, "pieces": entries}
+    if probe is not None:
+        manifest["probe"] = probe
     if mf.read_manifest_json(out) != manifest:
         write_json_atomic(out / mf.MANIFEST, manifest)
     result.seconds = time.time() - t0
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# One piece: traced through torch, or rebound from the first block of its kind
+
+REPEATED_KINDS = ("clip_block", "t5_block", "double_block", "single_block")
+
+
+def _weight_entry(out: Path, refs: dict) -> dict[str, Any]:
+    from fluxc.export.weights import refs_sha256
+
+    import math
+
+    return {"weights": {n: r.key for n, r in sorted(refs.items())},
+            "weight_numel": sum(math.prod(r.shape) for r in refs.values()),
+            "weight_files": sorted({r.location for r in refs.values()}),
+            "weights_sha256": refs_sha256(out, refs)}
+
+
+def _export_one(spec: PieceSpec, dims: FluxDims, ckpt: Checkpoint, out: Path, prefixes: list[str],
+                on_piece) -> dict[str, Any]:
+    """Trace the piece through torch's exporter; its checkpoint tensors are referenced in place."""
+    from fluxc.export.loading import materialize, release
+    from fluxc.export.onnx_io import export_piece
+    from fluxc.export.weights import ref_for
+
+    comp = component_of(spec, dims)
+    model = ckpt.model(comp)
+    try:
+        names = materialize(model, prefixes, ckpt.stores[comp], comp)
+        module = build_piece(spec, dims, ckpt)
+        try:
+            by_tensor = {p.data_ptr(): full for full, p in model.named_parameters(remove_duplicate=False)
+                         if p.device.type != "meta"}
+            refs = {}
+            for wname, p in module.named_parameters(remove_duplicate=False):
+                full = by_tensor.get(p.data_ptr())
+                if full is not None and full in names:
+                    r = ref_for(ckpt.stores[comp], names[full], out, comp)
+                    if r is not None:
+                        refs[wname] = r
+            # without a callback the weights are freed before the ONNX post-processing
+            free = None if on_piece is not None else (lambda: _free(model, prefixes, module))
+            written = export_piece(module, spec, out, release=free, weight_refs=refs)
+            if on_piece is not None:
+                on_piece(spec, module, out / spec.file)
+        finally:
+            unpatch(module)
+            del module
+    finally:
+        release(model, prefixes)
+    import onnx
+
+    from fluxc.export.onnx_io import external_params
+
+    used = external_params(onnx.load(str(out / spec.file), load_external_data=False))
+    refs = {n: r for n, r in refs.items() if n in used}  # parameters the graph does not use are dropped
+    e: dict[str, Any] = {"file": spec.file, "sha256": sha256_file(out / spec.file), **_weight_entry(out, refs)}
+    if len(written) > 1:
+        e["external_data"] = written[1]
+        e["external_sha256"] = sha256_file(out / written[1])
+    return e
+
+
+def _remember_template(spec: PieceSpec, entry: dict[str, Any], templates: dict) -> None:
+    from fluxc.export.pieces import piece_kind
+
+    kind = piece_kind(spec)
+    if kind in REPEATED_KINDS and kind not in templates and entry.get("weights") and not entry.get("external_data"):
+        templates[kind] = (spec, dict(entry["weights"]))
+
+
+def _rebind(spec: PieceSpec, dims: FluxDims, ckpt: Checkpoint, out: Path, templates: dict,
+            on_piece) -> dict[str, Any] | None:
+    """The piece written from the first exported block of its kind (same graph, this block's
+    tensors), or None when that is not possible (first of its kind, other tensor names,
+    dtypes or shapes): then it is traced."""
+    from fluxc.export.onnx_io import rebind_piece
+    from fluxc.export.pieces import piece_kind, piece_parts
+    from fluxc.export.weights import ref_for
+
+    kind = piece_kind(spec)
+    if kind not in REPEATED_KINDS or kind not in templates:
+        return None
+    tspec, tkeys = templates[kind]
+    if tspec.inputs != spec.inputs or tspec.outputs != spec.outputs:
+        return None
+    comp = component_of(spec, dims)
+    store = ckpt.stores[comp]
+    own_t, own = piece_parts(tspec)[0], piece_parts(spec)[0]
+    refs = {}
+    for wname, tkey in tkeys.items():
+        key = tkey.replace(own_t, own, 1) if own_t in tkey else tkey
+        if not store.has(key) or not store.has(tkey):
+            return None
+        a, b = store.info(key), store.info(tkey)
+        if a["dtype"] != b["dtype"] or list(a["shape"]) != list(b["shape"]):
+            return None
+        r = ref_for(store, key, out, comp)
+        if r is None:
+            return None
+        refs[wname] = r
+    try:
+        rebind_piece(out / tspec.file, spec, out, refs)
+    except FluxcError:
+        return None
+    if on_piece is not None:  # tests: the rebound file against this block's torch module
+        from fluxc.export.loading import materialize, release
+
+        model = ckpt.model(comp)
+        prefixes = list(piece_parts(spec))
+        try:
+            materialize(model, prefixes, store, comp)
+            module = build_piece(spec, dims, ckpt)
+            try:
+                on_piece(spec, module, out / spec.file)
+            finally:
+                unpatch(module)
+        finally:
+            release(model, prefixes)
+    return {"file": spec.file, "sha256": sha256_file(out / spec.file), **_weight_entry(out, refs)}
+
+
+def _piece_key(spec: PieceSpec, comp: str, prefixes: list[str], ckpt: Checkpoint, code: str, versions) -> str:
+    from fluxc.export.loading import checkpoint_keys
+
+    keys = checkpoint_keys(ckpt.model(comp), prefixes, ckpt.stores[comp], comp)
+    return sha256_json({"spec": spec.to_dict(), "config": ckpt.configs[comp],
+                        "weights": ckpt.stores[comp].fingerprint(keys), "code": code, "versions": versions})
+
+
+# ---------------------------------------------------------------------------------------------
+# Probe pieces: one piece of each full-width kind at a small shape, same weights, so that the
+# chip simulator can check the compiled weights and quantisation in bounded time (it needs more
+# than 15 min for one full-size block). `fluxc compile` checks them when the export has them.
+
+PROBE_DIR = "probe"
+PROBE_HW = 128  # 64 image tokens
+PROBE_T5 = 32
+PROBE_AUTO_TOKENS = 1024  # probes by default above 512x512
+PROBE_KINDS = ("t5_block", "transformer_head", "double_block", "single_block", "transformer_tail", "vae")
+
+
+def probe_specs(dims: FluxDims) -> tuple[FluxDims, list[PieceSpec]]:
+    """The probe dims and the first piece of each probed kind at those dims."""
+    import dataclasses
+
+    from fluxc.export.pieces import piece_kind
+
+    pdims = dataclasses.replace(dims, height=PROBE_HW, width=PROBE_HW, t5_len=min(PROBE_T5, dims.t5_len))
+    seen, out = set(), []
+    for s in piece_specs(pdims):
+        k = piece_kind(s)
+        if k in PROBE_KINDS and k not in seen:
+            seen.add(k)
+            out.append(s)
+    return pdims, out
+
+
+def _want_probe(opts: ExportOptions, dims: FluxDims) -> bool:
+    if opts.probe is not None:
+        return opts.probe
+    return (dims.height // (2 * dims.vae_scale)) * (dims.width // (2 * dims.vae_scale)) > PROBE_AUTO_TOKENS
+
+
+def _export_probes(opts: ExportOptions, ckpt: Checkpoint, dims: FluxDims, out: Path, old: dict | None,
+                   code: str, versions, advance) -> dict[str, Any] | None:
+    from fluxc.export.pieces import piece_parts
+    from fluxc.export.weights import prune_unused
+
+    pout = out / PROBE_DIR
+    if not _want_probe(opts, dims):
+        if pout.exists():
+            shutil.rmtree(pout)
+        return None
+    pdims, specs = probe_specs(dims)
+    pout.mkdir(parents=True, exist_ok=True)
+    old_e = {} if (old is None or opts.force) else {e.get("name"): e for e in (old.get("probe") or {}).get("pieces", [])}
+    entries = []
+    for spec in specs:
+        comp = component_of(spec, pdims)
+        prefixes = list(piece_parts(spec))
+        key = _piece_key(spec, comp, prefixes, ckpt, code, versions)
+        if _entry_ok(pout, old_e.get(spec.name), key):
+            entries.append({**old_e[spec.name], **spec.to_dict()})
+            advance(f"probe {spec.name} (unchanged)")
+            continue
+        advance(f"probe {spec.name}", start=True)
+        e = _export_one(spec, pdims, ckpt, pout, prefixes, None)
+        entries.append({**e, **spec.to_dict(), "key": key})
+        advance(f"probe {spec.name} exported", done=True)
+    keep = {e["file"] for e in entries}
+    for p in pout.glob("*.onnx*"):
+        if p.name not in keep:
+            p.unlink()
+    prune_unused(pout, {loc for e in entries for loc in e.get("weight_files", [])})
+    return {"dims": pdims.to_dict(), "pieces": entries}
 
 
 def _free(model, prefixes, module) -> None:

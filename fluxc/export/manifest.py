@@ -33,6 +33,7 @@ class Manifest:
     versions: dict[str, Any]
     entries: dict[str, dict[str, Any]]  # piece name -> raw manifest entry (file, sha256, ...)
     files: dict[str, str] = field(default_factory=dict)
+    probe: dict[str, Any] | None = None  # {"dims", "pieces"}: small-shape pieces in probe/
 
     def path(self, piece: str) -> Path:
         """ONNX file of one piece."""
@@ -107,7 +108,7 @@ def load_manifest(export_dir: Path) -> Manifest:
     except (KeyError, TypeError, ValueError) as e:
         raise FluxcError(f"{p} is malformed ({e}); re-run `fluxc export --force`") from None
     m = Manifest(export_dir, dims, specs, raw.get("source", {}), raw.get("options", {}),
-                 raw.get("versions", {}), entries, raw.get("files", {}))
+                 raw.get("versions", {}), entries, raw.get("files", {}), raw.get("probe"))
     missing = [s.name for s in specs if not m.path(s.name).is_file()]
     if missing:
         raise FluxcError(f"the export in {export_dir} lacks {', '.join(missing[:3])}"

@@ -1,8 +1,15 @@
-"""Writing one piece to ONNX: TorchScript exporter (opset 17), static shapes, constant
-folding, the piece's own input/output names, token ids as int32; then onnx shape inference
-and the onnx checker (full check on the graph). Pieces over 2 GB keep their weights in
-`<piece>.onnx.data`. Weights are written one tensor at a time (see _write_with_weights), so
-a piece costs about one copy of its weights plus the exporter's working memory.
+"""Writing one piece to ONNX: TorchScript exporter (opset 17), static shapes, the piece's own
+input/output names, token ids as int32; then onnx shape inference and the onnx checker (full
+check on the graph).
+
+Weights: torch's constant folding is OFF, so every initializer is a parameter of the piece
+exactly as the checkpoint holds it (no transposed or pre-scaled copies; TPU-MLIR folds those
+constant ops itself: same top MLIR and cost estimate, checked on a double block). That lets
+the checkpoint tensors be referenced in place (`weight_refs`, fluxc.export.weights): the
+piece file is then the graph alone, whatever the model size, and a block of a repeated kind
+is written by `rebind_piece` from another block's file without tracing again. Other
+initializers (buffers, baked constants) are written inline, or to `<piece>.onnx.data` above
+2 GB, one tensor at a time (see _write_with_weights).
 
 Files land under temporary names and are renamed into place only once checked.
 """
@@ -12,6 +19,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 from fluxc.errors import FluxcError
 from fluxc.specs import PieceSpec
@@ -91,7 +99,7 @@ def _torch_export(module, spec: PieceSpec, path: Path, args) -> dict | None:
                 module, args, str(path),
                 input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs],
-                opset_version=OPSET, do_constant_folding=True, dynamo=False,
+                opset_version=OPSET, do_constant_folding=False, dynamo=False,
                 export_params=tsu is None, keep_initializers_as_inputs=False,
             )
     finally:
@@ -164,13 +172,123 @@ def _write_with_weights(model, params: dict, names: list[str], path: Path, data_
         f.write(model.SerializeToString())
 
 
-def export_piece(module, spec: PieceSpec, out_dir: Path, *, release=None) -> list[str]:
+STORED_SUFFIX = "__stored"  # external initializer name when the graph casts it to float32
+
+
+def _attach_refs(model, params: dict, names: list[str], refs: dict) -> list[str]:
+    """Turn the initializers in `refs` into external references to the checkpoint (with a Cast
+    node where the stored dtype is not float32); returns the names still to be written."""
+    import onnx
+    from onnx import helper
+
+    casts, rest = [], []
+    for name in names:
+        r = refs.get(name)
+        if r is None:
+            rest.append(name)
+            continue
+        got = tuple(params[name].shape)
+        if got != tuple(r.shape):
+            raise FluxcError(f"initializer {name}: shape {got} differs from checkpoint tensor {r.key} {r.shape} (bug)")
+        stored = name if r.elem_type == onnx.TensorProto.FLOAT else name + STORED_SUFFIX
+        t = onnx.TensorProto(name=stored, data_type=r.elem_type, dims=list(r.shape),
+                             data_location=onnx.TensorProto.EXTERNAL)
+        for k, v in (("location", r.location), ("offset", str(r.offset)), ("length", str(r.length))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        model.graph.initializer.append(t)
+        if stored != name:
+            casts.append(helper.make_node("Cast", [stored], [name], to=onnx.TensorProto.FLOAT, name=f"{name}/cast"))
+        params.pop(name)
+    if casts:
+        nodes = list(model.graph.node)
+        del model.graph.node[:]
+        model.graph.node.extend(casts + nodes)
+    return rest
+
+
+def external_params(model) -> dict[str, Any]:
+    """{graph parameter name: external initializer} of a piece (references into weights/)."""
+    import onnx
+
+    out = {}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            if loc.startswith("weights/"):
+                out[t.name[:-len(STORED_SUFFIX)] if t.name.endswith(STORED_SUFFIX) else t.name] = t
+    return out
+
+
+def check_written(path: Path, spec: PieceSpec) -> None:
+    """The written piece file, read back: the onnx checker on its graph, its I/O against the
+    spec, and every reference into weights/ inside its file. (onnx's own by-path check is not
+    used: recent onnx refuses hard-linked external data, which ONNX Runtime and TPU-MLIR read.)"""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    ext = external_params(model)
+    if not ext:
+        onnx.checker.check_model(model, full_check=False)
+    # (with references, the graph had its full check before they were attached)
+    check_io(model, spec, spec.name)
+    base = Path(path).parent
+    for t in ext.values():
+        kv = {e.key: e.value for e in t.external_data}
+        f = base / kv["location"]
+        if ".." in Path(kv["location"]).parts or not f.is_file():
+            raise FluxcError(f"{spec.name}: weight file {kv['location']} is missing; re-run `fluxc export`")
+        if int(kv["offset"]) + int(kv["length"]) > f.stat().st_size:
+            raise FluxcError(f"{spec.name}: {kv['location']} is shorter than the tensor {t.name} it holds; "
+                             f"re-run `fluxc export`")
+
+
+def rebind_piece(template: Path, spec: PieceSpec, out_dir: Path, refs: dict) -> list[str]:
+    """Write `<out_dir>/<spec.file>` as the template piece's graph with its checkpoint
+    references pointed at another block's tensors (`refs`: parameter name -> WeightRef).
+    Valid for pieces of one kind, whose graphs depend only on shapes and config, never on
+    weight values (tests compare this against a direct export). Raises FluxcError when the
+    template does not reference exactly these parameters with these dtypes and shapes."""
+    import onnx
+
+    model = onnx.load(str(template), load_external_data=False)
+    if (Path(template).parent / f"{Path(template).name}.data").exists():
+        raise FluxcError(f"{template}: pieces with inline weights above 2 GB cannot be rebound")
+    ext = external_params(model)
+    if set(ext) != set(refs):
+        raise FluxcError(f"{spec.name}: parameters differ from template {template.name}")
+    for name, t in ext.items():
+        r = refs[name]
+        if t.data_type != r.elem_type or tuple(t.dims) != tuple(r.shape):
+            raise FluxcError(f"{spec.name}: {r.key} has another dtype or shape than in {template.name}")
+        vals = {"location": r.location, "offset": str(r.offset), "length": str(r.length)}
+        for e in t.external_data:
+            if e.key in vals:
+                e.value = vals.pop(e.key)
+    check_io(model, spec, spec.name)
+    out_dir = Path(out_dir)
+    tmp = out_dir / f".{spec.name}.rebind-{os.getpid()}.onnx"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(model.SerializeToString())
+        check_written(tmp, spec)
+        os.replace(tmp, out_dir / spec.file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    data = out_dir / f"{spec.file}.data"
+    if data.exists():
+        data.unlink()
+    return [spec.file]
+
+
+def export_piece(module, spec: PieceSpec, out_dir: Path, *, release=None, weight_refs: dict | None = None) -> list[str]:
     """Export `module` as `<out_dir>/<spec.file>`; return the file names written.
 
     `release()`, if given, is called right after the torch export to free the piece's own
     weights. Memory: the weights exist once (the exporter's folded parameters) plus one
     tensor being written; shape inference and the structural check run on the weightless
-    graph, the final file is checked again by path."""
+    graph, the final file is checked again by path. `weight_refs` (initializer name -> WeightRef)
+    makes those initializers references into the checkpoint instead of copies."""
     import gc
 
     import numpy as np
@@ -215,6 +333,8 @@ def export_piece(module, spec: PieceSpec, out_dir: Path, *, release=None) -> lis
             del model.graph.input[:]
             model.graph.input.extend(keep)
             check_io(model, spec, spec.name)
+            if weight_refs:
+                names = _attach_refs(model, params, names, weight_refs)
             total = sum(int(np.prod(params[n].shape)) * params[n].element_size() for n in names)
             external = total > EXTERNAL_THRESHOLD
             _write_with_weights(model, params, names, staged / onnx_name, data_name if external else None)
@@ -222,6 +342,18 @@ def export_piece(module, spec: PieceSpec, out_dir: Path, *, release=None) -> lis
             del model, params
         gc.collect()
         _trim_heap()
+        if weight_refs and not external:
+            # checked where its references into weights/ resolve, under a temporary name
+            here = out_dir / f".{onnx_name}.staged-{os.getpid()}"
+            os.replace(staged / onnx_name, here)
+            try:
+                check_written(here, spec)
+                os.replace(here, out_dir / onnx_name)
+            finally:
+                here.unlink(missing_ok=True)
+            if (out_dir / data_name).exists():
+                (out_dir / data_name).unlink()
+            return [onnx_name]
         if external or (staged / onnx_name).stat().st_size <= RECHECK_MAX_BYTES:
             # the written file, by path (parsing it costs two copies of an inline file, so big
             # inline files rely on the full check of their graph above and on construction)
@@ -235,6 +367,33 @@ def export_piece(module, spec: PieceSpec, out_dir: Path, *, release=None) -> lis
         return written
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+TEMP_PATTERNS = (".*.export-*", ".*.staged-*", ".*.rebind-*")
+
+
+def clean_stale_temps(out_dir: Path) -> list[Path]:
+    """Remove temporaries of an export that died (kill -9, power loss) in `out_dir`: names
+    carry the writer's PID; those of a live process are left alone."""
+    removed = []
+    for pat in TEMP_PATTERNS:
+        for p in Path(out_dir).glob(pat):
+            pid = p.name.rsplit("-", 1)[-1].split(".")[0]
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _trim_heap() -> None:

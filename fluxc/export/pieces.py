@@ -46,6 +46,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fluxc.errors import FluxcError
@@ -208,26 +209,18 @@ class SingleBlock(_Piece):
         super().__init__()
         self.norm, self.proj_mlp, self.act_mlp, self.attn = block.norm, block.proj_mlp, block.act_mlp, block.attn
         self.split = split_proj_out
-        if split_proj_out:
-            po = block.proj_out
-            d = po.out_features
-            # built on meta (no random init), then given copies of the two column blocks
-            self.proj_out_attn = nn.Linear(d, d, bias=po.bias is not None, device="meta")
-            self.proj_out_mlp = nn.Linear(po.in_features - d, d, bias=False, device="meta")
-            with torch.no_grad():
-                self.proj_out_attn.weight = nn.Parameter(po.weight[:, :d].clone(memory_format=torch.contiguous_format), requires_grad=False)
-                self.proj_out_mlp.weight = nn.Parameter(po.weight[:, d:].clone(memory_format=torch.contiguous_format), requires_grad=False)
-                if po.bias is not None:
-                    self.proj_out_attn.bias = nn.Parameter(po.bias.clone(), requires_grad=False)
-        else:
-            self.proj_out = block.proj_out
+        # The checkpoint's own proj_out (no copies): with split_proj_out its two column blocks
+        # are sliced in the graph, so every initializer of the piece is a checkpoint tensor
+        # (the export references weights in place; TPU-MLIR folds the constant slices).
+        self.proj_out = block.proj_out
 
     def forward(self, hidden_states, temb, rotary_emb):
         x, gate = self.norm(hidden_states, emb=temb)
         mlp = self.act_mlp(self.proj_mlp(x))
         attn = self.attn(hidden_states=x, image_rotary_emb=rotary_emb)
         if self.split:
-            out = self.proj_out_attn(attn) + self.proj_out_mlp(mlp)
+            w, d = self.proj_out.weight, attn.shape[-1]
+            out = F.linear(attn, w[:, :d], self.proj_out.bias) + F.linear(mlp, w[:, d:])
         else:
             out = self.proj_out(torch.cat([attn, mlp], dim=2))
         return hidden_states + gate.unsqueeze(1) * out

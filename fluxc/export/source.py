@@ -6,6 +6,7 @@ asked for, converted to float32.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -65,29 +66,58 @@ def resolve(model: str, *, what: str = "model", patterns: list[str] | None = Non
 
 
 def _download(repo_id: str, what: str, patterns: list[str]) -> Source:
+    """snapshot_download with every failure turned into a one-line FluxcError saying what to do.
+    Offline (HF_HUB_OFFLINE=1) a repo is served from the cache (HF_HUB_CACHE, or HF_HOME/hub)
+    or raises LocalEntryNotFoundError; online the Hub answers gated / not found itself."""
     try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+        from huggingface_hub import constants, snapshot_download
+        from huggingface_hub import errors as hf_errors
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
         raise FluxcError("huggingface_hub is not installed; pip install huggingface_hub") from None
+    cache = getattr(constants, "HF_HUB_CACHE", "the Hugging Face cache")
+    offline = bool(getattr(constants, "HF_HUB_OFFLINE", False)) or \
+        os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    local = "or pass a local diffusers folder instead"
+    incomplete = getattr(hf_errors, "IncompleteSnapshotError", None)
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except GatedRepoError:
-        raise FluxcError(f"{repo_id} is gated on the Hugging Face Hub: accept its licence on the website and "
-                         f"log in (`hf auth login`), or pass a local folder") from None
-    except RepositoryNotFoundError:
+    except hf_errors.GatedRepoError:
+        raise FluxcError(f"{what} {repo_id} is gated on the Hugging Face Hub: accept its licence on "
+                         f"https://huggingface.co/{repo_id}, log in (`hf auth login` or HF_TOKEN) and retry, "
+                         f"{local}") from None
+    except hf_errors.RepositoryNotFoundError:
         raise FluxcError(f"{what} {repo_id!r} is neither a local folder nor a Hugging Face Hub repository "
-                         f"(or it is private: log in with `hf auth login`)") from None
-    except Exception as e:  # offline, network, disk
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        why = "HF_HUB_OFFLINE is set" if offline else f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-        raise FluxcError(f"cannot download {what} {repo_id!r} from the Hugging Face Hub ({why}) and it is not "
-                         f"in the local cache; pass a local diffusers folder instead") from None
+                         f"(or it is private: log in with `hf auth login`); check the id, {local}") from None
+    except hf_errors.RevisionNotFoundError:
+        raise FluxcError(f"{what} {repo_id}: the Hub has no such revision; check the id, {local}") from None
+    except hf_errors.LocalEntryNotFoundError as e:
+        if incomplete is not None and isinstance(e, incomplete):
+            raise FluxcError(f"the cached copy of {what} {repo_id} in {cache} is incomplete: download it again "
+                             f"with network access (unset HF_HUB_OFFLINE), {local}") from None
+        if offline:
+            raise FluxcError(f"{what} {repo_id} is not in the local Hugging Face cache ({cache}) and HF_HUB_OFFLINE "
+                             f"forbids downloading it: unset HF_HUB_OFFLINE, point HF_HUB_CACHE/HF_HOME at the "
+                             f"cache that holds it, {local}") from None
+        raise FluxcError(f"cannot reach the Hugging Face Hub to download {what} {repo_id} and it is not in the "
+                         f"local cache ({cache}): check the network (or HF_ENDPOINT) and retry, {local}") from None
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise FluxcError(f"disk full while downloading {what} {repo_id} into {cache}: free space there "
+                             f"(FLUX.1 needs about 34 GB) or set HF_HUB_CACHE to a bigger disk") from None
+        raise FluxcError(f"cannot download {what} {repo_id!r} from the Hugging Face Hub "
+                         f"({type(e).__name__}: {_first_line(e)}); {local}") from None
+    except Exception as e:  # network, bad id, anything else from the Hub client
+        raise FluxcError(f"cannot download {what} {repo_id!r} from the Hugging Face Hub "
+                         f"({type(e).__name__}: {_first_line(e)}); {local}") from None
     revision = None
     parts = folder.parts
     if len(parts) >= 2 and parts[-2] == "snapshots":
         revision = parts[-1]
     return Source(folder, repo_id, "hub", revision)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +129,8 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     except FileNotFoundError:
         raise FluxcError(f"{what}: {path} is missing") from None
     except (OSError, ValueError) as e:
-        raise FluxcError(f"{what}: cannot read {path} ({e})") from None
+        raise FluxcError(f"{what}: cannot read {path} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                         f"the file is damaged: re-download the model") from None
 
 
 def check_flux_folder(folder: Path) -> None:
@@ -159,8 +190,14 @@ class WeightStore:
         files: dict[str, Path] = {}
         if indexes:
             idx = read_json(indexes[0], f"{component} weights index")
-            wm = idx.get("weight_map") or {}
+            wm = idx.get("weight_map") if isinstance(idx, dict) else None
+            if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+                raise FluxcError(f"{component}: {indexes[0]} has no valid weight_map (tensor name -> file); "
+                                 f"re-download the model")
             for k, fn in wm.items():
+                if Path(fn).name != fn:
+                    raise FluxcError(f"{component}: {indexes[0]} names {fn!r}, not a file in {folder}; "
+                                     f"re-download the model")
                 files[k] = folder / fn
             missing = sorted({str(p.name) for p in files.values() if not p.is_file()})
             if missing:
@@ -179,6 +216,11 @@ class WeightStore:
         for p in sorted(set(files.values())):
             store.headers[p] = _read_header(p)
             _check_size(p, store.headers[p], component)
+        if indexes:
+            for k, p in files.items():
+                if k not in store.headers[p]:
+                    raise FluxcError(f"{component}: {indexes[0].name} puts tensor {k} in {p.name}, which does not "
+                                     f"hold it; the index is corrupt: re-download the model")
         return store
 
     def keys(self) -> Iterable[str]:

@@ -1,0 +1,407 @@
+"""Full-size FLUX.1 on this machine: `fluxc export` then two `fluxc compile` builds, with wall
+time, peak RSS of the whole process tree and peak disk use per stage.
+
+Stages (each one a `fluxc` subprocess; run in this order):
+
+    checkpoint      fluxc tiny CHECKPOINT --preset full --flux-type dev   (only if CHECKPOINT holds no model)
+    export          fluxc export CHECKPOINT --height 1024 --width 1024 --t5-seq-len 512 --tiny-vae CHECKPOINT/tiny_vae
+    compile_w4bf16  fluxc compile --quantize W4BF16 --tiny-vae            (one chip, as on an SE7-32)
+    compile_bf16    fluxc compile --quantize BF16 --devices 3
+
+Measured per stage:
+- wall_s: the subprocess's wall time (summed over attempts if a killed run was restarted);
+- peak_rss_gb: the highest sum of RSS over fluxc and all its descendants (psutil, sampled every
+  0.5 s), and ru_maxrss_gb, the direct child's own high-water mark (os.wait4; a floor);
+- peak_disk_gb: the highest drop of free space (statvfs, sampled) on the work folder's disk since
+  the harness started (so it includes the export's ONNX while compiling); the disk is shared,
+  so other processes' writes count too: du_gb gives the exact size of the workspace and
+  build folders at the end of the stage;
+- per piece kind (compile stages): the tools' peak RSS per piece (processes whose working folder
+  is the piece's build folder), build seconds and estimated on-chip ms from compile_report.json.
+
+Results: benchmarks/results/full_size.json (--results to change), keys commit, machine, and for
+w4bf16 and bf16: export_compile_wall_s, peak_rss_gb, peak_disk_gb, device_mem_mb (one per chip,
+from the compile report), est_step_s (compile_report.json estimate_ms.denoising_step_ms / 1000),
+plus the per-stage figures. The file is rewritten after every stage.
+
+Resumable: a stage whose output is complete (export manifest complete, compile_report.json
+present) and whose figures are recorded is skipped; a stage killed half-way is run again (fluxc
+itself resumes: unchanged pieces are reused) and its attempts are summed (wall) or maxed (peaks).
+
+    .venv/bin/python benchmarks/full_size.py /work/fullsize/FLUX.1-dev --work /work/fullsize/run
+    .venv/bin/python benchmarks/full_size.py --tiny --work /tmp/fs-tiny     # plumbing check only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "full_size.json"
+FULL_SIZE = {"height": 1024, "width": 1024, "t5_seq_len": 512}
+TINY_SIZE = {"height": 128, "width": 128, "t5_seq_len": 32}  # as the tests' exports
+BUILDS = {  # result key -> (stage, compile arguments)
+    "w4bf16": ("compile_w4bf16", ["--quantize", "W4BF16", "--tiny-vae"]),
+    "bf16": ("compile_bf16", ["--quantize", "BF16", "--devices", "3"]),
+}
+SAMPLE_S = 0.5
+GB = 1e9
+MB = 1 << 20
+_PIECE_DIR = re.compile(r"/pieces/([A-Za-z0-9_]+?)-[0-9a-f]{16}(?:/|$)")
+
+
+# ------------------------------------------------------------------------------ measuring
+class Sampler(threading.Thread):
+    """Samples the RSS of a process tree and the free space of a disk until stopped."""
+
+    def __init__(self, pid: int, disk: Path, free_at_start: int):
+        super().__init__(daemon=True)
+        self.pid, self.disk, self.free0 = pid, disk, free_at_start
+        self.peak_rss = 0
+        self.min_free = shutil.disk_usage(disk).free
+        self.piece_rss: dict[str, int] = {}
+        self.samples = 0
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not self._done.is_set():
+            total, per_piece = 0, {}
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                procs = []
+            for p in procs:
+                try:
+                    rss = p.memory_info().rss
+                    total += rss
+                    m = _PIECE_DIR.search(p.cwd() + "/")
+                    if m:
+                        per_piece[m.group(1)] = per_piece.get(m.group(1), 0) + rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+            self.peak_rss = max(self.peak_rss, total)
+            for k, v in per_piece.items():
+                self.piece_rss[k] = max(self.piece_rss.get(k, 0), v)
+            try:
+                self.min_free = min(self.min_free, shutil.disk_usage(self.disk).free)
+            except OSError:
+                pass
+            self.samples += 1
+            self._done.wait(SAMPLE_S)
+
+    def stop(self) -> None:
+        self._done.set()
+        self.join(timeout=10)
+
+
+def run_measured(cmd: list[str], log: Path, disk: Path, free0: int) -> dict:
+    """Run cmd (output appended to log); wall time, tree peak RSS, ru_maxrss, disk peak."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"\n$ {subprocess.list2cmdline(cmd)}\n")
+        f.flush()
+        stage_free0 = shutil.disk_usage(disk).free
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "COLUMNS": "160"})
+        sampler = Sampler(proc.pid, disk, free0)
+        sampler.start()
+        try:
+            _, status, ru = os.wait4(proc.pid, 0)
+        finally:
+            sampler.stop()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.time() - t0
+    return {
+        "returncode": proc.returncode,
+        "wall_s": round(wall, 1),
+        "peak_rss_gb": round(max(sampler.peak_rss, ru.ru_maxrss * 1024) / GB, 3),
+        "ru_maxrss_gb": round(ru.ru_maxrss * 1024 / GB, 3),
+        "peak_disk_gb": round(max(0, free0 - sampler.min_free) / GB, 3),
+        "stage_peak_disk_gb": round(max(0, stage_free0 - sampler.min_free) / GB, 3),
+        "rss_samples": sampler.samples,
+        "piece_peak_rss_gb": {k: round(v / GB, 3) for k, v in sorted(sampler.piece_rss.items())},
+    }
+
+
+def du_bytes(*paths: Path) -> int:
+    total = 0
+    for root in paths:
+        if not root.exists():
+            continue
+        for dirpath, _, files in os.walk(root):
+            for name in files:
+                try:
+                    st = os.lstat(os.path.join(dirpath, name))
+                    total += st.st_blocks * 512
+                except OSError:
+                    pass
+    return total
+
+
+# ------------------------------------------------------------------------------ reading results
+def piece_kind(name: str) -> str:
+    """dev_trans_block_7 -> dev_trans_block; t5_head -> t5_head."""
+    return re.sub(r"_\d+$", "", name)
+
+
+def by_kind(report: dict, piece_rss: dict[str, float]) -> dict:
+    kinds: dict[str, dict] = {}
+    for name, p in report.get("pieces", {}).items():
+        k = kinds.setdefault(piece_kind(name), {"count": 0, "cache_hits": 0, "build_s": 0.0, "estimate_ms": 0.0,
+                                                "tool_peak_rss_gb": None, "device_mb": 0.0})
+        k["count"] += 1
+        k["cache_hits"] += bool(p.get("cache_hit"))
+        k["build_s"] = round(k["build_s"] + float(p.get("build_seconds") or p.get("seconds") or 0), 1)
+        k["estimate_ms"] = round(k["estimate_ms"] + float(p.get("estimate_ms") or 0), 4)
+        if name in piece_rss:  # sampled only for pieces built in this run (not cache hits)
+            k["tool_peak_rss_gb"] = max(k["tool_peak_rss_gb"] or 0.0, piece_rss[name])
+        k["device_mb"] = round(k["device_mb"] + (p.get("memory") or {}).get("device", 0) / MB, 2)
+    return kinds
+
+
+def device_mem_mb(report: dict) -> tuple[list[float], str]:
+    """Device memory per chip from a compile report, and where the figure comes from."""
+    if isinstance(report.get("device_mem_mb"), list):
+        return [float(x) for x in report["device_mem_mb"]], "compile_report.json device_mem_mb"
+    outputs = report.get("outputs", [])
+    split = report.get("device_split")
+    if split and split.get("split"):
+        chips = [float(r.get("measured_mb") or r["total_mb"]) for r in split["split"]]
+        transformer = {p for r in split["split"] for p in r.get("pieces", [])}
+        others = sum(o["memory"]["device"] for o in outputs if not set(o.get("pieces", [])) & transformer) / MB
+        chips[0] += others
+        return [round(c, 2) for c in chips], ("device_split per chip (model_tool figure when measured) plus the "
+                                              "text encoders and VAE on chip 0; runtime I/O tensors not included")
+    total = sum(o["memory"]["device"] for o in outputs) / MB
+    return [round(total, 2)], "sum of the combined bmodels' device memory (model_tool); runtime I/O tensors not included"
+
+
+def git_commit() -> dict:
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True)
+        return r.stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def machine() -> dict:
+    import psutil
+
+    return {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+            "mem_gb": round(psutil.virtual_memory().total / GB, 1), "platform": platform.platform(),
+            "python": platform.python_version(), "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+# ------------------------------------------------------------------------------ stages
+def export_complete(out: Path, size: dict) -> bool:
+    try:
+        m = json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    o = m.get("options", {})
+    return m.get("complete") is True and (o.get("height"), o.get("width"), o.get("t5_seq_len")) == \
+        (size["height"], size["width"], size["t5_seq_len"])
+
+
+def compile_complete(out: Path) -> bool:
+    return (out / "compile_report.json").is_file()
+
+
+def combine_attempts(old: dict | None, new: dict) -> dict:
+    """Figures of a stage run again after an interruption: walls add up, peaks take the max."""
+    if not old:
+        return {**new, "attempts": 1}
+    out = dict(new)
+    out["attempts"] = old.get("attempts", 1) + 1
+    out["wall_s"] = round(old.get("wall_s", 0) + new["wall_s"], 1)
+    for k in ("peak_rss_gb", "ru_maxrss_gb", "peak_disk_gb", "stage_peak_disk_gb"):
+        out[k] = max(old.get(k, 0), new[k])
+    pr = dict(old.get("piece_peak_rss_gb", {}))
+    for k, v in new.get("piece_peak_rss_gb", {}).items():
+        pr[k] = max(pr.get(k, 0), v)
+    out["piece_peak_rss_gb"] = pr
+    return out
+
+
+def write_results(path: Path, res: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def summarise(res: dict) -> None:
+    st = res["stages"]
+    for key, (stage, _) in BUILDS.items():
+        if stage not in st or not st[stage].get("complete") or not st.get("export", {}).get("complete"):
+            continue
+        e, c = st["export"], st[stage]
+        res[key] = {
+            "export_compile_wall_s": round(e["wall_s"] + c["wall_s"], 1),
+            "peak_rss_gb": max(e["peak_rss_gb"], c["peak_rss_gb"]),
+            "peak_disk_gb": max(e["peak_disk_gb"], c["peak_disk_gb"]),
+            "device_mem_mb": c["device_mem_mb"],
+            "device_mem_source": c["device_mem_source"],
+            "est_step_s": c["est_step_s"],
+            "export": {k: e[k] for k in ("wall_s", "peak_rss_gb", "ru_maxrss_gb", "peak_disk_gb", "du_gb")},
+            "compile": {k: c[k] for k in ("wall_s", "peak_rss_gb", "ru_maxrss_gb", "peak_disk_gb",
+                                          "stage_peak_disk_gb", "du_gb", "tool_runs")},
+            "by_piece_kind": c["by_piece_kind"],
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Example: .venv/bin/python benchmarks/full_size.py /work/fullsize/FLUX.1-dev "
+                                        "--work /work/fullsize/run")
+    ap.add_argument("checkpoint", nargs="?", type=Path,
+                    help="full-size FLUX.1 folder (e.g. from `fluxc tiny DIR --preset full --flux-type dev`)")
+    ap.add_argument("--work", type=Path, required=True, help="folder for the workspace (ONNX, bmodels) and build cache")
+    ap.add_argument("--results", type=Path, default=None,
+                    help=f"results JSON (default: {RESULTS.relative_to(REPO)}; with --tiny: <work>/full_size_tiny.json)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="plumbing check: sizes 128x128 / T5 32; builds a sharded tiny dev checkpoint if none is given")
+    ap.add_argument("--builds", default="w4bf16,bf16", help="which compiles to run (comma list of w4bf16, bf16)")
+    ap.add_argument("--build-dir", type=Path, default=None, help="compile cache (default: <work>/build)")
+    ap.add_argument("--jobs", type=int, default=None, help="passed to fluxc compile --jobs")
+    a = ap.parse_args(argv)
+
+    builds = [b.strip() for b in a.builds.split(",") if b.strip()]
+    if not builds or any(b not in BUILDS for b in builds):
+        ap.error(f"--builds: choose from {', '.join(BUILDS)}")
+    work = a.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    fluxc = [sys.executable, "-m", "fluxc.cli"]
+    ckpt = a.checkpoint
+    if ckpt is None:
+        if not a.tiny:
+            ap.error("give the full-size checkpoint folder (or --tiny)")
+        ckpt = work / "tiny-dev"
+        if not (ckpt / "model_index.json").is_file():
+            subprocess.run([*fluxc, "tiny", str(ckpt), "--flux-type", "dev", "--sharded", "--force"], cwd=REPO,
+                           check=True)
+    ckpt = ckpt.resolve()
+    write_ckpt = not a.tiny and not (ckpt / "model_index.json").is_file()
+    size = TINY_SIZE if a.tiny else FULL_SIZE
+    results_path = a.results or (work / "full_size_tiny.json" if a.tiny else RESULTS)
+    ws = work / "ws"
+    export_dir = ws / "onnx"
+    build_dir = (a.build_dir or work / "build").resolve()
+    log = work / "full_size.log"
+    state_path = work / "full_size.state.json"
+
+    try:
+        state = json.loads(state_path.read_text())
+        if state.get("checkpoint") != str(ckpt) or state.get("size") != size:
+            state = {}
+    except (OSError, ValueError):
+        state = {}
+    if not state:
+        state = {"checkpoint": str(ckpt), "size": size, "free_at_start": shutil.disk_usage(work).free,
+                 "stages": {}}
+    free0 = state["free_at_start"]
+    res = {**git_commit(), "machine": machine(), "checkpoint": str(ckpt),
+           "checkpoint_gb": round(du_bytes(ckpt) / GB, 2), "tiny": a.tiny, "size": size,
+           "work": str(work), "build_dir": str(build_dir), "stages": state["stages"]}
+
+    def save() -> None:
+        write_json(state_path, state)
+        summarise(res)
+        write_results(results_path, res)
+
+    # ---- checkpoint (only when the given folder does not hold one yet; ~34 GB)
+    st = state["stages"]
+    if write_ckpt:
+        cmd = [*fluxc, "tiny", str(ckpt), "--preset", "full", "--flux-type", "dev", "--force"]
+        print(f"checkpoint: {' '.join(cmd[3:])}", flush=True)
+        m = run_measured(cmd, log, work, free0)
+        m["du_gb"] = round(du_bytes(ckpt) / GB, 3)
+        m["complete"] = m["returncode"] == 0 and (ckpt / "model_index.json").is_file()
+        st["checkpoint"] = m
+        res["checkpoint_gb"] = m["du_gb"]
+        state["free_at_start"] = free0 = shutil.disk_usage(work).free  # the export's disk figure starts here
+        save()
+        if not m["complete"]:
+            print(f"writing the checkpoint failed (exit {m['returncode']}); see {log}", flush=True)
+            return 1
+
+    # ---- export
+    if st.get("export", {}).get("complete") and export_complete(export_dir, size):
+        print("export: complete, skipped", flush=True)
+    else:
+        tiny_vae = ckpt / "tiny_vae"
+        cmd = [*fluxc, "export", str(ckpt), "--out", str(export_dir), "--height", str(size["height"]),
+               "--width", str(size["width"]), "--t5-seq-len", str(size["t5_seq_len"])]
+        if tiny_vae.is_dir():
+            cmd += ["--tiny-vae", str(tiny_vae)]
+        print(f"export: {' '.join(cmd[3:])}", flush=True)
+        m = run_measured(cmd, log, work, free0)
+        m["du_gb"] = round(du_bytes(export_dir) / GB, 3)
+        m["complete"] = m["returncode"] == 0 and export_complete(export_dir, size)
+        st["export"] = combine_attempts(st.get("export") if not st.get("export", {}).get("complete") else None, m)
+        save()
+        if not m["complete"]:
+            print(f"export failed (exit {m['returncode']}); see {log}", flush=True)
+            return 1
+        print(f"export: {m['wall_s']:.0f} s, peak RSS {m['peak_rss_gb']:.2f} GB", flush=True)
+
+    # ---- compiles
+    for key in builds:
+        stage, args = BUILDS[key]
+        out = ws / f"BM1684X_{key}"
+        if st.get(stage, {}).get("complete") and compile_complete(out):
+            print(f"{stage}: complete, skipped", flush=True)
+            continue
+        cmd = [*fluxc, "compile", str(export_dir), "--models", str(ws), "--out", str(out), "--build-dir",
+               str(build_dir), *args]
+        if a.jobs:
+            cmd += ["--jobs", str(a.jobs)]
+        print(f"{stage}: {' '.join(cmd[3:])}", flush=True)
+        m = run_measured(cmd, log, work, free0)
+        m["du_gb"] = round(du_bytes(ws, build_dir) / GB, 3)
+        m["complete"] = m["returncode"] == 0 and compile_complete(out)
+        if m["complete"]:
+            report = json.loads((out / "compile_report.json").read_text())
+            mem, source = device_mem_mb(report)
+            step = (report.get("estimate_ms") or {}).get("denoising_step_ms")
+            m.update(device_mem_mb=mem, device_mem_source=source,
+                     est_step_s=None if step is None else round(step / 1000, 4),
+                     tool_runs=report.get("tool_runs"), estimate_ms=report.get("estimate_ms"))
+        prev = st.get(stage) if not st.get(stage, {}).get("complete") else None
+        st[stage] = combine_attempts(prev, m)
+        if m["complete"]:
+            st[stage]["by_piece_kind"] = by_kind(report, st[stage]["piece_peak_rss_gb"])
+        save()
+        if not m["complete"]:
+            print(f"{stage} failed (exit {m['returncode']}); see {log}", flush=True)
+            return 1
+        print(f"{stage}: {m['wall_s']:.0f} s, peak RSS {m['peak_rss_gb']:.2f} GB, "
+              f"device {st[stage]['device_mem_mb']} MB, est. step {st[stage]['est_step_s']} s", flush=True)
+    save()
+    print(f"results: {results_path}", flush=True)
+    return 0
+
+
+def write_json(path: Path, obj: dict) -> None:
+    write_results(path, obj)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""Device memory of a build on BM1684X chips: one figure, computed one way.
+
+Per chip = for every bmodel file placed on it, weight + instruct + runtime (what
+`model_tool --info` reports and bmruntime allocates when it loads the file; the nets of a
+combined file share one runtime area) + the I/O tensors the sail runtime allocates on that
+chip (runtime/sail_flux.py `io_plan`: one tensor per role, shared by every net of a kind).
+
+This is what the sail stand-in (runtime/sail_sim.py) measures while it runs a build, what
+`fluxc compile` can report and what `fluxc verify` checks against a board's budget:
+
+    from fluxc.runtime.device_memory import build_device_memory
+    per_chip = build_device_memory(files, io_plan(nets, where))   # {device index: bytes}
+
+Budgets (MB = 2**20 bytes, as model_tool and the board's memory tools count):
+- SE7-32 (SoC): the reference's memory layout `memory_edit.sh -npu 7615 -vpu 2360 -vpp 2360`,
+  and "the TPU can use the sum of the three": 12335 MB. The reference measured 11419 MB
+  (schnell W4BF16) / 11438 MB (dev W4BF16) on it.
+- SC7 (PCIe card, BM1684X chips): the seed README says no memory change is needed on PCIe;
+  12 GB per chip is taken here (12288 MB) as the conservative figure. Vendor sheets list
+  SC7 cards with 3 BM1684X and 36 or 48 GB (12 or 16 GB per chip), part of which the
+  driver keeps for its VPU/VPP heaps; this figure was not confirmed on a card.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MB = 2**20
+BUDGET_MB = {"SE7-32": 7615 + 2360 + 2360, "SC7": 12 * 1024}
+
+_MEM = re.compile(r"device mem size:\s*(\d+)\s*\(weight:\s*(\d+),\s*instruct:\s*(\d+),\s*runtime:\s*(\d+)\)")
+
+_NBYTES = {"float32": 4, "int32": 4, "uint32": 4, "float16": 2, "bfloat16": 2, "int16": 2, "uint16": 2,
+           "int8": 1, "uint8": 1}
+
+
+def dtype_bytes(dtype: str) -> int:
+    try:
+        return _NBYTES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}") from None
+
+
+def bmodel_memory_from_info(text: str) -> dict:
+    """weight / instruct / runtime / total bytes from `model_tool --info` text. A file with
+    several `device mem size` lines (one per net) shares one runtime area: weights and
+    instructions add up, runtime is the largest."""
+    rows = [tuple(int(x) for x in m.groups()) for m in _MEM.finditer(text)]
+    if not rows:
+        raise ValueError("no 'device mem size' line: not model_tool --info output")
+    if len(rows) == 1:
+        total, weight, instruct, runtime = rows[0]
+    else:
+        weight = sum(r[1] for r in rows)
+        instruct = sum(r[2] for r in rows)
+        runtime = max(r[3] for r in rows)
+        total = weight + instruct + runtime
+    return {"total": total, "weight": weight, "instruct": instruct, "runtime": runtime}
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """One device tensor the runtime allocates: on chip `device` (index into the device
+    list), for `role` (e.g. "hid", "clip.hidden"), with the net's shape and dtype."""
+
+    device: int
+    role: str
+    shape: tuple[int, ...]
+    dtype: str
+    host: bool  # also has host memory (crosses to the host)
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n * dtype_bytes(self.dtype)
+
+
+def build_device_memory(files: list[tuple[int, dict]], tensors: list[PlannedTensor]) -> dict[int, dict]:
+    """Per chip: {"models": bytes, "io": bytes, "total": bytes, "files": n, "tensors": n}.
+    files: (device index, bmodel_memory_from_info(...)) per bmodel file placed on it."""
+    out: dict[int, dict] = {}
+
+    def row(d):
+        return out.setdefault(d, {"models": 0, "io": 0, "total": 0, "files": 0, "tensors": 0})
+
+    for d, mem in files:
+        r = row(d)
+        r["models"] += int(mem["total"])
+        r["files"] += 1
+    for t in tensors:
+        r = row(t.device)
+        r["io"] += t.nbytes
+        r["tensors"] += 1
+    for r in out.values():
+        r["total"] = r["models"] + r["io"]
+    return dict(sorted(out.items()))
+
+
+def over_budget(per_chip: dict[int, dict], budget_mb: float) -> list[str]:
+    """One line per chip whose total exceeds the budget (empty when the build fits)."""
+    return [f"device {d}: {r['total'] / MB:.0f} MB (models {r['models'] / MB:.0f} + I/O tensors {r['io'] / MB:.0f}) "
+            f"> budget {budget_mb:.0f} MB" for d, r in per_chip.items() if r["total"] > budget_mb * MB]
+
+
+def placement(files: dict[str, list], n_devices: int) -> list[tuple[object, int]]:
+    """(file, device index) as the runtime places a build (runtime/models.open_bmodels, the
+    reference's rule): CLIP and VAE on the first chip, T5 on the last, transformer part i
+    on chip i."""
+    last = max(1, n_devices) - 1
+    plan = [(files["clip"][0], 0), (files["t5"][0], last)]
+    plan += [(p, min(i, last)) for i, p in enumerate(files["transformer"])]
+    plan += [(files["vae"][0], 0)]
+    return plan
+
+
+def read_info(bmodel) -> str:
+    """`model_tool --info` text of a bmodel: the `<file>.bmodel.info.txt` fluxc compile leaves
+    next to it, else a fresh model_tool run."""
+    import tempfile
+    from pathlib import Path
+
+    p = Path(bmodel)
+    side = p.with_name(p.name + ".info.txt")
+    if side.is_file() and side.stat().st_mtime >= p.stat().st_mtime:
+        return side.read_text(errors="replace")
+    from fluxc.toolchain import run_tool
+
+    with tempfile.TemporaryDirectory(prefix="fluxc-info-") as td:
+        log = Path(td) / "info.log"
+        run_tool("model_tool", ["--info", str(p.resolve())], cwd=Path(td), log=log, timeout=300)
+        return log.read_text(errors="replace")
+
+
+def device_memory_for_build(chip_dir, manifest, quantize: str) -> dict[int, dict]:
+    """Per chip (index) device memory of a compiled build: its bmodels' model_tool figures
+    + the I/O tensors the sail runtime allocates for it. For `fluxc compile` (report) and
+    `fluxc verify` (against BUDGET_MB)."""
+    from pathlib import Path
+
+    from fluxc.compile.parse import parse_info
+    from fluxc.runtime.models import bmodel_files
+    from fluxc.runtime.sail_flux import io_plan
+
+    d = manifest.dims
+    files = bmodel_files(Path(chip_dir), d.flux_type, quantize, d.tiny_vae)
+    plan = placement(files, len(files["transformer"]))
+    specs = {s.net_name: s for s in manifest.specs}
+    where, mems = {}, []
+    for f, dev in plan:
+        text = read_info(f)
+        mems.append((dev, bmodel_memory_from_info(text)))
+        for net in parse_info(text).nets:
+            where[net.name] = dev
+    missing = [n for n in specs if n not in where]
+    if missing:
+        from fluxc.errors import FluxcError
+
+        raise FluxcError(f"no bmodel in {chip_dir} holds net {missing[0]!r}; rebuild with fluxc compile")
+    tensors, _ = io_plan(specs, where, d.flux_type)
+    return build_device_memory(mems, tensors)

@@ -55,6 +55,20 @@ def read_build(chip_dir: Path, dims=None, quantize: str | None = None, check_fil
     return rec
 
 
+def bmodel_files(chip_dir: Path, flux_type: str | None = None, quantize: str | None = None,
+                 tiny_vae: bool | None = None) -> dict[str, list[Path]]:
+    """family -> the build's files, in device order, from its record (no globbing); for callers
+    of the former helper of the same name (runtime/device_memory.py)."""
+    from fluxc.build_record import RECOMPILE
+
+    rec = read_build(Path(chip_dir), None, quantize, check_files=False)
+    if (flux_type and flux_type != rec.flux_type) or (tiny_vae is not None and bool(tiny_vae) != rec.tiny_vae):
+        raise FluxcError(f"{rec.path} is a {rec.flux_type} build{' (tiny VAE)' if rec.tiny_vae else ''}, not "
+                         f"{flux_type}; {RECOMPILE}")
+    return {fam: [f.path for f in sorted(rec.files_of(fam), key=lambda f: f.device)]
+            for fam in ("clip", "t5", "transformer", "vae")}
+
+
 def _piece_specs(dims):
     from fluxc.specs import piece_specs
 

@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from fluxc.errors import FluxcError
+from fluxc.runtime.device_memory import BUDGET_MB, io_bytes_per_device
 from fluxc.validation.metrics import compare, cosine, psnr, rounded
 
-# Device memory budget per chip. The seed README's SoC memory layout for FLUX on SE7
-# (memory_edit.sh -npu 7615 -vpu 2360 -vpp 2360; "the TPU can use the sum of the three")
-# gives 12335 MB; the PCIe card (SC7) has 12 GB. The board run measured 11419 MB.
-DEFAULT_BUDGET_MB = 7615 + 2360 + 2360
+# Device memory budget per chip: the SE7-32's (runtime/device_memory.py BUDGET_MB has the
+# boards and where their figures come from). The board run measured 11419 MB.
+DEFAULT_BUDGET_MB = BUDGET_MB["SE7-32"]
 
 # ---- thresholds (per quantisation, as the build record says each piece was compiled)
 # Every output of a piece, per hop: cosine >= the recipe's own threshold for the piece's
@@ -349,9 +349,11 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
             rep.add("structure", s.name, False, f"net {s.net_name!r} not loaded from {rec.piece(s.name).file}")
 
     say("memory: per device as the build record places the files (model_tool --info figures of the record "
-        "for files whose sha256 matches, measured again otherwise)")
+        "for files whose sha256 matches, measured again otherwise) plus the I/O tensors the sail runtime "
+        "allocates there")
+    io = io_bytes_per_device({p.net: p.spec for p in rec.pieces}, {p.net: p.device for p in rec.pieces}, rec.flux_type)
     for dev in range(rec.devices):
-        total, parts, unread = 0, [], []
+        total, parts, unread = io.get(dev, 0), [f"I/O tensors {io.get(dev, 0) / 2**20:.1f} MB"], []
         for f in rec.on_device(dev):
             if f.path.name not in bad and f.memory.get("device"):
                 m = {"total": int(f.memory["device"])}

@@ -324,22 +324,16 @@ def _device_memory(exp: ExportIn, combined: list[CombinedResult], n_dev: int, ch
     per role and chip, runtime/sail_flux.io_plan): the same figure the sail stand-in measures
     and `fluxc verify` checks against the board."""
     from fluxc.build_record import placement
-    from fluxc.runtime.device_memory import BUDGET_MB, bmodel_memory_from_info, build_device_memory
-    from fluxc.runtime.sail_flux import io_plan
+    from fluxc.runtime.device_memory import BUDGET_MB, per_chip_memory
 
     family = {p.spec.name: p.spec.family for p in exp.pieces}
-    net = {p.spec.name: p.spec.net_name for p in exp.pieces}
     seen: dict[str, int] = {}
-    files, where = [], {}
+    files = []
     for c in combined:
         fam = family[c.data["pieces"][0]]
-        dev = placement(fam, seen.get(fam, 0), n_dev)
+        files.append((placement(fam, seen.get(fam, 0), n_dev), c.info_text))
         seen[fam] = seen.get(fam, 0) + 1
-        files.append((dev, bmodel_memory_from_info(c.info_text)))
-        for n in c.data["pieces"]:
-            where[net[n]] = dev
-    tensors, _ = io_plan({p.spec.net_name: p.spec for p in exp.pieces}, where, exp.dims.flux_type)
-    per_chip = build_device_memory(files, tensors)
+    per_chip = per_chip_memory(files, {p.spec.net_name: p.spec for p in exp.pieces}, exp.dims.flux_type)
     board = TARGET_BOARD.get(chip)
     budget = BUDGET_MB.get(board) if board else None
     return {"board": board, "budget_mb": budget,

@@ -105,14 +105,13 @@ def over_budget(per_chip: dict[int, dict], budget_mb: float) -> list[str]:
 
 
 def placement(files: dict[str, list], n_devices: int) -> list[tuple[object, int]]:
-    """(file, device index) as the runtime places a build (runtime/models.open_bmodels, the
-    reference's rule): CLIP and VAE on the first chip, T5 on the last, transformer part i
-    on chip i."""
-    last = max(1, n_devices) - 1
-    plan = [(files["clip"][0], 0), (files["t5"][0], last)]
-    plan += [(p, min(i, last)) for i, p in enumerate(files["transformer"])]
-    plan += [(files["vae"][0], 0)]
-    return plan
+    """(file, device index) for the files of a build by family, by the build record's rule
+    (fluxc.build_record.placement: CLIP and VAE on the first chip, T5 on the last,
+    transformer part i on chip i)."""
+    from fluxc.build_record import placement as where
+
+    n = max(1, n_devices)
+    return [(f, where(fam, i, n)) for fam in ("clip", "t5", "transformer", "vae") for i, f in enumerate(files[fam])]
 
 
 def read_info(bmodel) -> str:
@@ -133,23 +132,27 @@ def read_info(bmodel) -> str:
         return log.read_text(errors="replace")
 
 
-def device_memory_for_build(chip_dir, manifest, quantize: str) -> dict[int, dict]:
-    """Per chip (index) device memory of a compiled build: its bmodels' model_tool figures
-    + the I/O tensors the sail runtime allocates for it. For `fluxc compile` (report) and
-    `fluxc verify` (against BUDGET_MB)."""
-    from pathlib import Path
-
-    from fluxc.compile.parse import parse_info
-    from fluxc.runtime.models import bmodel_files
+def io_bytes_per_device(specs: dict, where: dict[str, int], flux_type: str) -> dict[int, int]:
+    """Bytes of the I/O tensors the sail runtime allocates on each chip, for nets placed `where`."""
     from fluxc.runtime.sail_flux import io_plan
 
-    d = manifest.dims
-    files = bmodel_files(Path(chip_dir), d.flux_type, quantize, d.tiny_vae)
-    plan = placement(files, len(files["transformer"]))
-    specs = {s.net_name: s for s in manifest.specs}
+    tensors, _ = io_plan(specs, where, flux_type)
+    out: dict[int, int] = {}
+    for t in tensors:
+        out[t.device] = out.get(t.device, 0) + t.nbytes
+    return out
+
+
+def per_chip_memory(files: list[tuple[int, str]], specs: dict, flux_type: str) -> dict[int, dict]:
+    """Per chip device memory of a build from its files' `model_tool --info` text and their
+    chip (`files`: (device, info text)), plus the runtime's I/O tensors. `specs`: net name ->
+    piece spec. The one computation behind `fluxc compile`'s report, the stand-in's check and
+    `fluxc verify`."""
+    from fluxc.compile.parse import parse_info
+    from fluxc.runtime.sail_flux import io_plan
+
     where, mems = {}, []
-    for f, dev in plan:
-        text = read_info(f)
+    for dev, text in files:
         mems.append((dev, bmodel_memory_from_info(text)))
         for net in parse_info(text).nets:
             where[net.name] = dev
@@ -157,6 +160,20 @@ def device_memory_for_build(chip_dir, manifest, quantize: str) -> dict[int, dict
     if missing:
         from fluxc.errors import FluxcError
 
-        raise FluxcError(f"no bmodel in {chip_dir} holds net {missing[0]!r}; rebuild with fluxc compile")
-    tensors, _ = io_plan(specs, where, d.flux_type)
+        raise FluxcError(f"no bmodel of the build holds net {missing[0]!r}; rebuild with fluxc compile")
+    tensors, _ = io_plan(specs, where, flux_type)
     return build_device_memory(mems, tensors)
+
+
+def device_memory_for_build(chip_dir, manifest, quantize: str) -> dict[int, dict]:
+    """Per chip (index) device memory of a compiled build: its bmodels' model_tool figures
+    + the I/O tensors the sail runtime allocates for it (per_chip_memory)."""
+    from pathlib import Path
+
+    from fluxc.runtime.models import bmodel_files
+
+    d = manifest.dims
+    files = bmodel_files(Path(chip_dir), d.flux_type, quantize, d.tiny_vae)
+    plan = placement(files, len(files["transformer"]))
+    return per_chip_memory([(dev, read_info(f)) for f, dev in plan], {s.net_name: s for s in manifest.specs},
+                           d.flux_type)

@@ -1,6 +1,7 @@
 """Which file holds which net, and a set of opened engines answering `process(net, ...)`.
 
-Layout of models/BM1684X (as sophon-demo's runtime expects it):
+What was compiled (files, nets, quantisation, device of each file) comes only from the build
+record BM1684X/fluxc_build.json (fluxc/build_record.py). The file names follow sophon-demo:
     clip.bmodel                         clip_head, clip_block_*, clip_tail
     w4bf16_t5.bmodel                    t5_head, t5_block_*, t5_tail
     {type}_w4bf16_transformer.bmodel    {type}_head, all blocks, {type}_tail (one chip)
@@ -23,55 +24,55 @@ QUANTIZE = ("W4BF16", "BF16")
 BACKENDS = ("cmodel", "onnx", "sail")
 
 
-def transformer_files(chip_dir: Path, flux_type: str, quantize: str) -> list[Path]:
-    if quantize == "W4BF16":
-        return [chip_dir / f"{flux_type}_w4bf16_transformer.bmodel"]
-    files = sorted(chip_dir.glob(f"{flux_type}_bf16_transformer_on_device*.bmodel"),
-                   key=lambda p: int(p.stem.rsplit("device", 1)[-1]) if p.stem.rsplit("device", 1)[-1].isdigit() else 99)
-    return files
+def read_build(chip_dir: Path, dims=None, quantize: str | None = None, check_files: bool = True):
+    """The build record of chip_dir (fluxc/build_record.py), checked against the export's
+    dims and the quantisation asked for. One-line FluxcError otherwise."""
+    from fluxc.build_record import RECOMPILE, load_record
 
-
-def vae_file(chip_dir: Path, tiny_vae: bool) -> Path:
-    return chip_dir / ("tiny_vae_decoder_bf16.bmodel" if tiny_vae else "vae_decoder_bf16.bmodel")
-
-
-def detect_quantize(chip_dir: Path, flux_type: str, wanted: str | None) -> str:
-    """The transformer quantisation present in chip_dir (or check the one asked for)."""
-    have = [q for q in QUANTIZE if transformer_files(chip_dir, flux_type, q) and
-            all(p.is_file() for p in transformer_files(chip_dir, flux_type, q))]
-    if wanted:
-        wanted = wanted.upper()
-        if wanted not in QUANTIZE:
-            raise FluxcError(f"unknown --quantize {wanted}; use one of {', '.join(QUANTIZE)}")
-        if wanted not in have:
-            raise FluxcError(f"no {wanted} {flux_type} transformer in {chip_dir} (found: "
-                             f"{', '.join(have) or 'none'}); run fluxc compile --quantize {wanted} "
-                             f"--flux-type {flux_type}, or pick --quantize {have[0] if have else '...'}")
-        return wanted
-    if not have:
-        raise FluxcError(f"no compiled {flux_type} transformer in {chip_dir}; run fluxc compile "
-                         f"--flux-type {flux_type} (or use --backend onnx)")
-    return have[0]
-
-
-def bmodel_files(chip_dir: Path, flux_type: str, quantize: str, tiny_vae: bool) -> dict[str, list[Path]]:
-    """family -> files, for one configuration."""
-    return {
-        "clip": [chip_dir / "clip.bmodel"],
-        "t5": [chip_dir / "w4bf16_t5.bmodel"],
-        "transformer": transformer_files(chip_dir, flux_type, quantize),
-        "vae": [vae_file(chip_dir, tiny_vae)],
-    }
-
-
-def read_device_split(chip_dir: Path) -> dict | None:
-    p = chip_dir / "device_split.json"
-    if not p.is_file():
-        return None
     try:
-        return json.loads(p.read_text())
-    except ValueError:
-        return None
+        rec = load_record(Path(chip_dir), check_files=check_files)
+    except FluxcError as e:
+        if quantize and "fluxc_build.json" in str(e) and "older fluxc" in str(e):
+            raise FluxcError(f"{e} (--quantize {quantize.upper()})") from None
+        raise
+    if dims is not None:
+        if rec.flux_type != dims.flux_type or rec.tiny_vae != dims.tiny_vae:
+            raise FluxcError(f"{rec.path} is a {rec.flux_type} build{' (tiny VAE)' if rec.tiny_vae else ''}, the "
+                             f"export is {dims.flux_type}{' (tiny VAE)' if dims.tiny_vae else ''}; {RECOMPILE}")
+        want = {s.name: s.to_dict() for s in _piece_specs(dims)}
+        got = {p.spec.name: p.spec.to_dict() for p in rec.pieces}
+        if want != got:
+            diff = sorted(set(want) ^ set(got)) or sorted(n for n in want if want[n] != got[n])
+            raise FluxcError(f"{rec.path} does not describe the pieces of this export (differs at "
+                             f"{', '.join(diff[:3])}); {RECOMPILE}")
+    if quantize:
+        q = quantize.upper()
+        if q not in QUANTIZE:
+            raise FluxcError(f"unknown --quantize {quantize}; use one of {', '.join(QUANTIZE)}")
+        if q != rec.quantize:
+            raise FluxcError(f"{rec.chip_dir} holds a {rec.quantize} {rec.flux_type} transformer, not {q}; run "
+                             f"fluxc compile --quantize {q} --flux-type {rec.flux_type}, or drop --quantize")
+    return rec
+
+
+def bmodel_files(chip_dir: Path, flux_type: str | None = None, quantize: str | None = None,
+                 tiny_vae: bool | None = None) -> dict[str, list[Path]]:
+    """family -> the build's files, in device order, from its record (no globbing); for callers
+    of the former helper of the same name (runtime/device_memory.py)."""
+    from fluxc.build_record import RECOMPILE
+
+    rec = read_build(Path(chip_dir), None, quantize, check_files=False)
+    if (flux_type and flux_type != rec.flux_type) or (tiny_vae is not None and bool(tiny_vae) != rec.tiny_vae):
+        raise FluxcError(f"{rec.path} is a {rec.flux_type} build{' (tiny VAE)' if rec.tiny_vae else ''}, not "
+                         f"{flux_type}; {RECOMPILE}")
+    return {fam: [f.path for f in sorted(rec.files_of(fam), key=lambda f: f.device)]
+            for fam in ("clip", "t5", "transformer", "vae")}
+
+
+def _piece_specs(dims):
+    from fluxc.specs import piece_specs
+
+    return piece_specs(dims)
 
 
 @dataclass
@@ -115,31 +116,19 @@ def open_onnx(manifest, progress=None) -> ModelSet:
 
 
 def open_bmodels(backend: str, chip_dir: Path, dims, quantize: str | None, devices: list[int] | None = None,
-                 progress=None, chip: str = "BM1684X") -> tuple[ModelSet, str]:
-    """Open the bmodels of one configuration on `backend` (cmodel or sail)."""
-    chip_dir = Path(chip_dir)
-    if not chip_dir.is_dir():
-        raise FluxcError(f"no compiled models in {chip_dir}; run fluxc compile (or use --backend onnx)")
-    q = detect_quantize(chip_dir, dims.flux_type, quantize)
-    files = bmodel_files(chip_dir, dims.flux_type, q, dims.tiny_vae)
-    missing = [p.name for fs in files.values() for p in fs if not p.is_file()]
-    if missing:
-        raise FluxcError(f"{chip_dir} lacks {', '.join(missing)}; run fluxc compile "
-                         f"--flux-type {dims.flux_type} --quantize {q}" + (" --tiny-vae" if dims.tiny_vae else ""))
-    n_tr = len(files["transformer"])
-    devices = list(devices) if devices else list(range(max(1, n_tr)))
-    if backend == "sail" and q == "BF16" and len(devices) < n_tr:
-        raise FluxcError(f"the BF16 transformer is split over {n_tr} chips; give --devices with {n_tr} ids")
+                 progress=None, record=None, chip: str = "BM1684X") -> tuple[ModelSet, str]:
+    """Open the bmodels that the build record of chip_dir lists, each on the chip id its
+    logical device maps to (`devices[i]` for device i; default 0..N-1)."""
+    rec = record or read_build(Path(chip_dir), dims, quantize)
+    n = rec.devices
+    devices = list(devices) if devices else list(range(n))
+    if backend == "sail" and len(devices) < n:
+        raise FluxcError(f"this build is split over {n} chips; give --devices with {n} ids")
     t0 = time.perf_counter()
     ms = ModelSet(backend)
-    # Placement like the reference: CLIP and VAE on the first device, T5 on the last one,
-    # transformer part i on device i.
-    plan = [(files["clip"][0], devices[0]), (files["t5"][0], devices[-1])]
-    plan += [(p, devices[min(i, len(devices) - 1)]) for i, p in enumerate(files["transformer"])]
-    plan += [(files["vae"][0], devices[0])]
-    for path, dev in plan:
-        ms.add(open_engine(backend, path, dev, chip=chip))
+    for f in rec.files:
+        ms.add(open_engine(backend, f.path, devices[min(f.device, len(devices) - 1)], chip=chip))
         if progress:
-            progress(path.name)
+            progress(f.path.name)
     ms.load_seconds = time.perf_counter() - t0
-    return ms, q
+    return ms, rec.quantize

@@ -1,17 +1,29 @@
-"""fluxc verify: check a compiled workspace against its export, on the chip simulator.
+"""fluxc verify: check a compiled workspace against an independent reference, on the chip
+simulator. What was built comes only from the build record (BM1684X/fluxc_build.json).
 
-1. Structure: every expected bmodel present and loadable; every net with the input/output
-   names, shapes and dtypes of the manifest's PieceSpecs; the BF16 split consistent with
-   device_split.json; device memory per chip within a budget.
-2. Numerics: every piece on the simulator against the float ONNX piece, on the spec's fixed
-   sample inputs and on real activations recorded from one ONNX pipeline step: cosine and
-   max abs error, thresholds by quantisation.
-3. End to end: the same prompt/seed/steps through the onnx and the cmodel backends: final
-   latents (cosine) and image (PSNR).
-All failures are collected; the caller exits non-zero if any.
+1. Record: every file's size and sha256 against the record (any changed byte fails, even in
+   parts the simulator never reads); the record made from this export (manifest sha256).
+2. Structure: every file of the record loads on the simulator and holds exactly its nets,
+   with the input/output names, shapes and dtypes of the manifest's PieceSpecs; device
+   memory per chip (placement from the record) within a budget.
+3. Reference checks: the rotary table against diffusers' FluxPosEmbed at the export's
+   resolution; the runtime's timesteps/sigmas against diffusers' FlowMatchEulerDiscreteScheduler
+   built from the source checkpoint's scheduler config.
+4. Pieces on real activations, chained as on the chip: a tokenized prompt through the CLIP
+   and T5 pieces, one denoising call of the transformer hop by hop (each piece takes the
+   previous bmodel's output), the VAE on the latents that call predicts. Each piece is
+   compared with the original model's submodule fed the same inputs (per hop: cosine,
+   relative error, and for blocks the same on the update out - in), and with the clean
+   reference chain (drift, reported per block).
+5. End to end over the flux type's full step count (--steps shortens it): latent cosine and
+   image PSNR against diffusers' FluxPipeline with the same prompt, seed and resolution.
+When the source checkpoint is not at hand, 3-5 use the exported ONNX pieces instead and the
+report says so. All failures are collected; the caller exits non-zero if any.
 """
 from __future__ import annotations
 
+import fnmatch
+import json
 import re
 import tempfile
 import time
@@ -21,42 +33,39 @@ from pathlib import Path
 import numpy as np
 
 from fluxc.errors import FluxcError
-from fluxc.validation.metrics import cosine, max_abs_err, psnr
+from fluxc.runtime.device_memory import BUDGET_MB, io_bytes_per_device
+from fluxc.validation.metrics import compare, cosine, psnr, rounded
 
-# Device memory budget per chip. The seed README's SoC memory layout for FLUX on SE7
-# (memory_edit.sh -npu 7615 -vpu 2360 -vpp 2360; "the TPU can use the sum of the three")
-# gives 12335 MB; the PCIe card (SC7) has 12 GB. The board run measured 11419 MB.
-DEFAULT_BUDGET_MB = 7615 + 2360 + 2360
+# Device memory budget per chip: the SE7-32's (runtime/device_memory.py BUDGET_MB has the
+# boards and where their figures come from). The board run measured 11419 MB.
+DEFAULT_BUDGET_MB = BUDGET_MB["SE7-32"]
 
-# Which TPU-MLIR quantisation each piece gets (recipes/bm1684x.yaml mirrors the reference).
-def piece_quant(spec, quantize: str) -> str:
-    g = spec.group
-    if g == "clip" or g == "t5_head":
-        return "F16"
-    if g == "t5_block":
-        return "W4BF16"
-    if g == "transformer_block":
-        return quantize
-    return "BF16"
-
-
-# Minimum cosine / PSNR by quantisation. F16 keeps 10 mantissa bits, BF16 7, W4BF16 stores
-# weights in 4 bits per group of 64. Measured on the tiny models (scripts in tests/, figures
-# in the report): F16 pieces 1.00000; BF16 pieces >= 0.99993 (1 - cos <= 7e-5); W4BF16 T5 and
-# transformer blocks 0.9943..0.9995 (1 - cos <= 6e-3). The floors leave >= 5x that error as
-# margin for bigger, trained models, and sit far above a damaged or swapped piece (cosine
-# near 0, or a crash). End to end (1-2 steps): BF16 latent cosine 0.99974 / 43.7 dB,
-# W4BF16 0.9973 / 36.5 dB at 64x64, 0.99925 / 20.8 dB at 128x128 with the tiny VAE (BF16 tiny
-# VAE piece cosine 0.9979: image PSNR is dominated by the decoder, latents stay close).
-PIECE_COSINE = {"F16": 0.9995, "BF16": 0.995, "W4BF16": 0.97}
+# ---- thresholds (per quantisation, as the build record says each piece was compiled)
+# Every output of a piece, per hop: cosine >= the recipe's own threshold for the piece's
+# quantisation (recorded per piece at compile: `tolerance[0]`), and relative error <= REL_ERR.
+# Blocks (residual pieces), per hop, on the update out - in: cosine >= DELTA_COSINE and
+# relative error <= DELTA_REL_ERR. Set from measured margins (tiny schnell W4BF16, 64x64;
+# benchmarks/verify_margins.py, BENCHMARKS.md "Verify"):
+#   W4BF16 blocks, good build: update rel. error <= 0.186, update cosine >= 0.983;
+#   mutants: weights x1.05 0.269, T5 block x1.1 0.402, x1.25 1.15, zeroed 1.00, identity 1.00
+#   (update cosine: x1.25 still 0.978 - the direction survives a scale, so the relative error is
+#   what catches scaling; zeroed -0.06, identity 0.00). 0.25 sits between 0.186 and 0.269.
+#   F16 blocks: 0.001; BF16 head/tail/T5 tail rel. error <= 0.0063, the BF16 tiny VAE 0.061.
+REL_ERR = {"F16": 0.02, "BF16": 0.1, "W4BF16": 0.15, "W4F16": 0.15, "F32": 1e-4}
+DELTA_COSINE = {"F16": 0.995, "BF16": 0.99, "W4BF16": 0.95, "W4F16": 0.95, "F32": 0.9999}
+DELTA_REL_ERR = {"F16": 0.05, "BF16": 0.12, "W4BF16": 0.25, "W4F16": 0.25, "F32": 1e-3}
+# End to end, by the transformer blocks' quantisation.
 E2E_LATENT_COSINE = {"BF16": 0.99, "W4BF16": 0.98}
 E2E_PSNR_DB = {"BF16": 30.0, "W4BF16": 18.0}
+# Rotary table and schedule: float32 copies of the same numbers.
+ROTARY_MAX_ERR = 1e-5
+SCHEDULE_MAX_ERR = 1e-4  # timesteps in 0..1000: relative
 
 
 @dataclass
 class Check:
-    section: str  # structure | memory | piece | e2e
-    name: str  # piece or file
+    section: str  # record | structure | memory | reference | piece | drift | e2e
+    name: str  # piece, file or item
     ok: bool
     detail: str = ""
     metrics: dict = field(default_factory=dict)
@@ -132,16 +141,152 @@ def check_net(rep: Report, spec, net, file: str) -> bool:
     return not problems
 
 
+class Recorder:
+    """A model set that keeps, per piece, the inputs and outputs (spec names) of its last call."""
+
+    def __init__(self, models, specs, on_piece=None):
+        self.m = models
+        self.spec = {s.net_name: s for s in specs}
+        self.calls: dict[str, tuple[dict, dict]] = {}
+        self.on_piece = on_piece
+
+    def process(self, net, inputs):
+        out = self.m.process(net, inputs)
+        s = self.spec[net]
+        vals = list(out.values())
+        outs = {}
+        for i, t in enumerate(s.outputs):
+            v = out.get(t.name, vals[i] if i < len(vals) else None)
+            if v is None:
+                raise FluxcError(f"net {net} returned {len(vals)} outputs, expected {len(s.outputs)}")
+            outs[t.name] = np.asarray(v, np.float32).reshape(t.shape)
+        first = s.name not in self.calls
+        self.calls[s.name] = ({k: np.array(v) for k, v in inputs.items()}, outs)
+        if first and self.on_piece:
+            self.on_piece(s.name)
+        return out
+
+
+def piece_chain(models, man, prompt: str, seed: int, guidance: float, on_piece=None) -> dict:
+    """Run every piece once on real activations through `models` (any engine set):
+    prompt -> CLIP, T5 -> one transformer call at the first timestep -> VAE on the latents
+    that call predicts. Returns {"calls": piece -> (inputs, outputs), "t": ..., ...}."""
+    from fluxc.runtime.pipeline import FluxPipeline, initial_latents, unpack_latents
+
+    rec = Recorder(models, man.specs, on_piece)
+    pipe = FluxPipeline(rec, man)
+    pooled, t5 = pipe.encode_prompt(prompt)
+    lat, _ = initial_latents(man.dims, seed)
+    pipe.scheduler.set_timesteps(4 if man.dims.flux_type == "schnell" else 28, lat.shape[1])
+    t0, s0 = float(pipe.scheduler.timesteps[0]), float(pipe.scheduler.sigmas[0])
+    noise = pipe.transformer(lat, t0, guidance, pooled, t5)
+    x0 = lat - s0 * noise  # the clean latents this call predicts
+    pipe.decode(x0)
+    d = man.dims
+    return {"calls": rec.calls, "latents": lat, "t": t0, "sigma": s0, "pooled": pooled, "t5": t5,
+            "x0_unpacked": unpack_latents(x0, 2 * (d.height // (d.vae_scale * 2)), 2 * (d.width // (d.vae_scale * 2)))}
+
+
+def torch_reference(R, man, chip: dict, guidance: float) -> tuple[dict, dict]:
+    """(per hop: the original submodules fed the chip's inputs, clean: the original chain)."""
+    calls = chip["calls"]
+    ins = {k: v[0] for k, v in calls.items()}
+    p = man.dims.flux_type
+    head = ins[f"{p}_head"]
+    vae = "tiny_vae_decoder" if man.dims.tiny_vae else "vae_decoder"
+    hop: dict = {}
+    hop.update(R.clip(ins["clip_head"]["input_ids"], ins))
+    hop.update(R.t5(ins["t5_head"]["input_ids"], ins))
+    hop.update(R.transformer(head["hidden_states"], chip["t"], guidance, head["pooled_projections"],
+                             head["encoder_hidden_states"], ins))
+    hop.update(R.vae(ins[vae]["latents"]))
+    clean: dict = {}
+    clean.update(R.clip(ins["clip_head"]["input_ids"]))
+    clean.update(R.t5(ins["t5_head"]["input_ids"]))
+    clean.update(R.transformer(head["hidden_states"], chip["t"], guidance, clean["clip_tail"]["pooled"],
+                               clean["t5_tail"]["encoder_hidden_states"]))
+    noise = clean[f"{p}_tail"]["noise_pred"]
+    x0 = head["hidden_states"] - chip["sigma"] * noise
+    from fluxc.runtime.pipeline import unpack_latents
+
+    d = man.dims
+    clean.update(R.vae(unpack_latents(x0, 2 * (d.height // (d.vae_scale * 2)), 2 * (d.width // (d.vae_scale * 2)))))
+    return hop, clean
+
+
+def onnx_reference(man, chip: dict, guidance: float, seed: int, prompt: str) -> tuple[dict, dict]:
+    """The same two references from the exported ONNX pieces (when the source is not at hand)."""
+    from fluxc.runtime.models import open_onnx
+
+    ms = open_onnx(man)
+    hop = {}
+    for s in man.specs:
+        inputs = chip["calls"][s.name][0]
+        out = ms.process(s.net_name, inputs)
+        vals = list(out.values())
+        hop[s.name] = {t.name: np.asarray(out.get(t.name, vals[i]), np.float32).reshape(t.shape)
+                       for i, t in enumerate(s.outputs)}
+    clean = {k: v[1] for k, v in piece_chain(ms, man, prompt, seed, guidance)["calls"].items()}
+    ms.close()
+    return hop, clean
+
+
+def _residual_input(spec, out_name: str, inputs: dict):
+    base = out_name[:-4] if out_name.endswith("_out") else None
+    if spec.index is None or base is None or base not in inputs:
+        return None
+    return inputs[base]
+
+
+def check_piece(rep: Report, spec, built, chip_io, hop_ref: dict, clean_ref: dict) -> Check:
+    inputs, outs = chip_io
+    q = built.quantize
+    cos_floor = float(built.tolerance[0])
+    problems: list[str] = []
+    figures: dict = {}
+    worst = {"cosine": 1.0, "rel_err": 0.0}
+    for t in spec.outputs:
+        got = outs[t.name]
+        inp = _residual_input(spec, t.name, inputs)
+        h = compare(hop_ref[t.name], got, inp)
+        dr = compare(clean_ref[t.name], got)
+        figures[t.name] = {"hop": rounded(h), "drift": rounded({k: v for k, v in dr.items() if k != "flags"})}
+        worst["cosine"] = min(worst["cosine"], h["cosine"])
+        worst["rel_err"] = max(worst["rel_err"], h["rel_err"])
+        problems += [f"{t.name}: {f}" for f in h["flags"]]
+        if not h["cosine"] >= cos_floor:
+            problems.append(f"{t.name}: cosine {h['cosine']:.5f} < {cos_floor} (recipe, {q})")
+        if spec.index is not None and "delta_cosine" in h:
+            worst["delta_cosine"] = min(worst.get("delta_cosine", 1.0), h["delta_cosine"])
+            worst["delta_rel_err"] = max(worst.get("delta_rel_err", 0.0), h["delta_rel_err"])
+            if not h["delta_cosine"] >= DELTA_COSINE[q]:
+                problems.append(f"{t.name}: update cosine {h['delta_cosine']:.4f} < {DELTA_COSINE[q]}")
+            if not h["delta_rel_err"] <= DELTA_REL_ERR[q]:
+                problems.append(f"{t.name}: update rel. error {h['delta_rel_err']:.3f} > {DELTA_REL_ERR[q]}")
+        elif not h["rel_err"] <= REL_ERR[q]:
+            problems.append(f"{t.name}: rel. error {h['rel_err']:.4f} > {REL_ERR[q]}")
+    detail = "; ".join(problems) or (f"{q}: cos {worst['cosine']:.5f} rel {worst['rel_err']:.2e}" +
+                                     (f", update cos {worst['delta_cosine']:.4f} rel {worst['delta_rel_err']:.3f}"
+                                      if "delta_cosine" in worst else ""))
+    return rep.add("piece", spec.name, not problems, detail, quant=q, cosine_floor=cos_floor,
+                   rel_err_max=REL_ERR[q], delta_cosine_min=DELTA_COSINE[q] if spec.index is not None else None,
+                   delta_rel_err_max=DELTA_REL_ERR[q] if spec.index is not None else None,
+                   worst={k: float(f"{v:.6g}") for k, v in worst.items()}, outputs=figures)
+
+
 def verify_workspace(models: Path, export: Path | None = None, quantize: str | None = None,
                      flux_type: str | None = None, budget_mb: float = DEFAULT_BUDGET_MB,
-                     devices: int | None = None, e2e: bool = True, steps: int = 2, seed: int = 0,
+                     devices: int | None = None, e2e: bool = True, steps: int | None = None, seed: int = 0,
                      prompt: str = "a photo of an astronaut riding a horse on the moon",
-                     pieces: str | None = None, say=print) -> Report:
+                     pieces: str | None = None, guidance: float = 3.5, reference: str = "auto",
+                     say=print) -> Report:
     from fluxc import workspace
+    from fluxc.build_record import RECOMPILE
     from fluxc.export.manifest import load_manifest
-    from fluxc.runtime.engines import CmodelEngine, OnnxEngine
-    from fluxc.runtime.models import bmodel_files, detect_quantize, read_device_split
+    from fluxc.runtime.engines import CmodelEngine
+    from fluxc.runtime.models import ModelSet, read_build
 
+    t_start = time.perf_counter()
     models = Path(models)
     if not models.is_dir():
         raise FluxcError(f"models folder {models} does not exist; run fluxc export and fluxc compile first")
@@ -151,227 +296,232 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
     if flux_type and flux_type != d.flux_type:
         raise FluxcError(f"--flux-type {flux_type} does not match the export in {exp} ({d.flux_type})")
     chip = workspace.chip_dir(models)
-    if not chip.is_dir():
-        raise FluxcError(f"no compiled models in {chip}; run fluxc compile first")
-    q = detect_quantize(chip, d.flux_type, quantize)
+    rec = read_build(chip, d, quantize, check_files=False)  # one-line error: missing/truncated/other build
+    q = rec.quantize
+    n_steps = steps or (4 if d.flux_type == "schnell" else 28)
     rep = Report()
-    rep.info.update({"models": str(models), "export": str(exp), "flux_type": d.flux_type, "quantize": q,
-                     "tiny_vae": d.tiny_vae, "resolution": [d.height, d.width], "budget_mb": budget_mb,
-                     "thresholds": {"piece_cosine": PIECE_COSINE, "e2e_latent_cosine": E2E_LATENT_COSINE,
-                                    "e2e_psnr_db": E2E_PSNR_DB}})
+    rep.info.update({"models": str(models), "export": str(exp), "record": str(rec.path), "flux_type": d.flux_type,
+                     "quantize": q, "tiny_vae": d.tiny_vae, "resolution": [d.height, d.width], "budget_mb": budget_mb,
+                     "recipe": rec.raw["recipe"], "devices": rec.devices,
+                     "thresholds": {"piece_cosine": "recipe (per piece, from the build record)", "rel_err": REL_ERR,
+                                    "delta_cosine": DELTA_COSINE, "delta_rel_err": DELTA_REL_ERR,
+                                    "e2e_latent_cosine": E2E_LATENT_COSINE, "e2e_psnr_db": E2E_PSNR_DB}})
     specs = man.specs
-    by_family: dict[str, list] = {}
+    spec_of = {s.name: s for s in specs}
+
+    # ---- 1. record vs files
+    say(f"record: {rec.path.name}: {len(rec.files)} file(s), {len(rec.pieces)} pieces; hashing the files")
+    bad = {f.path.name: why for f, why in rec.mismatched_files()}
+    for f in rec.files:
+        holds = ", ".join(f.nets[:3]) + (" ..." if len(f.nets) > 3 else "")
+        rep.add("record", f.path.name, f.path.name not in bad,
+                (f"{bad[f.path.name]} (holds {holds}); {RECOMPILE}" if f.path.name in bad else
+                 f"sha256 {f.sha256[:12]}, device {f.device}"))
+    try:
+        rec.check_export(exp)
+        rep.add("record", "export manifest.json", True, "the export the build was compiled from")
+    except FluxcError as e:
+        rep.add("record", "export manifest.json", False, str(e))
+
+    # ---- 2. structure
+    say("structure: loading every bmodel of the record on the chip simulator")
+    ms = ModelSet("cmodel")
+    engines: dict[str, CmodelEngine] = {}
+    for f in rec.files:
+        if not f.path.is_file():
+            continue
+        try:
+            eng = CmodelEngine(f.path)
+        except FluxcError as e:
+            rep.add("structure", f.path.name, False, str(e).splitlines()[0])
+            continue
+        ms.add(eng)
+        extra, missing = sorted(set(eng.nets) - set(f.nets)), sorted(set(f.nets) - set(eng.nets))
+        rep.add("structure", f.path.name, not extra and not missing,
+                f"nets {extra} not in the record; " * bool(extra) + f"missing nets {missing}" * bool(missing)
+                or f"{len(eng.nets)} nets as recorded")
+        for bp in rec.pieces:
+            if bp.file == f.path.name and bp.net in eng.nets:
+                if check_net(rep, spec_of[bp.spec.name], eng.nets[bp.net], f.path.name):
+                    engines[bp.spec.name] = eng
     for s in specs:
-        by_family.setdefault(s.family, []).append(s)
+        if s.name not in engines and not any(c.name == s.name for c in rep.checks):
+            rep.add("structure", s.name, False, f"net {s.net_name!r} not loaded from {rec.piece(s.name).file}")
 
-    # ---- 1. structure
-    say("structure: loading every bmodel on the chip simulator")
-    files = bmodel_files(chip, d.flux_type, q, d.tiny_vae)
-    engines: dict[str, CmodelEngine] = {}  # net name -> engine
-    file_of: dict[str, str] = {}
-    file_engines: dict[Path, CmodelEngine] = {}
-    for fam, paths in files.items():
-        if not paths:
-            rep.add("structure", f"{fam} files", False, f"no {fam} bmodel in {chip}")
-        for p in paths:
-            if not p.is_file():
-                rep.add("structure", p.name, False, f"missing {p}")
-                continue
-            try:
-                eng = CmodelEngine(p)
-            except FluxcError as e:
-                rep.add("structure", p.name, False, str(e).splitlines()[0])
-                continue
-            rep.add("structure", p.name, True, f"{len(eng.nets)} nets")
-            file_engines[p] = eng
-            expected = {s.net_name for s in by_family.get(fam, [])}
-            for n in eng.nets:
-                if n in engines and n in expected:
-                    rep.add("structure", n, False, f"net in both {file_of[n]} and {p.name}")
-                    continue
-                if n not in expected:
-                    rep.add("structure", f"{p.name}:{n}", False,
-                            f"unexpected net {n!r} in {p.name} (a file of another model/type was put here?)")
-                    continue
-                engines[n], file_of[n] = eng, p.name
-    for s in specs:
-        if s.net_name not in engines:
-            if any(c.name == s.net_name and not c.ok for c in rep.checks):
-                continue
-            want = [p.name for p in files[s.family]]
-            rep.add("structure", s.name, False, f"net {s.net_name!r} not found in {', '.join(want)}")
-        else:
-            check_net(rep, s, engines[s.net_name].nets[s.net_name], file_of[s.net_name])
-
-    split = read_device_split(chip) if q == "BF16" else None
-    if q == "BF16":
-        tr_files = files["transformer"]
-        if split is None:
-            rep.add("structure", "device_split.json", False, f"missing or unreadable in {chip}")
-        else:
-            rows = split.get("split") if isinstance(split, dict) else None
-            rows = rows if isinstance(rows, list) else []
-            if split.get("flux_type") not in (None, d.flux_type):
-                rep.add("structure", "device_split.json", False,
-                        f"written for {split.get('flux_type')}, the export is {d.flux_type}")
-            problems = []
-            for i, p in enumerate(tr_files):
-                row = next((r for r in rows if isinstance(r, dict) and r.get("device") == i), None)
-                if row is None:
-                    problems.append(f"no entry for device {i}")
-                    continue
-                got = {n for n, f in file_of.items() if f == p.name}
-                want = set(row.get("pieces", []))
-                if row.get("file") not in (None, p.name):
-                    problems.append(f"device {i} is {row.get('file')} in device_split.json, found {p.name}")
-                if got != want:
-                    problems.append(f"{p.name} holds {sorted(got - want) or len(got)} not in device_split.json's "
-                                    f"device {i} ({sorted(want - got) or len(want)})")
-            if len(rows) != len(tr_files):
-                problems.append(f"device_split.json has {len(rows)} devices, found {len(tr_files)} files")
-            rep.add("structure", "device_split.json", not problems, "; ".join(problems) or
-                    f"{len(tr_files)} devices agree")
-
-    # ---- memory per device (placement as the runtime does it)
-    n_dev = len(files["transformer"]) if q == "BF16" else 1
-    placement: dict[int, list[Path]] = {i: [] for i in range(max(1, n_dev))}
-    placement[0] += files["clip"] + files["vae"]
-    placement[max(0, n_dev - 1)] += files["t5"]
-    for i, p in enumerate(files["transformer"]):
-        placement[min(i, n_dev - 1)].append(p)
-    say("memory: model_tool --info per file")
-    mem_cache: dict[Path, dict | None] = {}
-    for dev, paths in placement.items():
-        total = 0
-        parts = []
-        bad = []
-        for p in paths:
-            if not p.is_file():
-                continue
-            if p not in mem_cache:
-                mem_cache[p] = bmodel_memory(p)
-            m = mem_cache[p]
+    say("memory: per device as the build record places the files (model_tool --info figures of the record "
+        "for files whose sha256 matches, measured again otherwise) plus the I/O tensors the sail runtime "
+        "allocates there")
+    io = io_bytes_per_device({p.net: p.spec for p in rec.pieces}, {p.net: p.device for p in rec.pieces}, rec.flux_type)
+    for dev in range(rec.devices):
+        total, parts, unread = io.get(dev, 0), [f"I/O tensors {io.get(dev, 0) / 2**20:.1f} MB"], []
+        for f in rec.on_device(dev):
+            if f.path.name not in bad and f.memory.get("device"):
+                m = {"total": int(f.memory["device"])}
+            else:
+                m = bmodel_memory(f.path) if f.path.is_file() else None
             if m is None:
-                bad.append(p.name)
+                unread.append(f.path.name)
                 continue
             total += m["total"]
-            parts.append(f"{p.name} {m['total'] / 2**20:.1f} MB")
+            parts.append(f"{f.path.name} {m['total'] / 2**20:.1f} MB")
         mb = total / 2**20
-        ok = not bad and mb <= budget_mb
         detail = ", ".join(parts)
-        if bad:
-            detail = f"model_tool cannot read {', '.join(bad)}; " + detail
+        if unread:
+            detail = f"model_tool cannot read {', '.join(unread)}; " + detail
         elif mb > budget_mb:
             detail = f"{mb:.1f} MB > budget {budget_mb:.0f} MB: " + detail
-        rep.add("memory", f"device {dev}", ok, detail, device_mb=round(mb, 3), budget_mb=budget_mb)
+        rep.add("memory", f"device {dev}", not unread and mb <= budget_mb, detail, device_mb=round(mb, 3),
+                budget_mb=budget_mb)
 
-    # ---- 2. numerics per piece
-    say("numerics: recording real activations from one ONNX pipeline step")
-    onnx_eng = {s.name: OnnxEngine(man.path(s.name), net_name=s.net_name) for s in specs}
-    real_inputs: dict[str, dict] = {}
+    if len(engines) < len(specs) or any(c.section in ("record", "structure") and not c.ok for c in rep.checks):
+        # figures from files that are not what was built would mean nothing
+        rep.add("piece", "all pieces", False, "skipped: the files do not match the build record or the export "
+                "(see record/structure)")
+        ms.close()
+        return rep
+
+    # ---- 3. reference
+    from fluxc.validation.reference import (Reference, ReferenceModels, check_available, diffusers_schedule,
+                                            find_source, rotary_from_table)
+
+    src, why = (None, "--reference onnx") if reference == "onnx" else find_source(man)
+    if src is not None and check_available():
+        src, why = None, check_available()
+    if src is None:
+        msg = f"REFERENCE: the source checkpoint is not at hand ({why}): checked against the exported ONNX only"
+        say(msg)
+        rep.info["reference"] = {"kind": "onnx", "why": why}
+        rep.add("reference", "source checkpoint", True, f"not at hand ({why}); checked against the ONNX only")
+        R = None
+    else:
+        say(f"reference: the original models from {src.folder} (diffusers/transformers, unpatched)")
+        rep.info["reference"] = {"kind": "source", "folder": str(src.folder),
+                                 "tiny_vae": str(src.tiny_vae) if src.tiny_vae else None}
+        _quiet_libraries()
+        R = Reference(ReferenceModels(src, say=say), d)
+        table = np.load(man.rotary_path)
+        c_ref, s_ref = R.rotary()
+        if table.shape != tuple(d.rotary_shape):
+            rep.add("reference", "rotary_emb.npy", False, f"shape {table.shape}, expected {d.rotary_shape}")
+        else:
+            c, s = rotary_from_table(table)
+            err = max(float(np.abs(c - c_ref).max()), float(np.abs(s - s_ref).max()))
+            rep.add("reference", "rotary_emb.npy", err <= ROTARY_MAX_ERR,
+                    f"max |table - FluxPosEmbed| {err:.2e} (<= {ROTARY_MAX_ERR}) at {d.width}x{d.height}",
+                    max_abs_err=err)
+    # scheduler: runtime (export's config) vs diffusers (the source's config if at hand)
+    from fluxc.runtime.scheduler import FlowMatchEulerScheduler
+
+    sched_cfg_path = (src.folder / "scheduler" / "scheduler_config.json") if src else man.scheduler_config_path
+    ours = FlowMatchEulerScheduler.from_file(man.scheduler_config_path)
+    ours.set_timesteps(n_steps, d.image_tokens)
     try:
-        real_inputs = record_real_inputs(man, onnx_eng, prompt, seed)
-    except FluxcError as e:
-        rep.add("piece", "real activations", False, str(e).splitlines()[0])
-    say(f"numerics: {len(specs)} pieces on the simulator vs ONNX Runtime")
-    import fnmatch
+        ts_ref, sg_ref = diffusers_schedule(json.loads(Path(sched_cfg_path).read_text()), n_steps, d.image_tokens)
+        ts_err = float(np.abs(ours.timesteps - ts_ref).max()) / 1000.0
+        sg_err = float(np.abs(ours.sigmas - sg_ref).max())
+        err = max(ts_err, sg_err)
+        rep.add("reference", "scheduler", err <= SCHEDULE_MAX_ERR,
+                f"{n_steps} steps vs diffusers' FlowMatchEulerDiscreteScheduler ({sched_cfg_path}): max timestep "
+                f"err {ts_err * 1000:.3g}, sigma err {sg_err:.3g}" + (
+                    f"; ours {np.round(ours.timesteps, 2).tolist()} vs {np.round(ts_ref, 2).tolist()}"
+                    if err > SCHEDULE_MAX_ERR else ""), max_err=err)
+    except ImportError as e:
+        rep.add("reference", "scheduler", True, f"not checked: {e.name} not installed")
 
+    # ---- 4. pieces on real activations, chained on the chip
+    say(f"pieces: {len(specs)} pieces chained on the chip simulator (prompt -> text encoders -> one "
+        f"transformer call -> VAE)")
+    t0 = time.perf_counter()
+    chip_run = piece_chain(ms, man, prompt, seed, guidance, on_piece=lambda n: say(f"  chip: {n}"))
+    say(f"  chip chain {time.perf_counter() - t0:.1f} s; reference per hop and clean chain ...")
+    t0 = time.perf_counter()
+    if R is not None:
+        hop_ref, clean_ref = torch_reference(R, man, chip_run, guidance)
+    else:
+        hop_ref, clean_ref = onnx_reference(man, chip_run, guidance, seed, prompt)
+    say(f"  reference {time.perf_counter() - t0:.1f} s")
+    built = {p.spec.name: p for p in rec.pieces}
     for s in specs:
-        if s.net_name not in engines:
-            continue
         if pieces and not fnmatch.fnmatch(s.name, pieces):
             continue
-        quant = piece_quant(s, q)
-        thr = PIECE_COSINE[quant]
-        sets = [("sample", s.sample_inputs(0))]
-        if s.name in real_inputs and s.family == "transformer":
-            # real activations where random ones are least representative (AdaLN, attention)
-            sets.append(("real", real_inputs[s.name]))
-        results = {}
-        problems = []
-        for label, inputs in sets:
-            try:
-                ref = onnx_eng[s.name].process(s.net_name, inputs)
-                got = engines[s.net_name].process(s.net_name, inputs)
-            except FluxcError as e:
-                problems.append(f"{label}: {str(e).splitlines()[0]}")
-                continue
-            gv = list(got.values())
-            for i, t in enumerate(s.outputs):
-                r = ref[t.name]
-                g = got.get(t.name, gv[i] if i < len(gv) else None)
-                if g is None:
-                    problems.append(f"{label}: output {t.name} missing")
-                    continue
-                g = np.asarray(g, np.float32).reshape(r.shape)
-                cos, err = cosine(r, g), max_abs_err(r, g)
-                finite = bool(np.isfinite(g).all())
-                results[f"{label}:{t.name}"] = {"cosine": round(cos, 6), "max_abs_err": float(f"{err:.4g}"),
-                                                "ref_max_abs": float(f"{float(np.abs(r).max()):.4g}")}
-                if not finite or not cos >= thr:
-                    problems.append(f"{label} {t.name}: cosine {cos:.5f} < {thr}" if finite else
-                                    f"{label} {t.name}: non-finite values")
-        worst = min((v["cosine"] for v in results.values()), default=float("nan"))
-        say(f"  {s.name} ({quant}): min cosine {worst:.5f} {'ok' if not problems else 'FAIL'}")
-        rep.add("piece", s.name, not problems, "; ".join(problems) or f"{quant} min cosine {worst:.5f} >= {thr}",
-                quant=quant, threshold=thr, min_cosine=worst, outputs=results)
-
-    # ---- 3. end to end
+        c = check_piece(rep, s, built[s.name], chip_run["calls"][s.name], hop_ref[s.name], clean_ref[s.name])
+        say(f"  {s.name:<28} {'ok  ' if c.ok else 'FAIL'} {c.detail}")
+    # drift along the chain (reported; the per-hop checks above decide)
+    drift = {}
+    for s in specs:
+        o = s.outputs[-1].name
+        drift[s.name] = round(cosine(clean_ref[s.name][o], chip_run["calls"][s.name][1][o]), 6)
+    rep.info["drift_cosine"] = drift
     if pieces:
-        rep.info["numerics_only_for"] = pieces
+        rep.info["pieces_only"] = pieces
+
+    # ---- 5. end to end
     if e2e:
         if rep.failures:
-            rep.add("e2e", f"{steps}-step generation", False, "skipped: structure or piece checks failed")
+            rep.add("e2e", f"{n_steps}-step generation", False, "skipped: earlier checks failed")
         else:
-            say(f"end to end: {steps} steps through the onnx and cmodel backends")
-            end_to_end(rep, man, onnx_eng, engines, q, steps, seed, prompt)
+            end_to_end(rep, man, ms, R, q, n_steps, seed, prompt, guidance, say)
+    ms.close()
+    rep.info["seconds"] = round(time.perf_counter() - t_start, 1)
     return rep
 
 
-class _Recorder:
-    """A model set that records the first inputs each net receives."""
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
 
-    def __init__(self, engines: dict, specs):
-        self.by_net = {s.net_name: engines[s.name] for s in specs}
-        self.piece = {s.net_name: s.name for s in specs}
-        self.seen: dict[str, dict] = {}
+    warnings.filterwarnings("ignore", module="diffusers")
+    for name in ("diffusers", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as tl
 
-    def process(self, net, inputs):
-        name = self.piece[net]
-        if name not in self.seen:
-            self.seen[name] = {k: np.array(v) for k, v in inputs.items()}
-        return self.by_net[net].process(net, inputs)
+        tl.set_verbosity_error()
+        tl.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        from diffusers.utils import logging as dl
+
+        dl.set_verbosity_error()
+        dl.disable_progress_bar()
+    except Exception:  # noqa: BLE001
+        pass
 
 
-def record_real_inputs(man, onnx_eng, prompt: str, seed: int) -> dict[str, dict]:
+def end_to_end(rep: Report, man, ms, R, q: str, steps: int, seed: int, prompt: str, guidance: float, say) -> None:
     from fluxc.runtime.pipeline import FluxPipeline
 
-    rec = _Recorder(onnx_eng, man.specs)
-    FluxPipeline(rec, man)(prompt, None, 1, 3.5, seed)
-    return rec.seen
-
-
-class _NetMap:
-    def __init__(self, where: dict):
-        self.where = where
-
-    def process(self, net, inputs):
-        return self.where[net].process(net, inputs)
-
-
-def end_to_end(rep: Report, man, onnx_eng, engines, q: str, steps: int, seed: int, prompt: str) -> None:
-    from fluxc.runtime.pipeline import FluxPipeline
-
-    ref_set = _NetMap({s.net_name: onnx_eng[s.name] for s in man.specs})
+    say(f"end to end: {steps} steps on the chip simulator ...")
     t0 = time.perf_counter()
-    ref = FluxPipeline(ref_set, man)(prompt, None, steps, 3.5, seed)
+    got = FluxPipeline(ms, man)(prompt, None, steps, guidance, seed,
+                                on_step=lambda i, n: say(f"  chip step {i}/{n}"))
     t1 = time.perf_counter()
-    got = FluxPipeline(_NetMap(engines), man)(prompt, None, steps, 3.5, seed)
+    if R is not None:
+        from fluxc.validation.reference import diffusers_generate
+
+        say(f"end to end: {steps} steps of diffusers' FluxPipeline (torch, float32) ...")
+        lat, img = diffusers_generate(R.models, man.dims, prompt, steps, guidance, seed)
+        what = "diffusers FluxPipeline"
+    else:
+        from fluxc.runtime.models import open_onnx
+
+        say(f"end to end: {steps} steps on the ONNX pieces (source checkpoint not at hand) ...")
+        ox = open_onnx(man)
+        r = FluxPipeline(ox, man)(prompt, None, steps, guidance, seed)
+        ox.close()
+        lat, img = r.latents, r.image
+        what = "ONNX pieces"
     t2 = time.perf_counter()
-    lat_cos = cosine(ref.latents, got.latents)
-    p = psnr(ref.image, got.image)
+    lat_cos = cosine(lat, got.latents)
+    from fluxc.validation.metrics import rel_err
+
+    lat_rel = rel_err(lat, got.latents)
+    p = psnr(img, got.image)
     ok = lat_cos >= E2E_LATENT_COSINE[q] and p >= E2E_PSNR_DB[q]
     rep.add("e2e", f"{steps}-step generation", ok,
-            f"latent cosine {lat_cos:.5f} (>= {E2E_LATENT_COSINE[q]}), image PSNR {p:.2f} dB (>= {E2E_PSNR_DB[q]})",
-            latent_cosine=round(lat_cos, 6), psnr_db=round(p, 3), onnx_s=round(t1 - t0, 2),
-            cmodel_s=round(t2 - t1, 2), steps=steps, seed=seed, prompt=prompt)
+            f"vs {what}: latent cosine {lat_cos:.5f} (>= {E2E_LATENT_COSINE[q]}), rel. error {lat_rel:.4f}, "
+            f"image PSNR {p:.2f} dB (>= {E2E_PSNR_DB[q]})",
+            latent_cosine=round(lat_cos, 6), latent_rel_err=round(lat_rel, 6), psnr_db=round(p, 3),
+            chip_s=round(t1 - t0, 2), reference_s=round(t2 - t1, 2), steps=steps, seed=seed, prompt=prompt,
+            reference=what)

@@ -17,7 +17,7 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
     """(pipeline, model set, quantize used) for one workspace and backend. Shared by verify."""
     from fluxc import workspace
     from fluxc.export.manifest import load_manifest
-    from fluxc.runtime.models import BACKENDS, open_bmodels, open_onnx
+    from fluxc.runtime.models import BACKENDS, open_bmodels, open_onnx, read_build
     from fluxc.runtime.pipeline import FluxPipeline
 
     backends = tuple(BACKENDS) + tuple(b for b in SAIL_BACKENDS if b not in BACKENDS)
@@ -50,7 +50,10 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
             warnings.warn("--quantize is ignored by the onnx backend (it runs the float export)")
         ms, q = open_onnx(man, progress=say), "F32"
     else:
-        ms, q = open_bmodels(backend, workspace.chip_dir(models, c.name), d, quantize, devices, progress=say,
+        # What was built comes from the build record only (fluxc/build_record.py).
+        rec = read_build(workspace.chip_dir(models, c.name), d, quantize)
+        rec.check_export(exp)
+        ms, q = open_bmodels(backend, rec.chip_dir, d, quantize, devices, progress=say, record=rec,
                              chip=c.runtime_name)
     return FluxPipeline(ms, man), ms, q
 
@@ -64,22 +67,21 @@ def _open_sail(models: Path, backend: str, man, quantize, devices, say):
     out the device tensors (runtime/sail_flux.py). Nothing runs unless all of it fits."""
     from fluxc import workspace
     from fluxc.runtime.engines import check_devices, import_sail
-    from fluxc.runtime.models import detect_quantize, open_bmodels, transformer_files
+    from fluxc.runtime.models import open_bmodels, read_build
     from fluxc.runtime.pipeline import FluxPipeline
     from fluxc.runtime.sail_flux import SailFlux
 
     d = man.dims
     sail = import_sail(backend)
-    chip_dir = workspace.chip_dir(models)
-    if not Path(chip_dir).is_dir():
-        raise FluxcError(f"no compiled models in {chip_dir}; run fluxc compile (or use --backend onnx)")
-    q = detect_quantize(chip_dir, d.flux_type, quantize)
-    n_tr = len(transformer_files(chip_dir, d.flux_type, q))
-    devices = list(devices) if devices else list(range(max(1, n_tr)))
+    # What was built comes from the build record only (fluxc/build_record.py).
+    rec = read_build(workspace.chip_dir(models), d, quantize)
+    rec.check_export(man.export_dir)
+    n_tr = rec.devices
+    devices = list(devices) if devices else list(range(n_tr))
     if len(devices) < n_tr:
-        raise FluxcError(f"the {q} transformer is split over {n_tr} chips; give --devices with {n_tr} ids")
+        raise FluxcError(f"the {rec.quantize} transformer is split over {n_tr} chips; give --devices with {n_tr} ids")
     check_devices(sail, devices)
-    ms, q = open_bmodels(backend, chip_dir, d, q, devices, progress=say)
+    ms, q = open_bmodels(backend, rec.chip_dir, d, quantize, devices, progress=say, record=rec)
     try:
         ms.device_resident = SailFlux(ms, man)
     except BaseException:

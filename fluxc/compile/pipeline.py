@@ -306,12 +306,66 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
             "build_seconds": r.data.get("seconds"), "build_dir": str(r.folder),
         } for r in ordered},
     }
+    report["device_memory"] = _device_memory(exp, combined, split_info["devices"] if split_info else 1, chip)
     write_json_atomic(out_dir / "compile_report.json", report)
-    _print_estimate(console, estimate)
+    # Last: the build record run and verify read (fluxc/build_record.py).
+    from fluxc.build_record import write_record
+    write_record(out_dir, exp=exp, recipe=recipe, chip=chip, toolchain=toolchain, quantize=quantize,
+                 check=opts.check, combined=combined, results=results, split_info=split_info)
+    _print_summary(console, report, combined, out_dir)
+    return report
+
+
+# The board a chip's build is held against (runtime/device_memory.py has the budgets).
+TARGET_BOARD = {"bm1684x": "SE7-32"}
+
+
+def _device_memory(exp: ExportIn, combined: list[CombinedResult], n_dev: int, chip: str) -> dict[str, Any]:
+    """Device memory per chip as the sail runtime will hold it: every combined file's model_tool
+    figures (weight + instructions + runtime) plus the I/O tensors the runtime allocates (one
+    per role and chip, runtime/sail_flux.io_plan): the same figure the sail stand-in measures
+    and `fluxc verify` checks against the board."""
+    from fluxc.build_record import placement
+    from fluxc.runtime.device_memory import BUDGET_MB, per_chip_memory
+
+    family = {p.spec.name: p.spec.family for p in exp.pieces}
+    seen: dict[str, int] = {}
+    files = []
+    for c in combined:
+        fam = family[c.data["pieces"][0]]
+        files.append((placement(fam, seen.get(fam, 0), n_dev), c.info_text))
+        seen[fam] = seen.get(fam, 0) + 1
+    per_chip = per_chip_memory(files, {p.spec.net_name: p.spec for p in exp.pieces}, exp.dims.flux_type)
+    board = TARGET_BOARD.get(chip)
+    budget = BUDGET_MB.get(board) if board else None
+    return {"board": board, "budget_mb": budget,
+            "chips": [{"device": d, "models_mb": round(r["models"] / MB, 1), "io_mb": round(r["io"] / MB, 1),
+                       "total_mb": round(r["total"] / MB, 1), "io_tensors": r["tensors"],
+                       "fits": None if budget is None else r["total"] <= budget * MB} for d, r in per_chip.items()]}
+
+
+def _print_summary(console, report: dict[str, Any], combined: list[CombinedResult], out_dir: Path) -> None:
+    """What a user needs at the end: files and their size, device memory per chip against the
+    board, estimated time per step, and what was checked."""
+    from rich.table import Table
+
+    t = Table(title=f"{len(combined)} bmodel file(s) in {out_dir}")
+    for col in ("file", "nets", "size on disk MB"):
+        t.add_column(col)
+    for c in combined:
+        t.add_row(c.name, str(len(c.data["pieces"])), f"{(out_dir / c.name).stat().st_size / MB:.1f}")
+    console.print(t)
+    dm = report["device_memory"]
+    for c in dm["chips"]:
+        verdict = "" if dm["budget_mb"] is None else \
+            f" of {dm['budget_mb']:.0f} MB on a {dm['board']}: {'fits' if c['fits'] else 'DOES NOT FIT'}"
+        console.print(f"device {c['device']}: {c['total_mb']:.1f} MB (bmodels {c['models_mb']:.1f} + I/O tensors "
+                      f"{c['io_mb']:.1f}){verdict}", highlight=False)
+    _print_estimate(console, report["estimate_ms"])
+    console.print(f"checked: {report['checked']}", highlight=False)
     console.print(f"wrote {len(combined)} bmodel(s) to {out_dir} in {report['seconds']:.1f} s "
                   f"({report['tool_runs']} TPU-MLIR tool run(s)); report: {out_dir / 'compile_report.json'}",
                   highlight=False)
-    return report
 
 
 def _checked(check: bool, probe_results: dict) -> str:

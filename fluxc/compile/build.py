@@ -150,8 +150,12 @@ def _transform(spec: PieceSpec, onnx: Path, plan: PiecePlan, tools: Tools, check
     from fluxc.export.pieces import piece_kind
 
     io = {"inputs": [t.to_dict() for t in spec.inputs], "outputs": [t.to_dict() for t in spec.outputs]}
-    tdir = rebind.template_dir(folder.parent.parent, piece_kind(spec),
-                               rebind.graph_key(onnx, io, transform_args(spec, plan), toolchain))
+    try:
+        gkey = rebind.graph_key(onnx, io, transform_args(spec, plan), toolchain)
+    except Exception:  # not a readable ONNX file: model_transform says what is wrong with it
+        _run_transform(spec, onnx, plan, tools, check, folder)
+        return "transformed"
+    tdir = rebind.template_dir(folder.parent.parent, piece_kind(spec), gkey)
     work = folder / "work"
     with folder_lock(tdir):
         t = rebind.load_template(tdir)

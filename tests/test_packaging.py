@@ -9,6 +9,7 @@ run from the wheel, from a folder outside the source tree.
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -19,8 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_wheel_installs_a_working_fluxc(tmp_path):
+    # built from a copy without build/ or *.egg-info: setuptools would reuse stale files there
+    src = shutil.copytree(REPO, tmp_path / "src", ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "demo", "models", ".pytest_cache"))
     wheels = tmp_path / "wheels"
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-q",
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
                         "-w", str(wheels)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     (whl,) = wheels.glob("fluxc-*.whl")

@@ -43,5 +43,7 @@ def export(
     res = run_export(ExportOptions(model=model, out=out, models=models, flux_type=flux_type, height=height,
                                    width=width, t5_len=t5_seq_len, tiny_vae=tiny_vae, force=force, probe=probe,
                                    loras=loras))
-    typer.echo(f"exported {len(res.exported)} piece(s), reused {len(res.reused)} unchanged, "
+    probes = f", {res.probes} probe piece(s) in probe/" if res.probes else ""
+    typer.echo(f"exported {len(res.exported)} piece(s) ({len(res.traced)} traced, the others rebound), "
+               f"reused {len(res.reused)} unchanged{probes}, "
                f"in {res.seconds:.1f} s -> {res.export_dir}")

@@ -57,6 +57,7 @@ class ExportResult:
     seconds: float = 0.0
     piece_seconds: dict[str, float] = field(default_factory=dict)
     traced: list[str] = field(default_factory=list)  # exported through torch (the others were rebound)
+    probes: int = 0  # probe pieces in probe/ (exported or unchanged)
 
 
 def library_versions() -> dict[str, str]:
@@ -380,6 +381,7 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
             advance(f"{spec.name} exported", done=True)
 
         probe = _export_probes(opts, ckpt, dims, out, old, code, versions, advance)
+        result.probes = len(probe["pieces"]) if probe else 0
 
     files = _sync_side_files(ckpt, dims, out)
     # Pieces of an earlier export that are not part of this one.

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from fluxc.errors import FluxcError
+from fluxc.machine import mem_available
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")
 
@@ -66,22 +67,12 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
 
-def _mem_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
-
-
 def default_load_limit() -> int:
     """Components smaller than this are loaded whole (float32 may double bf16 files)."""
     env = os.environ.get("FLUXC_REFERENCE_LOAD_LIMIT_MB")
     if env:
         return int(float(env) * 2**20)
-    return _mem_available() // 6
+    return mem_available() // 6
 
 
 # units (module prefixes) streamed one at a time, per component; the rest stays loaded

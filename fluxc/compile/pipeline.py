@@ -3,7 +3,6 @@ the combined files of the sophon-demo layout, the device split, the cost estimat
 compile_report.json."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -21,6 +20,7 @@ from fluxc.compile.split import MB, PieceMem, device_cost, split_contiguous, spl
 from fluxc.compile.tools import Tools
 from fluxc.errors import FluxcError
 from fluxc.fsutil import write_json_atomic
+from fluxc.machine import cores, mem_available
 
 REPORT_FORMAT = 1
 MAX_DEVICES = 8
@@ -49,23 +49,6 @@ def normalize_quantize(q: str) -> str:
     return u
 
 
-def _mem_available() -> int:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 # Peak memory of compiling one piece, as multiples of its float32 weights, measured on the
 # full-size blocks (tpu-mlir-facts.md): model_transform 10.4x (double) to 14.7x (single);
 # model_deploy 1.8-2.3x; rebinding a transform (fluxc.compile.rebind) about 3x.
@@ -78,7 +61,7 @@ class MemoryBudget:
     its weights, a rebound one at 3x. `--jobs` caps the count."""
 
     def __init__(self, cap: int) -> None:
-        self.cap, self.budget, self.used = cap, int(0.8 * _mem_available()), 0
+        self.cap, self.budget, self.used = cap, int(0.8 * mem_available()), 0
 
     @staticmethod
     def need(weight_bytes: int, first_of_kind: bool) -> int:
@@ -170,7 +153,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     build_root = Path(opts.build_dir).resolve()
     build_root.mkdir(parents=True, exist_ok=True)
     plans = {p.spec.name: piece_plan(recipe, p.spec, quantize) for p in exp.pieces}
-    jobs = opts.jobs or _cores()
+    jobs = opts.jobs or cores()
 
     console.print(f"fluxc compile: FLUX.1-{dims.flux_type}, transformer {quantize}, chip {chip}, "
                   f"{len(exp.pieces)} pieces, {jobs} job(s), check {'on' if opts.check else 'off'}; "

@@ -175,21 +175,27 @@ def by_kind(report: dict, piece_rss: dict[str, float]) -> dict:
     return kinds
 
 
-def device_mem_mb(report: dict) -> tuple[list[float], str]:
-    """Device memory per chip from a compile report, and where the figure comes from."""
-    if isinstance(report.get("device_mem_mb"), list):
-        return [float(x) for x in report["device_mem_mb"]], "compile_report.json device_mem_mb"
-    outputs = report.get("outputs", [])
-    split = report.get("device_split")
-    if split and split.get("split"):
-        chips = [float(r.get("measured_mb") or r["total_mb"]) for r in split["split"]]
-        transformer = {p for r in split["split"] for p in r.get("pieces", [])}
-        others = sum(o["memory"]["device"] for o in outputs if not set(o.get("pieces", [])) & transformer) / MB
-        chips[0] += others
-        return [round(c, 2) for c in chips], ("device_split per chip (model_tool figure when measured) plus the "
-                                              "text encoders and VAE on chip 0; runtime I/O tensors not included")
-    total = sum(o["memory"]["device"] for o in outputs) / MB
-    return [round(total, 2)], "sum of the combined bmodels' device memory (model_tool); runtime I/O tensors not included"
+def device_mem_mb(report: dict, export_dir: Path | None = None) -> tuple[list[float], str]:
+    """Device memory per chip from a compile (or estimate-only) report, and where it comes from."""
+    dm = report.get("device_memory")
+    if isinstance(dm, dict) and dm.get("chips"):  # a full build: model_tool of the combined files + I/O
+        return ([round(float(c["total_mb"]), 1) for c in dm["chips"]],
+                "compile_report.json device_memory: model_tool --info of the combined bmodels (weight + "
+                "instructions + runtime) plus the I/O tensors the sail runtime allocates")
+    if isinstance(dm, list) and dm and export_dir is not None:  # --estimate-only: per-piece model_tool
+        from fluxc.export.manifest import load_manifest
+        from fluxc.runtime.device_memory import io_bytes_per_device
+
+        man = load_manifest(export_dir)
+        by_piece = {s.name: s for s in man.specs}
+        where = {by_piece[p].net_name: c["device"] for c in dm for p in c["pieces"]}
+        specs = {s.net_name: s for s in man.specs if s.net_name in where}
+        io = io_bytes_per_device(specs, where, man.dims.flux_type)
+        return ([round(c["modeled_mb"] + io.get(c["device"], 0) / MB, 1) for c in dm],
+                "estimate_report.json: every piece compiled and measured by model_tool --info (bmodels not kept: "
+                "the disk holds one build), summed per chip as the combined files hold them (weight + "
+                "instructions + the largest runtime area), plus the I/O tensors the sail runtime allocates")
+    return [], "no device memory figure in the report"
 
 
 def git_commit() -> dict:
@@ -219,8 +225,14 @@ def export_complete(out: Path, size: dict) -> bool:
         (size["height"], size["width"], size["t5_seq_len"])
 
 
+def report_path(out: Path) -> Path:
+    """compile_report.json of a build, or estimate_report.json of an --estimate-only one."""
+    full = out / "compile_report.json"
+    return full if full.is_file() else out / "estimate_report.json"
+
+
 def compile_complete(out: Path) -> bool:
-    return (out / "compile_report.json").is_file()
+    return report_path(out).is_file()
 
 
 def combine_attempts(old: dict | None, new: dict) -> dict:
@@ -263,6 +275,10 @@ def summarise(res: dict) -> None:
             "compile": {k: c[k] for k in ("wall_s", "peak_rss_gb", "ru_maxrss_gb", "peak_disk_gb",
                                           "stage_peak_disk_gb", "du_gb", "tool_runs")},
             "by_piece_kind": c["by_piece_kind"],
+            "estimate_only": c.get("estimate_only", False),
+            "checked": c.get("checked"),
+            "probe_checks": c.get("probe_checks"),
+            "estimate_ms": c.get("estimate_ms"),
         }
 
 
@@ -281,9 +297,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--builds", default="w4bf16,bf16", help="which compiles to run (comma list of w4bf16, bf16)")
     ap.add_argument("--build-dir", type=Path, default=None, help="compile cache (default: <work>/build)")
     ap.add_argument("--jobs", type=int, default=None, help="passed to fluxc compile --jobs")
+    ap.add_argument("--estimate-only", default="",
+                    help="builds compiled with fluxc compile --estimate-only (every piece compiled and measured, "
+                         "no bmodel kept), e.g. bf16 when the disk cannot hold both builds")
+    ap.add_argument("--reference-forms", default="",
+                    help="after the builds, also compile one full-size block of these kinds (single,double) in the "
+                         "reference's graph form (strided-slice rotary; patches/graph_forms.py, BF16) for its "
+                         "estimated step time")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite BENCHMARKS.md's Full size section from the results JSON")
     a = ap.parse_args(argv)
 
+    if a.render:
+        render_benchmarks_md(json.loads((a.results or RESULTS).read_text()))
+        return 0
     builds = [b.strip() for b in a.builds.split(",") if b.strip()]
+    estimate_only = {b.strip() for b in a.estimate_only.split(",") if b.strip()}
     if not builds or any(b not in BUILDS for b in builds):
         ap.error(f"--builds: choose from {', '.join(BUILDS)}")
     work = a.work.resolve()
@@ -373,17 +402,24 @@ def main(argv: list[str] | None = None) -> int:
                str(build_dir), *args]
         if a.jobs:
             cmd += ["--jobs", str(a.jobs)]
+        if key in estimate_only:
+            cmd += ["--estimate-only"]
         print(f"{stage}: {' '.join(cmd[3:])}", flush=True)
         m = run_measured(cmd, log, work, free0)
         m["du_gb"] = round(du_bytes(ws, build_dir) / GB, 3)
         m["complete"] = m["returncode"] == 0 and compile_complete(out)
         if m["complete"]:
-            report = json.loads((out / "compile_report.json").read_text())
-            mem, source = device_mem_mb(report)
+            report = json.loads(report_path(out).read_text())
+            try:
+                mem, source = device_mem_mb(report, export_dir)
+            except Exception as e:  # the stage's own figures are kept; --render can recompute this one
+                mem, source = [], f"device memory not computed: {type(e).__name__}: {e}"
             step = (report.get("estimate_ms") or {}).get("denoising_step_ms")
             m.update(device_mem_mb=mem, device_mem_source=source,
                      est_step_s=None if step is None else round(step / 1000, 4),
-                     tool_runs=report.get("tool_runs"), estimate_ms=report.get("estimate_ms"))
+                     tool_runs=report.get("tool_runs"), estimate_ms=report.get("estimate_ms"),
+                     estimate_only=bool(report.get("estimate_only")), checked=report.get("checked"),
+                     probe_checks=report.get("probe_checks"))
         prev = st.get(stage) if not st.get(stage, {}).get("complete") else None
         st[stage] = combine_attempts(prev, m)
         if m["complete"]:
@@ -394,6 +430,24 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{stage}: {m['wall_s']:.0f} s, peak RSS {m['peak_rss_gb']:.2f} GB, "
               f"device {st[stage]['device_mem_mb']} MB, est. step {st[stage]['est_step_s']} s", flush=True)
+    # ---- the reference's graph form at full size (one block per kind, BF16, estimate only)
+    forms = st.setdefault("reference_forms", {})
+    for block in [b.strip() for b in a.reference_forms.split(",") if b.strip()]:
+        if forms.get(block, {}).get("estimate_ms") is not None:
+            print(f"reference form, {block} block: recorded, skipped", flush=True)
+            continue
+        cmd = [sys.executable, "-m", "fluxc.patches.graph_forms", "--block", block, "--forms", "slices",
+               "--t5-len", str(size["t5_seq_len"]), "--size", str(size["height"])]
+        print(f"reference form, {block} block: {' '.join(cmd[1:])}", flush=True)
+        start = log.stat().st_size if log.exists() else 0
+        m = run_measured(cmd, log, work, free0)
+        with open(log, "rb") as f:
+            f.seek(start)
+            hit = re.findall(rb"estimate ([\d.]+) ms", f.read())
+        m["estimate_ms"] = float(hit[-1]) if hit and m["returncode"] == 0 else None
+        m["form"] = "slices (strided-slice rotary, as sophon-demo), BF16"
+        forms[block] = m
+        save()
     save()
     print(f"results: {results_path}", flush=True)
     return 0

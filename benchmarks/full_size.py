@@ -110,14 +110,16 @@ class Sampler(threading.Thread):
 
 
 def run_measured(cmd: list[str], log: Path, disk: Path, free0: int) -> dict:
-    """Run cmd (output appended to log); wall time, tree peak RSS, ru_maxrss, disk peak."""
+    """Run cmd (output appended to log); wall time, tree peak RSS, ru_maxrss, disk peak. It runs
+    in the work folder, not the repository, so `python -m fluxc.cli` imports the installed fluxc
+    (a plain `pip install .` too), not the source tree's half of it."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
         f.write(f"\n$ {subprocess.list2cmdline(cmd)}\n")
         f.flush()
         stage_free0 = shutil.disk_usage(disk).free
         t0 = time.time()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, cwd=disk, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, "COLUMNS": "160"})
         sampler = Sampler(proc.pid, disk, free0)
         sampler.start()
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("give the full-size checkpoint folder (or --tiny)")
         ckpt = work / "tiny-dev"
         if not (ckpt / "model_index.json").is_file():
-            subprocess.run([*fluxc, "tiny", str(ckpt), "--flux-type", "dev", "--sharded", "--force"], cwd=REPO,
+            subprocess.run([*fluxc, "tiny", str(ckpt), "--flux-type", "dev", "--sharded", "--force"], cwd=work,
                            check=True)
     ckpt = ckpt.resolve()
     write_ckpt = not a.tiny and not (ckpt / "model_index.json").is_file()

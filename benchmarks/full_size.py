@@ -455,6 +455,133 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ BENCHMARKS.md
+BENCHMARKS = REPO / "BENCHMARKS.md"
+SECTION = "## Full size (issue 8)"
+STEP_TFLOP = 74.6  # one 1024x1024 step of the 12B transformer (issue 8; the cost model's own count)
+CHIP_TFLOPS = 16.0  # BM1684X BF16 peak: an estimate implying more is wrong
+BUDGET_MB = 12335  # SE7-32 with the reference's memory setting
+GOALS = {"export_compile_wall_s": 7200, "peak_rss_gb": 12, "peak_disk_gb": 45}
+
+
+def _f(x, fmt="{:.1f}", none="-"):
+    return none if x is None else fmt.format(x)
+
+
+def reference_form_step_s(res: dict) -> float | None:
+    """The reference's graph form (strided-slice rotary), BF16: head + 19 double + 38 single +
+    tail, with the blocks measured in that form and head/tail from the BF16 build."""
+    rf = res.get("stages", {}).get("reference_forms", {})
+    kinds = (res.get("bf16") or {}).get("by_piece_kind") or {}
+    d, s_ = (rf.get("double") or {}).get("estimate_ms"), (rf.get("single") or {}).get("estimate_ms")
+    head = next((k for k in kinds if k.endswith("_head") and not k.startswith(("clip", "t5"))), None)
+    tail = next((k for k in kinds if k.endswith("_tail") and not k.startswith(("clip", "t5"))), None)
+    if d is None or s_ is None or head is None or tail is None:
+        return None
+    return round((kinds[head]["estimate_ms"] + 19 * d + 38 * s_ + kinds[tail]["estimate_ms"]) / 1000, 4)
+
+
+def render_benchmarks_md(res: dict, path: Path = BENCHMARKS) -> None:
+    """Rewrite BENCHMARKS.md's Full size section from the results JSON (nothing typed by hand)."""
+    st = res.get("stages", {})
+    m = res.get("machine", {})
+    L = [SECTION, "",
+         f"FLUX.1-dev with random weights at the published sizes ({res.get('checkpoint_gb')} GB bf16 checkpoint, "
+         f"written by `fluxc tiny --preset full`), exported at {res['size']['height']}x{res['size']['width']} / "
+         f"T5 {res['size']['t5_seq_len']} with the tiny VAE, then compiled W4BF16 for one chip and BF16 over "
+         "3 chips, all by `benchmarks/full_size.py` in one run. Commit "
+         f"`{res.get('commit', '?')[:10]}`{' (uncommitted changes!)' if res.get('dirty') else ''}; machine: "
+         f"{m.get('usable_cpus')} cores, {m.get('mem_gb')} GB RAM, load average at start "
+         f"{m.get('load_avg_at_start')}. Figures: `benchmarks/results/full_size.json`. Reproduce:",
+         "", "    .venv/bin/python benchmarks/full_size.py /work/fullsize/FLUX.1-dev --work /work/fullsize/run2 \\",
+         "        --estimate-only bf16 --reference-forms single,double", "",
+         "Peak RSS is the whole process tree's (fluxc and every TPU-MLIR tool it runs, sampled every 0.5 s); "
+         "peak disk is the largest drop of free space on the work disk since the export started (the "
+         "checkpoint itself not counted).", ""]
+    L += ["| stage | attempts | wall | peak RSS | peak disk | on disk at the end |", "|---|---|---|---|---|---|"]
+    for name in ("checkpoint", "export", "compile_w4bf16", "compile_bf16"):
+        if name in st:
+            x = st[name]
+            L.append(f"| {name}{' (--estimate-only)' if x.get('estimate_only') else ''} | {x.get('attempts', 1)} | "
+                     f"{_f(x.get('wall_s'), '{:.0f} s')} | {_f(x.get('peak_rss_gb'), '{:.2f} GB')} | "
+                     f"{_f(x.get('peak_disk_gb'), '{:.2f} GB')} | {_f(x.get('du_gb'), '{:.2f} GB')} |")
+    L.append("")
+    w = res.get("w4bf16")
+    if w:
+        L += ["**Goal, W4BF16 (export + compile in one run):**", "",
+              "| figure | measured | goal | |", "|---|---|---|---|"]
+        for k, unit in (("export_compile_wall_s", "s"), ("peak_rss_gb", "GB"), ("peak_disk_gb", "GB")):
+            v = w.get(k)
+            L.append(f"| {k} | {_f(v, '{:.1f}')} {unit} | {GOALS[k]} {unit} | "
+                     f"{'met' if v is not None and v <= GOALS[k] else '**not met**'} |")
+        L.append("")
+    L += ["**Device memory and estimated time per step** (device memory: weights + instructions + runtime "
+          "area + the I/O tensors the sail runtime allocates, per chip; time: TPU-MLIR's cost model summed "
+          f"over the pieces one step runs, not a board measurement; a step is {STEP_TFLOP} TFLOP):", "",
+          "| build | device memory per chip (MB) | against the SE7-32's 12,335 MB | est. step | implied TFLOPS |",
+          "|---|---|---|---|---|"]
+    for key in ("w4bf16", "bf16"):
+        b = res.get(key)
+        if not b:
+            continue
+        mem = b.get("device_mem_mb") or []
+        fits = "fits" if mem and max(mem) <= BUDGET_MB else ("**does not fit**" if mem else "-")
+        step = b.get("est_step_s")
+        tf = STEP_TFLOP / step if step else None
+        L.append(f"| {key} | {', '.join(f'{x:,.0f}' for x in mem) or '-'} | {fits} | {_f(step, '{:.3f} s')} | "
+                 f"{_f(tf, '{:.1f}')}{' (above the chip peak: mis-estimated)' if tf and tf > CHIP_TFLOPS else ''} |")
+    ref = reference_form_step_s(res)
+    if ref:
+        L.append(f"| bf16, the reference's graph form (strided-slice rotary) | - | - | {ref:.3f} s | "
+                 f"{STEP_TFLOP / ref:.1f} |")
+    L.append("")
+    for key in ("w4bf16", "bf16"):
+        b = res.get(key)
+        if b:
+            L += [f"Where the device figures of {key} come from: {b.get('device_mem_source')}.", ""]
+    for key in ("w4bf16", "bf16"):
+        b = res.get(key)
+        if not b or not b.get("by_piece_kind"):
+            continue
+        L += [f"Per piece kind, {key}:", "", "| kind | pieces | cache hits | build s (sum) | tool peak RSS | "
+              "estimate ms (sum) | device MB (sum) |", "|---|---|---|---|---|---|---|"]
+        for k, v in b["by_piece_kind"].items():
+            L.append(f"| {k} | {v['count']} | {v['cache_hits']} | {v['build_s']:.0f} | "
+                     f"{_f(v.get('tool_peak_rss_gb'), '{:.2f} GB')} | {v['estimate_ms']:.3f} | {v['device_mb']:.0f} |")
+        L.append("")
+        e = b.get("estimate_ms") or {}
+        if e:
+            L += [f"Estimates, {key}: step {e.get('denoising_step_ms')} ms, T5 {e.get('t5_ms')} ms, CLIP "
+                  f"{e.get('clip_ms')} ms, VAE {e.get('vae_ms')} ms.", ""]
+        pc = b.get("probe_checks") or {}
+        if pc:
+            L += [f"Checked, {key}: {b.get('checked')}", "", "| probe piece | quantize | similarity | tolerance |",
+                  "|---|---|---|---|"]
+            for n, v in pc.items():
+                L.append(f"| {n} | {v.get('quantize')} | {v.get('similarity')} | {v.get('tolerance')} |")
+            L.append("")
+    rf = st.get("reference_forms") or {}
+    if rf:
+        L += ["The reference's graph form, one full-size block each (patches/graph_forms.py, BF16, 4608 tokens):", "",
+              "| block | estimate | wall | peak RSS |", "|---|---|---|---|"]
+        for k, v in rf.items():
+            L.append(f"| {k} | {_f(v.get('estimate_ms'), '{:.1f} ms')} | {_f(v.get('wall_s'), '{:.0f} s')} | "
+                     f"{_f(v.get('peak_rss_gb'), '{:.2f} GB')} |")
+        L.append("")
+    text = path.read_text()
+    start = text.find(SECTION)
+    new = "\n".join(L) + "\n"
+    if start < 0:
+        first = text.find("\n## ")
+        text = text[:first + 1] + new + "\n" + text[first + 1:] if first >= 0 else text + "\n" + new
+    else:
+        end = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + new + (text[end + 1:] if end >= 0 else "")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, obj: dict) -> None:
     write_results(path, obj)
 

@@ -174,6 +174,14 @@ def main() -> None:
                 res["builds"].append(margins_for(ws.resolve(), scales, Path(td), lambda s: print(s, flush=True)))
     from fluxc.fsutil import write_json_atomic
 
+    try:  # keep the builds measured earlier (e.g. schnell) that this run did not redo
+        old = json.loads(a.out.read_text())
+        done = {(b["flux_type"], b["quantize"]) for b in res["builds"]}
+        kept = [dict(b, commit=old.get("commit")) for b in old.get("builds", [])
+                if (b.get("flux_type"), b.get("quantize")) not in done]
+        res["builds"] = kept + res["builds"]
+    except (OSError, ValueError, KeyError):
+        pass
     write_json_atomic(a.out, res)
     print(f"wrote {a.out}")
 

@@ -44,7 +44,8 @@ def test_full_size_harness_plumbing(tiny_schnell: Path, compiled_schnell_w4: Pat
     assert ex["wall_s"] > 0 and ex["rss_samples"] > 0
     # the export loads torch and the weights: well above 100 MB, and the tree figure >= the child's own
     assert 0.1 < ex["peak_rss_gb"] and ex["peak_rss_gb"] >= ex["ru_maxrss_gb"]
-    assert ex["du_gb"] > 0.005  # the tiny export is ~17 MB
+    # the tiny export's graphs (~2 MB); its weights are hard links into the checkpoint and cost no disk
+    assert ex["du_gb"] >= 0.001
     assert w["export_compile_wall_s"] == round(ex["wall_s"] + co["wall_s"], 1)
     kinds = co["by_piece_kind"]
     assert kinds["schnell_trans_block"]["count"] == 3 and "clip_head" in kinds

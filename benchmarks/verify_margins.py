@@ -61,6 +61,18 @@ def _figure(c: dict) -> dict:
         "ok": c["ok"], "detail": c["detail"]}
 
 
+def _scheduler_mutant(ws: Path) -> tuple:
+    """A schedule change that matters for this build: schnell's fixed shift 1.0 -> 3.0; dev shifts
+    dynamically (mu from the image size between base_shift and max_shift; its `shift` is unused,
+    so changing it is an equivalent mutant that nothing can catch): max_shift 1.15 -> 1.5."""
+    from fluxc.validation import mutants as mu
+
+    cfg = json.loads((ws / "onnx" / "scheduler" / "scheduler_config.json").read_text())
+    if cfg.get("use_dynamic_shifting"):
+        return "scheduler max_shift 1.5", "scheduler", lambda e: mu.set_scheduler(e, max_shift=1.5)
+    return "scheduler shift 3.0", "scheduler", lambda e: mu.set_scheduler(e, shift=3.0)
+
+
 def _build_args(ws: Path) -> list[str]:
     rec = json.loads((ws / "BM1684X" / "fluxc_build.json").read_text())
     a = ["--quantize", rec["quantize"], "--flux-type", rec["flux_type"], "--devices", str(rec["devices"])]
@@ -127,7 +139,7 @@ def margins_for(ws: Path, scales: list[float], root: Path, log) -> dict:
     _record_block_mutants(out, _verify(mws), {p: v[0] for p, v in blocks.items()}, log)
     for name, target, fn in (("rotary axes swapped", "rotary_emb.npy",
                               lambda e: mu.swap_rotary_axes(e, tuple(cfg["axes_dims_rope"]))),
-                             ("scheduler shift 3.0", "scheduler", lambda e: mu.set_scheduler(e, shift=3.0))):
+                             _scheduler_mutant(ws)):
         log(f"[{ft} {q}] mutant: {name}")
         mws, _ = _mutant(ws, root, f"{ft}-{target}", fn, False)
         rep = _verify(mws)

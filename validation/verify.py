@@ -51,9 +51,12 @@ DEFAULT_BUDGET_MB = BUDGET_MB["SE7-32"]
 #   (update cosine: x1.25 still 0.978 - the direction survives a scale, so the relative error is
 #   what catches scaling; zeroed -0.06, identity 0.00). 0.25 sits between 0.186 and 0.269.
 #   F16 blocks: 0.001; BF16 head/tail/T5 tail rel. error <= 0.0063, the BF16 tiny VAE 0.061.
+#   BF16 blocks (tiny dev, 64x64): good build update rel. error <= 0.014 (double 0.0139, single
+#   0.0122), update cosine >= 0.9999; mutants: weights x1.02 0.069, x1.05 0.177, x1.1 0.373,
+#   x1.25 1.07. 0.04 sits between 0.014 and 0.069 (x1.02 is caught; it was 0.12, a guess).
 REL_ERR = {"F16": 0.02, "BF16": 0.1, "W4BF16": 0.15, "W4F16": 0.15, "F32": 1e-4}
 DELTA_COSINE = {"F16": 0.995, "BF16": 0.99, "W4BF16": 0.95, "W4F16": 0.95, "F32": 0.9999}
-DELTA_REL_ERR = {"F16": 0.05, "BF16": 0.12, "W4BF16": 0.25, "W4F16": 0.25, "F32": 1e-3}
+DELTA_REL_ERR = {"F16": 0.05, "BF16": 0.04, "W4BF16": 0.25, "W4F16": 0.25, "F32": 1e-3}
 # End to end, by the transformer blocks' quantisation.
 E2E_LATENT_COSINE = {"BF16": 0.99, "W4BF16": 0.98}
 E2E_PSNR_DB = {"BF16": 30.0, "W4BF16": 18.0}

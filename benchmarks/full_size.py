@@ -141,10 +141,19 @@ def run_measured(cmd: list[str], log: Path, disk: Path, free0: int) -> dict:
     }
 
 
-def du_bytes(*paths: Path) -> int:
-    """Bytes the files under paths take on disk, each inode once; files with other hard links
-    (the export's onnx/weights/ links into the checkpoint) are not counted: they cost no space."""
-    total, seen = 0, set()
+def du_bytes(*paths: Path, exclude: Path | None = None) -> int:
+    """Bytes the files under paths take on disk, each inode once, leaving out the inodes of the
+    files under `exclude` (the checkpoint: the export's onnx/weights/ are hard links into it and
+    cost no space)."""
+    skip = set()
+    if exclude is not None and exclude.exists():
+        for dirpath, _, files in os.walk(exclude):
+            for name in files:
+                try:
+                    skip.add(os.lstat(os.path.join(dirpath, name)).st_ino)
+                except OSError:
+                    pass
+    total = 0
     for root in paths:
         if not root.exists():
             continue
@@ -154,9 +163,9 @@ def du_bytes(*paths: Path) -> int:
                     st = os.lstat(os.path.join(dirpath, name))
                 except OSError:
                     continue
-                if st.st_ino in seen or st.st_nlink > 1:
+                if st.st_ino in skip:
                     continue
-                seen.add(st.st_ino)
+                skip.add(st.st_ino)
                 total += st.st_blocks * 512
     return total
 
@@ -296,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "--work /work/fullsize/run")
     ap.add_argument("checkpoint", nargs="?", type=Path,
                     help="full-size FLUX.1 folder (e.g. from `fluxc tiny DIR --preset full --flux-type dev`)")
-    ap.add_argument("--work", type=Path, required=True, help="folder for the workspace (ONNX, bmodels) and build cache")
+    ap.add_argument("--work", type=Path, help="folder for the workspace (ONNX, bmodels) and build cache")
     ap.add_argument("--results", type=Path, default=None,
                     help=f"results JSON (default: {RESULTS.relative_to(REPO)}; with --tiny: <work>/full_size_tiny.json)")
     ap.add_argument("--tiny", action="store_true",
@@ -318,27 +327,27 @@ def main(argv: list[str] | None = None) -> int:
     if a.render:
         rp = a.results or RESULTS
         res = json.loads(rp.read_text())
-        export_dir = Path(res["work"]) / "ws" / "onnx"
         st = res.get("stages", {})
-        if export_dir.is_dir() and "export" in st and not st["export"].get("du_links_excluded"):
-            # a run measured before du_bytes skipped hard links counted the checkpoint's links in
-            # the export (and in every compile stage's workspace): take them out once
-            new = round(du_bytes(export_dir) / GB, 3)
-            links = st["export"]["du_gb"] - new
-            st["export"].update(du_gb=new, du_links_excluded=True)
+        if st.get("export") and not st["export"].get("du_fixed"):
+            # runs measured before du_bytes left out the checkpoint's hard links counted them (and
+            # the combined files twice): the export is recounted; the compile stages' du is dropped
+            export_dir = Path(res["work"]) / "ws" / "onnx"
+            st["export"].update(du_gb=round(du_bytes(export_dir, exclude=Path(res["checkpoint"])) / GB, 3),
+                                du_fixed=True)
             for name in ("compile_w4bf16", "compile_bf16"):
-                if name in st and not st[name].get("du_links_excluded"):
-                    st[name].update(du_gb=round(st[name]["du_gb"] - links, 3), du_links_excluded=True)
-            if "export" in (res.get("w4bf16") or {}):
-                for key, (stage, _) in BUILDS.items():
-                    if res.get(key):
-                        res[key]["export"]["du_gb"] = st["export"]["du_gb"]
-                        res[key]["compile"]["du_gb"] = st[stage]["du_gb"]
+                if name in st:
+                    st[name].update(du_gb=None, du_fixed=True)
+            for key, (stage, _) in BUILDS.items():
+                if res.get(key):
+                    res[key]["export"]["du_gb"] = st["export"]["du_gb"]
+                    res[key]["compile"]["du_gb"] = None
         implied_tflops(res)
         res["reference_form_step_s"] = reference_form_step_s(res)
         write_results(rp, res)
         render_benchmarks_md(res)
         return 0
+    if a.work is None:
+        ap.error("--work is required (except with --render)")
     builds = [b.strip() for b in a.builds.split(",") if b.strip()]
     estimate_only = {b.strip() for b in a.estimate_only.split(",") if b.strip()}
     if not builds or any(b not in BUILDS for b in builds):
@@ -410,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--tiny-vae", str(tiny_vae)]
         print(f"export: {' '.join(cmd[3:])}", flush=True)
         m = run_measured(cmd, log, work, free0)
-        m["du_gb"] = round(du_bytes(export_dir) / GB, 3)
+        m["du_gb"] = round(du_bytes(export_dir, exclude=ckpt) / GB, 3)
         m["complete"] = m["returncode"] == 0 and export_complete(export_dir, size)
         st["export"] = combine_attempts(st.get("export") if not st.get("export", {}).get("complete") else None, m)
         save()
@@ -434,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--estimate-only"]
         print(f"{stage}: {' '.join(cmd[3:])}", flush=True)
         m = run_measured(cmd, log, work, free0)
-        m["du_gb"] = round(du_bytes(ws, build_dir) / GB, 3)
+        m["du_gb"] = round(du_bytes(ws, build_dir, exclude=ckpt) / GB, 3)
         m["complete"] = m["returncode"] == 0 and compile_complete(out)
         if m["complete"]:
             report = json.loads(report_path(out).read_text())
@@ -511,34 +520,40 @@ _FLOPS = re.compile(r"flops:\s*(\d+),\s*runtime:\s*([0-9.]+)\s*ms")
 
 
 def implied_tflops(res: dict) -> None:
-    """Per build and piece kind, the highest TFLOPS a piece's estimate implies (the compiler's own
-    FLOP count over its own time, last line of compiler_profile_0.txt). Above the chip's 16 the
-    estimate is wrong and is flagged, not reported as a speed."""
+    """Per build and piece kind, the highest TFLOPS a piece's estimate implies: the compiler's own
+    FLOP count (last line of compiler_profile_0.txt; the same graph has the same count in every
+    build, so a piece whose folder is gone takes it from the other build) over the piece's
+    estimate in that build. Above the chip's 16 the estimate is wrong and is flagged."""
+    reports, flops = {}, {}
     for key in BUILDS:
-        b = res.get(key)
-        if not b:
-            continue
         try:
-            report = json.loads(report_path(Path(res["work"]) / "ws" / f"BM1684X_{key}").read_text())
+            reports[key] = json.loads(report_path(Path(res["work"]) / "ws" / f"BM1684X_{key}").read_text())
         except (OSError, ValueError, KeyError):
             continue
-        kinds: dict[str, dict] = {}
-        for name, p in report.get("pieces", {}).items():
+        for name, p in reports[key].get("pieces", {}).items():
             prof = Path(p.get("build_dir", "")) / "work" / "compiler_profile_0.txt"
             try:
                 hit = _FLOPS.findall(prof.read_text(errors="replace"))
             except OSError:
                 continue
-            if not hit or float(hit[-1][1]) <= 0:
+            if hit:
+                flops[name] = int(hit[-1][0])
+    for key, report in reports.items():
+        if not res.get(key):
+            continue
+        kinds: dict[str, dict] = {}
+        for name, p in report.get("pieces", {}).items():
+            ms = p.get("estimate_ms")
+            if name not in flops or not ms:
                 continue
-            tf = int(hit[-1][0]) / (float(hit[-1][1]) * 1e-3) / 1e12
+            tf = flops[name] / (float(ms) * 1e-3) / 1e12
             k = kinds.setdefault(piece_kind(name), {"max_tflops": 0.0, "piece": None, "gflop": 0.0})
-            k["gflop"] = round(k["gflop"] + int(hit[-1][0]) / 1e9, 3)
+            k["gflop"] = round(k["gflop"] + flops[name] / 1e9, 3)
             if tf > k["max_tflops"]:
                 k.update(max_tflops=round(tf, 3), piece=name)
         for k in kinds.values():
             k["above_chip_peak"] = k["max_tflops"] > CHIP_TFLOPS
-        b["implied_tflops"] = kinds
+        res[key]["implied_tflops"] = kinds
 
 
 def render_benchmarks_md(res: dict, path: Path = BENCHMARKS) -> None:
@@ -558,13 +573,14 @@ def render_benchmarks_md(res: dict, path: Path = BENCHMARKS) -> None:
          "Peak RSS is the whole process tree's (fluxc and every TPU-MLIR tool it runs, sampled every 0.5 s); "
          "peak disk is the largest drop of free space on the work disk since the export started (the "
          "checkpoint itself not counted).", ""]
-    L += ["| stage | attempts | wall | peak RSS | peak disk | on disk at the end (hard links to the checkpoint not counted) |", "|---|---|---|---|---|---|"]
+    L += ["| stage | complete | attempts | wall (all attempts) | peak RSS | peak disk |", "|---|---|---|---|---|---|"]
     for name in ("checkpoint", "export", "compile_w4bf16", "compile_bf16"):
         if name in st:
             x = st[name]
-            L.append(f"| {name}{' (--estimate-only)' if x.get('estimate_only') else ''} | {x.get('attempts', 1)} | "
+            L.append(f"| {name}{' (--estimate-only)' if x.get('estimate_only') else ''} | "
+                     f"{'yes' if x.get('complete') else 'no (exit ' + str(x.get('returncode')) + ')'} | {x.get('attempts', 1)} | "
                      f"{_f(x.get('wall_s'), '{:.0f} s')} | {_f(x.get('peak_rss_gb'), '{:.2f} GB')} | "
-                     f"{_f(x.get('peak_disk_gb'), '{:.2f} GB')} | {_f(x.get('du_gb'), '{:.2f} GB')} |")
+                     f"{_f(x.get('peak_disk_gb'), '{:.2f} GB')} |")
     L.append("")
     w = res.get("w4bf16")
     if w:
@@ -625,7 +641,10 @@ def render_benchmarks_md(res: dict, path: Path = BENCHMARKS) -> None:
             L += [f"Checked, {key}: {b.get('checked')}", "", "| probe piece | quantize | similarity | tolerance |",
                   "|---|---|---|---|"]
             for n, v in pc.items():
-                L.append(f"| {n} | {v.get('quantize')} | {v.get('similarity')} | {v.get('tolerance')} |")
+                sim = v.get("similarity") or {}
+                fig = "; ".join(f"{k} cos {x['cosine']:.5f}" for k, x in sim.items() if isinstance(x, dict)
+                                and "cosine" in x)
+                L.append(f"| {n} | {v.get('quantize')} | {fig or sim} | {v.get('tolerance')} |")
             L.append("")
     rf = st.get("reference_forms") or {}
     if rf:

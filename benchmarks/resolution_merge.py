@@ -1,13 +1,14 @@
 """Several resolutions, one set of weights? model_tool --combine of one net at two shapes vs --dynamic.
 
 Groundwork for issue 11 part 2 (several resolutions in one build). On the tiny schnell model
-(1 double + 1 single block), exports the pieces at two resolutions (64x64 and 64x128, one of
-them non-square), compiles the single block at each resolution (model_transform +
-model_deploy W4BF16, bm1684x, same net name), then:
-  - merge: `model_tool --combine a.bmodel b.bmodel` (same net name, different input shapes:
-    TPU-MLIR makes them two stages of one net) -> weight / device memory of the merged file
-    against each single file;
-  - dynamic: the larger shape compiled once with `model_deploy --dynamic`;
+(1 double + 1 single block), exports the pieces at three resolutions (WIDTHxHEIGHT 64x64,
+128x64, 128x128; one of them non-square), compiles the single block at each resolution
+(model_transform + model_deploy W4BF16, bm1684x, same net name), then:
+  - merge: `model_tool --combine` of the first two and of all three (same net name, different
+    input shapes: TPU-MLIR makes them stages of one net) -> weight / device memory of the merged
+    file against each single file, and whether the weight part is stored once;
+  - dynamic: the largest shape compiled once with `model_deploy --dynamic` (one net for every
+    size up to it);
 and records each file's `model_tool --info` memory (weight, instruct, runtime, device) and the
 compiler's estimate (compiler_profile_0.txt).
 
@@ -25,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "resolution_merge.json"
-SIZES = ((64, 64), (64, 128))  # (height, width)
+SIZES = ((64, 64), (64, 128), (128, 128))  # (height, width)
 PIECE = "schnell_single_trans_block_0"
 
 
@@ -64,8 +65,9 @@ def main() -> None:
             for mode, extra in modes:
                 wd = work / f"{mode}_{h}x{w}"
                 wd.mkdir(exist_ok=True)
-                shutil.copy(exp / f"{PIECE}.onnx", wd / "b.onnx")
-                run_tool("model_transform", ["--model_name", PIECE, "--model_def", "b.onnx", "--input_shapes", shapes,
+                # in place: the piece's weights are external data next to it (onnx/weights/)
+                run_tool("model_transform", ["--model_name", PIECE, "--model_def", str((exp / spec.file).resolve()),
+                                             "--input_shapes", shapes,
                                              "--mlir", "b.mlir"], cwd=wd, log=wd / "transform.log")
                 run_tool("model_deploy", ["--mlir", "b.mlir", "--quantize", "W4BF16", "--q_group_size", "64",
                                           "--chip", "bm1684x", *extra, "--model", "b.bmodel"],
@@ -78,15 +80,16 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
                 if mode == "static":
                     bmodels.append(wd / "b.bmodel")
-        md = work / "merged"
-        md.mkdir(exist_ok=True)
-        run_tool("model_tool", ["--combine", *[str(b) for b in bmodels], "-o", "merged.bmodel"], cwd=md,
-                 log=md / "combine.log")
-        r = info(md / "merged.bmodel", md)
-        r.update(size=" + ".join(f"{w}x{h}" for h, w in SIZES), mode="merged (model_tool --combine)",
-                 file_bytes=(md / "merged.bmodel").stat().st_size)
-        rows["merged"] = r
-        print(json.dumps(r), flush=True)
+        for k in (2, 3):
+            md = work / f"merged{k}"
+            md.mkdir(exist_ok=True)
+            run_tool("model_tool", ["--combine", *[str(b) for b in bmodels[:k]], "-o", "merged.bmodel"], cwd=md,
+                     log=md / "combine.log")
+            r = info(md / "merged.bmodel", md)
+            r.update(size=" + ".join(f"{w}x{h}" for h, w in SIZES[:k]), mode="merged (model_tool --combine)",
+                     file_bytes=(md / "merged.bmodel").stat().st_size)
+            rows[f"merged {k}"] = r
+            print(json.dumps(r), flush=True)
     finally:
         if a.keep is None:
             shutil.rmtree(work, ignore_errors=True)

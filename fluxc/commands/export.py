@@ -14,8 +14,12 @@ def export(
     models: Optional[Path] = typer.Option(None, "--models", help="Workspace folder (default: $FLUXC_MODELS or ./models)"),
     flux_type: Optional[str] = typer.Option(
         None, "--flux-type", help="dev or schnell (default: from transformer/config.json, or schnell for the Hub default)"),
-    height: int = typer.Option(1024, "--height", help="Image height (multiple of 16)"),
-    width: int = typer.Option(1024, "--width", help="Image width (multiple of 16)"),
+    height: Optional[int] = typer.Option(None, "--height", help="Image height (multiple of 16, at most 2048; default 1024)"),
+    width: Optional[int] = typer.Option(None, "--width", help="Image width (multiple of 16, at most 2048; default 1024)"),
+    resolution: Optional[list[str]] = typer.Option(
+        None, "--resolution", help="WIDTHxHEIGHT (e.g. 1344x768: landscape), repeatable: one build holding several "
+        "image sizes; the size-dependent pieces (transformer, VAE decoder, rotary table) are exported per size, the "
+        "text encoders once; the first is the default of `fluxc run`. Not with --height/--width"),
     t5_seq_len: int = typer.Option(512, "--t5-seq-len", help="T5 prompt length in tokens"),
     tiny_vae: Optional[str] = typer.Option(
         None, "--tiny-vae", help="Export an AutoencoderTiny decoder (taef1) from this folder or Hub id instead of the VAE"),
@@ -34,16 +38,34 @@ def export(
     Example: fluxc export ./FLUX.1-schnell --height 512 --width 512 --tiny-vae madebyollin/taef1
 
     Example with LoRAs: fluxc export ./FLUX.1-dev --lora style.safetensors:0.8 --lora detail.safetensors
+
+    Example with two sizes: fluxc export ./FLUX.1-schnell --resolution 1024x1024 --resolution 1344x768
     """
     from fluxc.export.driver import ExportOptions, run_export
     from fluxc.export.lora import parse_lora_arg
 
-    loras = [parse_lora_arg(x) for x in lora or []]  # a bad scale fails before any weight is read
+    from fluxc.errors import FluxcError
+    from fluxc.export.dims import parse_resolution
 
-    res = run_export(ExportOptions(model=model, out=out, models=models, flux_type=flux_type, height=height,
-                                   width=width, t5_len=t5_seq_len, tiny_vae=tiny_vae, force=force, probe=probe,
+    loras = [parse_lora_arg(x) for x in lora or []]  # a bad scale fails before any weight is read
+    sizes = None
+    if resolution:
+        if height is not None or width is not None:
+            raise FluxcError("give the image sizes either as --resolution WIDTHxHEIGHT (repeatable) or as "
+                             "--height/--width, not both")
+        sizes = []
+        for r in resolution:
+            hw = parse_resolution(r)
+            if hw not in sizes:
+                sizes.append(hw)
+        height, width = sizes[0]
+
+    res = run_export(ExportOptions(model=model, out=out, models=models, flux_type=flux_type,
+                                   height=height or 1024, width=width or 1024, resolutions=sizes, t5_len=t5_seq_len, tiny_vae=tiny_vae, force=force, probe=probe,
                                    loras=loras))
     probes = f", {res.probes} probe piece(s) in probe/" if res.probes else ""
+    if res.sizes and len(res.sizes) > 1:
+        probes += f"; sizes (width x height) {', '.join(res.sizes)}"
     typer.echo(f"exported {len(res.exported)} piece(s) ({len(res.traced)} traced, the others rebound), "
                f"reused {len(res.reused)} unchanged{probes}, "
                f"in {res.seconds:.1f} s -> {res.export_dir}")

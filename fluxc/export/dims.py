@@ -1,6 +1,7 @@
 """FluxDims from a checkpoint's configs and the export options (no size is written here)."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fluxc.errors import FluxcError
@@ -16,11 +17,39 @@ def check_t5_len(t5_len: int) -> None:
                          f"{MAX_T5_LEN} tokens); use 512 for dev or 256 for schnell")
 
 
+# Largest image side an export accepts (issue 11: FLUX.1 is trained up to 2 megapixels).
+MAX_SIDE = 2048
+
+
 def check_resolution(height: int, width: int, multiple: int = 16) -> None:
     for name, v in (("height", height), ("width", width)):
         if v <= 0 or v % multiple:
             raise FluxcError(f"--{name} {v} is not a positive multiple of {multiple}; "
                              f"pick e.g. {max(multiple, (v // multiple) * multiple)}")
+        if v > MAX_SIDE:
+            raise FluxcError(f"--{name} {v} is above {MAX_SIDE}, the largest image side fluxc exports")
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """`--resolution WIDTHxHEIGHT` (width first, as image sizes are usually written: 1344x768 is
+    landscape) -> (height, width). One-line FluxcError for anything else."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", text or "")
+    if not m:
+        raise FluxcError(f"--resolution {text!r}: give WIDTHxHEIGHT, e.g. 1024x1024 or 1344x768")
+    width, height = int(m.group(1)), int(m.group(2))
+    for name, v in (("width", width), ("height", height)):
+        if v <= 0 or v % 16:
+            raise FluxcError(f"--resolution {text}: {name} {v} is not a positive multiple of 16; "
+                             f"pick e.g. {max(16, (v // 16) * 16)}")
+        if v > MAX_SIDE:
+            raise FluxcError(f"--resolution {text}: {name} {v} is above {MAX_SIDE}, the largest image side "
+                             f"fluxc exports")
+    return height, width
+
+
+def size_label(height: int, width: int) -> str:
+    """The one way sizes are written to users and folder names: WIDTHxHEIGHT."""
+    return f"{width}x{height}"
 
 
 def vae_scale(vae_cfg: dict[str, Any]) -> int:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from fluxc.errors import FluxcError
 from fluxc.export import manifest as mf
-from fluxc.export.dims import build_dims, check_resolution
+from fluxc.export.dims import build_dims, check_resolution, size_label
 from fluxc.export.source import (HUB_IDS, Source, WeightStore, check_flux_folder, detect_flux_type, model_revision,
                                  read_json, resolve)
 from fluxc.fsutil import atomic_path, sha256_file, sha256_json, write_json_atomic
@@ -47,6 +47,17 @@ class ExportOptions:
     force: bool = False
     probe: bool | None = None  # also export probe pieces (None: when the image is above PROBE_AUTO_TOKENS)
     loras: list = field(default_factory=list)  # --lora FILE[:SCALE] strings or LoraArg (fluxc.export.lora)
+    # --resolution: (height, width) per image size of the build, the first one = (height, width);
+    # None: the one size (height, width)
+    resolutions: list[tuple[int, int]] | None = None
+
+    def sizes(self) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = [(self.height, self.width)]
+        for hw in self.resolutions or []:
+            hw = (int(hw[0]), int(hw[1]))
+            if hw not in out:
+                out.append(hw)
+        return out
 
 
 @dataclass
@@ -58,6 +69,7 @@ class ExportResult:
     piece_seconds: dict[str, float] = field(default_factory=dict)
     traced: list[str] = field(default_factory=list)  # exported through torch (the others were rebound)
     probes: int = 0  # probe pieces in probe/ (exported or unchanged)
+    sizes: list[str] = field(default_factory=list)  # WIDTHxHEIGHT of every image size of the export
 
 
 def library_versions() -> dict[str, str]:
@@ -190,7 +202,10 @@ def unpatch(module) -> None:
 def resolve_inputs(opts: ExportOptions) -> tuple[Checkpoint, str, FluxDims, Path]:
     if opts.flux_type is not None and opts.flux_type not in FLUX_TYPES:
         raise FluxcError(f"--flux-type {opts.flux_type!r} is unknown; use dev or schnell")
-    check_resolution(opts.height, opts.width)
+    if opts.resolutions and (int(opts.resolutions[0][0]), int(opts.resolutions[0][1])) != (opts.height, opts.width):
+        raise ValueError("ExportOptions: resolutions[0] must be (height, width)")
+    for h, w in opts.sizes():
+        check_resolution(h, w)
     model = opts.model or HUB_IDS[opts.flux_type or "schnell"]
     source = resolve(model, what="model")
     tiny = resolve(opts.tiny_vae, what="tiny VAE", patterns=TINY_VAE_PATTERNS) if opts.tiny_vae else None
@@ -344,6 +359,8 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
                "tiny_vae": opts.tiny_vae, "probe": opts.probe}
     if lora_records:
         options["lora"] = lora_records
+    if len(opts.sizes()) > 1:
+        options["resolutions"] = [size_label(h, w) for h, w in opts.sizes()]
     if old is not None and (todo or old.get("complete") is not True) and (out / mf.MANIFEST).exists():
         # From here on the folder may change: never leave a manifest a later run would trust.
         write_json_atomic(out / mf.MANIFEST, {**old, "complete": False})
@@ -356,7 +373,9 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
     clean_stale_temps(out)
     templates: dict[str, tuple[PieceSpec, dict[str, str]]] = {}  # repeated kind -> first block exported
 
-    with _progress(show_progress, len(plan) + (len(probe_specs(dims)[1]) if _want_probe(opts, dims) else 0)) as advance:
+    extra = [(h, w, _size_specs(dims, h, w, specs)) for h, w in opts.sizes()[1:]]
+    total = len(plan) + sum(len(x[2]) for x in extra) + (len(probe_specs(dims)[1]) if _want_probe(opts, dims) else 0)
+    with _progress(show_progress, total) as advance:
         for spec, key, prefixes in plan:
             comp = component_of(spec, dims)
             if spec.name not in todo:
@@ -382,6 +401,8 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
 
         probe = _export_probes(opts, ckpt, dims, out, old, code, versions, advance)
         result.probes = len(probe["pieces"]) if probe else 0
+        sizes = _export_sizes(opts, ckpt, dims, extra, out, old, code, versions, advance, on_piece, result)
+    result.sizes = [size_label(h, w) for h, w in opts.sizes()]
 
     files = _sync_side_files(ckpt, dims, out)
     # Pieces of an earlier export that are not part of this one.
@@ -399,6 +420,8 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
                 "versions": versions, "dims": dims.to_dict(), "files": files, "pieces": entries}
     if probe is not None:
         manifest["probe"] = probe
+    if sizes is not None:
+        manifest["resolutions"] = sizes
     if mf.read_manifest_json(out) != manifest:
         write_json_atomic(out / mf.MANIFEST, manifest)
     result.seconds = time.time() - t0
@@ -532,6 +555,95 @@ def _piece_key(spec: PieceSpec, comp: str, prefixes: list[str], ckpt: Checkpoint
     keys = checkpoint_keys(ckpt.model(comp), prefixes, ckpt.stores[comp], comp)
     return sha256_json({"spec": spec.to_dict(), "config": ckpt.configs[comp],
                         "weights": ckpt.stores[comp].fingerprint(keys), "code": code, "versions": versions})
+
+
+# ---------------------------------------------------------------------------------------------
+# Several image sizes in one export (issue 11): the first size is the export as ever (every piece
+# at the top of the folder); each further size gets res/<WIDTHxHEIGHT>/ holding only the pieces
+# whose spec differs at that size (transformer head, blocks and tail, VAE decoder: decided by
+# comparing the specs, so no shape is written here) and its rotary table. The text encoders and
+# any piece whose spec does not change are the top-level ones. The pieces reference the same
+# checkpoint tensors (hard links), so a size adds graphs, not weights.
+
+SIZES_DIR = "res"
+
+
+def size_dir(height: int, width: int) -> str:
+    return f"{SIZES_DIR}/{size_label(height, width)}"
+
+
+def _size_specs(dims: FluxDims, height: int, width: int, base: list[PieceSpec]) -> list[PieceSpec]:
+    """The pieces of the export at (height, width) whose spec differs from the first size's."""
+    import dataclasses
+
+    d = dataclasses.replace(dims, height=height, width=width)
+    first = {s.name: s for s in base}
+    return [s for s in piece_specs(d) if first.get(s.name) != s]
+
+
+def _export_sizes(opts: ExportOptions, ckpt: Checkpoint, dims: FluxDims, extra: list, out: Path, old: dict | None,
+                  code: str, versions, advance, on_piece, result: ExportResult) -> list[dict[str, Any]] | None:
+    """Export every further size into res/<WxH>/; the manifest's "resolutions" list (None for a
+    one-size export). Folders of sizes no longer asked for are removed."""
+    import dataclasses
+
+    from fluxc.export.weights import prune_unused
+
+    root = out / SIZES_DIR
+    want = {size_label(h, w) for h, w, _ in extra}
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name not in want:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if not extra:
+        if root.is_dir():
+            shutil.rmtree(root)
+        return None
+    old_sizes = {} if (old is None or opts.force) else {
+        r.get("size"): r for r in old.get("resolutions") or [] if isinstance(r, dict)}
+    rows: list[dict[str, Any]] = [{"size": size_label(dims.height, dims.width), "height": dims.height,
+                                   "width": dims.width, "dir": "", "pieces": []}]
+    for h, w, specs in extra:
+        d = dataclasses.replace(dims, height=h, width=w)
+        sdir = size_dir(h, w)
+        sout = out / sdir
+        sout.mkdir(parents=True, exist_ok=True)
+        old_e = {e.get("name"): e for e in (old_sizes.get(size_label(h, w)) or {}).get("pieces", [])}
+        templates: dict[str, tuple[PieceSpec, dict[str, str]]] = {}  # this size's own first block per kind
+        entries = []
+        for spec in specs:
+            comp = component_of(spec, d)
+            prefixes = piece_prefixes(spec, d, ckpt)
+            key = _piece_key(spec, comp, prefixes, ckpt, code, versions)
+            tag = f"{spec.name} @{size_label(h, w)}"
+            if _entry_ok(sout, old_e.get(spec.name), key):
+                e = {**old_e[spec.name], **spec.to_dict()}
+                entries.append(e)
+                _remember_template(spec, e, templates)
+                result.reused.append(tag)
+                advance(f"{tag} (unchanged)")
+                continue
+            tp = time.time()
+            advance(tag, start=True)
+            e = _rebind(spec, d, ckpt, sout, templates, on_piece)
+            if e is None:
+                e = _export_one(spec, d, ckpt, sout, prefixes, on_piece)
+                result.traced.append(tag)
+            e.update({**spec.to_dict(), "key": key})
+            _remember_template(spec, e, templates)
+            entries.append(e)
+            result.exported.append(tag)
+            result.piece_seconds[tag] = time.time() - tp
+            advance(f"{tag} exported", done=True)
+        _write_bytes_if_changed(sout / "rotary_emb.npy", _rotary_bytes(d, ckpt.configs["transformer"]))
+        keep = {e["file"] for e in entries} | {e["external_data"] for e in entries if e.get("external_data")}
+        for p in sout.glob("*.onnx*"):
+            if p.name not in keep:
+                p.unlink()
+        prune_unused(sout, {loc for e in entries for loc in e.get("weight_files", [])})
+        rows.append({"size": size_label(h, w), "height": h, "width": w, "dir": sdir, "rotary_emb": "rotary_emb.npy",
+                     "pieces": entries})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------

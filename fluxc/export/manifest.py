@@ -7,7 +7,14 @@ Layout (format 1):
      "options": {...}, "versions": {"torch": ..., ...},
      "dims": FluxDims.to_dict(),
      "pieces": [PieceSpec.to_dict() + {"file", "sha256", "key", ["external_data", "external_sha256"]}],
-     "files": {"rotary_emb": "rotary_emb.npy", "tokenizer": "tokenizer", ...}}
+     "files": {"rotary_emb": "rotary_emb.npy", "tokenizer": "tokenizer", ...},
+     ["resolutions": [{"size": "WxH", "height", "width", "dir": "" (the first: the top-level pieces),
+                       "pieces": []},
+                      {"size": "WxH", "height", "width", "dir": "res/WxH", "rotary_emb": "rotary_emb.npy",
+                       "pieces": [entries as above, files relative to dir: only the pieces whose
+                                  spec differs from the first size's]}, ...]]}
+A one-size export has no "resolutions" key. `Manifest.at(height, width)` is the export seen at
+one of its sizes (dims, specs, piece files, rotary table), what run and compile use per size.
 """
 from __future__ import annotations
 
@@ -34,6 +41,46 @@ class Manifest:
     entries: dict[str, dict[str, Any]]  # piece name -> raw manifest entry (file, sha256, ...)
     files: dict[str, str] = field(default_factory=dict)
     probe: dict[str, Any] | None = None  # {"dims", "pieces"}: small-shape pieces in probe/
+    resolutions: list[dict[str, Any]] | None = None  # several image sizes (see module doc)
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every image size of the export, the first (default) one first."""
+        if not self.resolutions:
+            return [(self.dims.height, self.dims.width)]
+        return [(int(r["height"]), int(r["width"])) for r in self.resolutions]
+
+    @property
+    def size_labels(self) -> list[str]:
+        return [f"{w}x{h}" for h, w in self.sizes]
+
+    def at(self, height: int, width: int) -> "Manifest":
+        """The export at one of its sizes: its dims, the specs and files of every piece at that size
+        (the size's own pieces, the shared ones from the top level) and its rotary table."""
+        import dataclasses
+
+        if (height, width) == (self.dims.height, self.dims.width):
+            return self
+        if (height, width) not in self.sizes:
+            raise FluxcError(f"the export in {self.export_dir} has no {width}x{height} (width x height); "
+                             f"it holds {', '.join(self.size_labels)}")
+        row = next(r for r in self.resolutions if (int(r["height"]), int(r["width"])) == (height, width))
+        own = {e["name"]: e for e in row.get("pieces", [])}
+        d = row["dir"]
+        entries, specs = {}, []
+        for s in self.specs:
+            if s.name in own:
+                e = dict(own[s.name])
+                e["file"] = f"{d}/{e['file']}"
+                entries[s.name] = e
+                specs.append(PieceSpec.from_dict(e))
+            else:
+                entries[s.name] = self.entries[s.name]
+                specs.append(s)
+        files = dict(self.files)
+        files["rotary_emb"] = f"{d}/{row.get('rotary_emb', 'rotary_emb.npy')}"
+        return Manifest(self.export_dir, dataclasses.replace(self.dims, height=height, width=width), specs,
+                        self.source, self.options, self.versions, entries, files, None, self.resolutions)
 
     def path(self, piece: str) -> Path:
         """ONNX file of one piece."""
@@ -108,8 +155,13 @@ def load_manifest(export_dir: Path) -> Manifest:
     except (KeyError, TypeError, ValueError) as e:
         raise FluxcError(f"{p} is malformed ({e}); re-run `fluxc export --force`") from None
     m = Manifest(export_dir, dims, specs, raw.get("source", {}), raw.get("options", {}),
-                 raw.get("versions", {}), entries, raw.get("files", {}), raw.get("probe"))
-    missing = [s.name for s in specs if not m.path(s.name).is_file()]
+                 raw.get("versions", {}), entries, raw.get("files", {}), raw.get("probe"), raw.get("resolutions"))
+    try:
+        views = [m.at(h, w) for h, w in m.sizes]
+    except (KeyError, TypeError, ValueError) as e:
+        raise FluxcError(f"{p} is malformed (resolutions: {e}); re-run `fluxc export --force`") from None
+    missing = [f"{s.name} ({v.dims.width}x{v.dims.height})" if v is not m else s.name
+               for v in views for s in v.specs if not v.path(s.name).is_file()]
     if missing:
         raise FluxcError(f"the export in {export_dir} lacks {', '.join(missing[:3])}"
                          f"{' ...' if len(missing) > 3 else ''}; re-run `fluxc export`")

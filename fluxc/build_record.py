@@ -17,6 +17,9 @@ Schema (format 1; docs/DESIGN.md "Build record"):
      "pieces": [{"spec": PieceSpec.to_dict(), "file": "clip.bmodel", "net": "clip_head",
                  "quantize": "F16", "options": {...}, "tolerance": [cos, euclid], "checked": bool,
                  "similarity": {...} | null, "device": 0, "memory": {...}}],
+     ["resolutions": [{"size": "WxH", "height", "width", "pieces": [rows as "pieces", for the pieces
+                       whose spec differs at that size: stages of the same nets in the same files]}],
+                       the first size being the one "pieces" describes; absent in a one-size build]
      "record_sha256": sha256 of the record without this key (json, sorted keys): a hand edit shows}
 
 Devices are logical indices 0..N-1 of the build; the runtime maps them onto chip ids.
@@ -49,7 +52,7 @@ def placement(family: str, index: int, n_devices: int) -> int:
 
 
 def write_record(out_dir: Path, *, exp, recipe, chip: str, toolchain: str, quantize: str, check: bool,
-                 combined: list, results: dict, split_info: dict | None) -> Path:
+                 combined: list, results: dict, split_info: dict | None, extra_results: dict | None = None) -> Path:
     """Write OUT/fluxc_build.json (last step of fluxc compile).
 
     exp: fluxc.compile.export_in.ExportIn; recipe: Recipe; combined: CombinedResult list (in
@@ -60,26 +63,34 @@ def write_record(out_dir: Path, *, exp, recipe, chip: str, toolchain: str, quant
     files: list[dict[str, Any]] = []
     piece_rows: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
+    where: dict[str, tuple[str, int]] = {}
     for c in combined:
         fam = spec_of[c.data["pieces"][0]].family
         idx = seen.get(fam, 0)
         seen[fam] = idx + 1
         dev = placement(fam, idx, n_dev)
         path = out_dir / c.name
-        nets = [spec_of[n].net_name for n in c.data["pieces"]]
+        # a net at several image sizes appears once (its stages are listed under "resolutions")
+        unique = list(dict.fromkeys(c.data["pieces"]))
+        nets = [spec_of[n].net_name for n in unique]
         files.append({"file": c.name, "family": fam, "device": dev, "sha256": sha256_file(path),
                       "size": path.stat().st_size, "nets": nets, "memory": c.data["memory"]})
-        for n in c.data["pieces"]:
-            r = results[n]
-            piece_rows.append({"spec": spec_of[n].to_dict(), "file": c.name, "net": spec_of[n].net_name,
-                               "quantize": r.data["quantize"], "options": r.data["options"],
-                               # the recipe's threshold for this quantisation (a cached result may
-                               # have been checked against a stricter one: checked_tolerance)
-                               "tolerance": list(recipe.thresholds[r.data["quantize"]]),
-                               "checked_tolerance": r.data["tolerance"], "checked": r.data["checked"],
-                               "similarity": r.data["similarity"], "device": dev, "memory": r.data["memory"]})
+        for n in unique:
+            where[n] = (c.name, dev)
+            piece_rows.append(_row(spec_of[n], results[n], c.name, dev, recipe))
     order = {p.spec.name: i for i, p in enumerate(exp.pieces)}
     piece_rows.sort(key=lambda row: order[row["spec"]["name"]])
+    sizes = None
+    if len(getattr(exp, "sizes", [])) > 1:
+        sizes = []
+        extra = {id(p) for _, p in exp.extra}
+        for z in exp.sizes:
+            rows = []
+            for p in z.pieces:
+                if id(p) in extra:
+                    f, dev = where[p.spec.name]
+                    rows.append(_row(p.spec, extra_results[f"{p.spec.name} @{z.label}"], f, dev, recipe))
+            sizes.append({"size": z.label, "height": z.height, "width": z.width, "pieces": rows})
     rsrc = Path(recipe.source)
     record = {
         "format": FORMAT, "complete": True, "chip": chip, "toolchain": toolchain,
@@ -90,10 +101,22 @@ def write_record(out_dir: Path, *, exp, recipe, chip: str, toolchain: str, quant
         "export": {"dir": str(exp.folder), "manifest_sha256": sha256_file(Path(exp.folder) / "manifest.json")},
         "files": files, "pieces": piece_rows,
     }
+    if sizes is not None:
+        record["resolutions"] = sizes
     record["record_sha256"] = sha256_json(record)  # written last; a hand edit breaks it
     dest = out_dir / RECORD
     write_json_atomic(dest, record)
     return dest
+
+
+def _row(spec, r, file: str, dev: int, recipe) -> dict[str, Any]:
+    return {"spec": spec.to_dict(), "file": file, "net": spec.net_name,
+            "quantize": r.data["quantize"], "options": r.data["options"],
+            # the recipe's threshold for this quantisation (a cached result may
+            # have been checked against a stricter one: checked_tolerance)
+            "tolerance": list(recipe.thresholds[r.data["quantize"]]),
+            "checked_tolerance": r.data["tolerance"], "checked": r.data["checked"],
+            "similarity": r.data["similarity"], "device": dev, "memory": r.data["memory"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +176,33 @@ class BuildRecord:
         return int(self.raw["devices"])
 
     @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every image size the build holds, the first (default) one first."""
+        rows = self.raw.get("resolutions")
+        if rows:
+            return [(int(r["height"]), int(r["width"])) for r in rows]
+        for p in self.pieces:  # one size: the VAE decoder's output is the image
+            if p.spec.family == "vae":
+                return [(int(p.spec.outputs[0].shape[2]), int(p.spec.outputs[0].shape[3]))]
+        return []
+
+    @property
+    def size_labels(self) -> list[str]:
+        return [f"{w}x{h}" for h, w in self.sizes]
+
+    def pieces_at(self, height: int, width: int) -> list["BuiltPiece"]:
+        """Every piece of the build at one of its sizes (the size's own stages, the shared ones)."""
+        if (height, width) not in self.sizes:
+            raise FluxcError(f"this build has no {width}x{height} (width x height); it holds "
+                             f"{', '.join(self.size_labels)}: run with one of those or export and compile that size")
+        rows = self.raw.get("resolutions") or []
+        own = {}
+        for r in rows:
+            if (int(r["height"]), int(r["width"])) == (height, width):
+                own = {b.spec.name: b for b in (_built(x) for x in r.get("pieces", []))}
+        return [own.get(p.spec.name, p) for p in self.pieces]
+
+    @property
     def recipe_thresholds(self) -> dict[str, list[float]]:
         return self.raw["recipe"]["thresholds"]
 
@@ -200,6 +250,12 @@ def _bad(path: Path, why: str) -> FluxcError:
     return FluxcError(f"{path} {why}; {RECOMPILE}")
 
 
+def _built(p: dict[str, Any]) -> BuiltPiece:
+    return BuiltPiece(PieceSpec.from_dict(p["spec"]), p["file"], p["net"], p["quantize"],
+                      dict(p.get("options") or {}), tuple(float(x) for x in p["tolerance"]),
+                      bool(p["checked"]), p.get("similarity"), int(p["device"]), dict(p.get("memory") or {}))
+
+
 def load_record(chip_dir: Path, check_files: bool = True) -> BuildRecord:
     """Read and validate CHIP_DIR/fluxc_build.json; with check_files, every file's size and
     sha256 too. One-line FluxcError on any problem."""
@@ -223,10 +279,12 @@ def load_record(chip_dir: Path, check_files: bool = True) -> BuildRecord:
     try:
         files = [BuiltFile(chip_dir / f["file"], f["family"], int(f["device"]), str(f["sha256"]), int(f["size"]),
                            tuple(f["nets"]), dict(f.get("memory") or {})) for f in raw["files"]]
-        pieces = [BuiltPiece(PieceSpec.from_dict(p["spec"]), p["file"], p["net"], p["quantize"],
-                             dict(p.get("options") or {}), tuple(float(x) for x in p["tolerance"]),
-                             bool(p["checked"]), p.get("similarity"), int(p["device"]), dict(p.get("memory") or {}))
-                  for p in raw["pieces"]]
+        pieces = [_built(p) for p in raw["pieces"]]
+        for r in raw.get("resolutions") or []:
+            int(r["height"]), int(r["width"])
+            pieces_extra = [_built(p) for p in r.get("pieces", [])]
+            if any(p.file not in {f.path.name for f in files} for p in pieces_extra):
+                raise KeyError("resolutions: a piece in a file the record does not list")
         for k in ("flux_type", "quantize", "tiny_vae", "devices", "chip", "toolchain"):
             raw[k]
         raw["recipe"]["thresholds"]

@@ -226,20 +226,35 @@ class Worker:
     def run(self, key: str, name: str, names: list[str], arrays: list) -> tuple[list, list]:
         net = self._net(key, name)
         given = dict(zip(names, arrays))
+        shapes, other_stage = [], False
         for i, t in enumerate(net.inputs):
             x = given.get(t.name)
             if x is None:  # never by position: a renamed input must not be fed silently
                 raise ValueError(f"net {name}: input {t.name!r} not given (have {names})")
-            if int(x.size) != int(t.data.size):
+            if int(x.size) > int(t.data.size):
                 raise ValueError(f"net {name}: input {t.name!r} has {x.size} elements, "
                                  f"the bmodel expects shape {list(t.data.shape)}")
-            t.data.reshape(-1)[:] = _to_device(x, t.dtype).reshape(-1)
+            # A net with several stages (one per image size, model_tool --combine of the same
+            # net at several shapes) holds buffers of its largest stage; a smaller input picks
+            # the stage of its shape through forward_dynamic.
+            other_stage |= int(x.size) != int(t.data.size)
+            shapes.append([int(v) for v in x.shape])
+            t.data.reshape(-1)[:x.size] = _to_device(x, t.dtype).reshape(-1)
         import time
 
         t0 = time.perf_counter()
-        net.forward()
+        if other_stage:
+            out_shapes = net.forward_dynamic(shapes)
+        else:
+            net.forward()
+            out_shapes = None
         self.last_forward_s = time.perf_counter() - t0
         outs = [_from_device(t) for t in net.outputs]
+        if out_shapes is not None:
+            import numpy as np
+
+            outs = [np.ascontiguousarray(o.reshape(-1)[:int(np.prod(sh))].reshape(sh))
+                    for o, sh in zip(outs, out_shapes)]
         return [t.name for t in net.outputs], outs
 
     def run_dev(self, key: str, name: str, ins: list, outs: list) -> None:

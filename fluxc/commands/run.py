@@ -40,22 +40,44 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
         have = "the tiny VAE" if d.tiny_vae else "the full VAE"
         raise FluxcError(f"the export in {exp} was made with {have}; re-export with"
                          f"{'' if tiny_vae else 'out'} --tiny-vae or drop the option")
-    if (height and height != d.height) or (width and width != d.width):
-        raise FluxcError(f"the models are compiled for {d.width}x{d.height} (width x height); "
-                         f"re-export at {width or d.width}x{height or d.height} to change it")
     if backend in SAIL_BACKENDS:
+        if (height and height != d.height) or (width and width != d.width) or len(man.sizes) > 1:
+            raise FluxcError(f"the sail backends run one-size builds at their size for now (this export holds "
+                             f"{', '.join(man.size_labels)}, width x height); use --backend cmodel or onnx")
         return _open_sail(models, backend, man, quantize, devices, say)
     if backend == "onnx":
         if quantize:
             warnings.warn("--quantize is ignored by the onnx backend (it runs the float export)")
-        ms, q = open_onnx(man, progress=say), "F32"
+        h, w = pick_size(man.sizes, height, width, f"the export in {exp}")
+        view = man.at(h, w)
+        ms, q = open_onnx(view, progress=say), "F32"
     else:
         # What was built comes from the build record only (fluxc/build_record.py).
         rec = read_build(workspace.chip_dir(models, c.name), d, quantize)
         rec.check_export(exp)
+        h, w = pick_size(rec.sizes, height, width, "this build")
+        view = man.at(h, w)
+        want = {s.name: s for s in view.specs}
+        got = {p.spec.name: p.spec for p in rec.pieces_at(h, w)}
+        if want != got:
+            raise FluxcError(f"{rec.path} does not describe this export at {w}x{h}; run fluxc compile again")
         ms, q = open_bmodels(backend, rec.chip_dir, d, quantize, devices, progress=say, record=rec,
                              chip=c.runtime_name)
-    return FluxPipeline(ms, man), ms, q
+    return FluxPipeline(ms, view), ms, q
+
+
+def pick_size(sizes: list[tuple[int, int]], height: int | None, width: int | None, what: str) -> tuple[int, int]:
+    """The (height, width) of `sizes` that --height/--width ask for (the first size by default;
+    one of the two given: the first size with it). One-line error listing the sizes otherwise."""
+    if not height and not width:
+        return sizes[0]
+    for h, w in sizes:
+        if (not height or h == height) and (not width or w == width):
+            return h, w
+    ask = f"{width or '*'}x{height or '*'}"
+    raise FluxcError(f"{what} has no {ask} (width x height); it holds {', '.join(f'{w}x{h}' for h, w in sizes)}: "
+                     f"run with one of those (--width W --height H), or export and compile that size "
+                     f"(fluxc export --resolution {width or 1024}x{height or 1024})")
 
 
 # ---- sail backends (sophon.sail on the chip; sail-sim: its stand-in on the simulator) ----
@@ -128,8 +150,8 @@ def run(
     flux_type: Optional[str] = typer.Option(None, "--flux-type", help="dev or schnell (checked against the export)."),
     tiny_vae: Optional[bool] = typer.Option(None, "--tiny-vae/--full-vae", help="Check which VAE the export holds."),
     devices: Optional[str] = typer.Option(None, "--devices", help='Chip ids for the sail backend, e.g. "0,1,2" or "0 1 2".'),
-    height: Optional[int] = typer.Option(None, "--height", help="Must match the export (default: from the manifest)."),
-    width: Optional[int] = typer.Option(None, "--width", help="Must match the export (default: from the manifest)."),
+    height: Optional[int] = typer.Option(None, "--height", help="Image height: one of the build's sizes (default: its first)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Image width: one of the build's sizes (default: its first)."),
     out: Path = typer.Option(Path("result.png"), "--out", help="Output PNG (written atomically)."),
     chip: str = typer.Option("bm1684x", "--chip", help="bm1684x or bm1688: which models/<CHIP>/ folder and simulator."),
     save_latents: Optional[Path] = typer.Option(None, "--save-latents", help="Also save the final packed latents (.npy)."),

@@ -22,6 +22,26 @@ class ExportIn:
     dims: FluxDims
     pieces: list[ExportPiece]
     probes: list[ExportPiece] = field(default_factory=list)  # small-shape pieces the simulator checks
+    # Every image size of the export (issue 11), the first being `dims`/`pieces` themselves.
+    sizes: list["SizeIn"] = field(default_factory=list)
+
+    @property
+    def extra(self) -> list[tuple["SizeIn", ExportPiece]]:
+        """(size, piece) for the pieces of the further sizes that are not the first size's."""
+        first = {id(p) for p in self.pieces}
+        return [(z, p) for z in self.sizes[1:] for p in z.pieces if id(p) not in first]
+
+
+@dataclass
+class SizeIn:
+    height: int
+    width: int
+    dims: FluxDims
+    pieces: list[ExportPiece]  # every piece at this size (the shared ones are the first size's objects)
+
+    @property
+    def label(self) -> str:
+        return f"{self.width}x{self.height}"
 
 
 def read_export(folder: Path, flux_type: str | None, tiny_vae: bool | None) -> ExportIn:
@@ -57,7 +77,21 @@ def read_export(folder: Path, flux_type: str | None, tiny_vae: bool | None) -> E
     for p in pieces:
         if not p.path.is_file():
             raise FluxcError(f"export in {folder}: piece file {p.path.name} is missing; re-run `fluxc export`")
-    return ExportIn(folder, dims, pieces, _probes(folder, m))
+    sizes = [SizeIn(dims.height, dims.width, dims, pieces)]
+    by_name = {p.spec.name: p for p in pieces}
+    for h, w in m.sizes[1:]:
+        v = m.at(h, w)
+        zp = []
+        for s in v.specs:
+            if v.entries[s.name] is m.entries.get(s.name):
+                zp.append(by_name[s.name])
+                continue
+            e = v.entries[s.name]
+            sha = e["sha256"] + (f"+{e['external_sha256']}" if e.get("external_sha256") else "") \
+                + (f"+w{e['weights_sha256']}" if e.get("weights_sha256") else "")
+            zp.append(ExportPiece(s, v.path(s.name), sha, 4 * int(e.get("weight_numel", 0)) + v.path(s.name).stat().st_size))
+        sizes.append(SizeIn(h, w, v.dims, zp))
+    return ExportIn(folder, dims, pieces, _probes(folder, m), sizes)
 
 
 def _probes(folder: Path, m) -> list[ExportPiece]:

@@ -171,8 +171,19 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     probe_results: dict[str, PieceResult] = {}
     results: dict[str, PieceResult] = {}
     errors: list[BaseException] = []
-    with _Progress(len(probes) + len(exp.pieces), console) as prog, ThreadPoolExecutor(max_workers=jobs) as pool:
-        pending = [("probe", p) for p in probes] + [("piece", p) for p in exp.pieces]
+    # Further image sizes (issue 11): their own pieces (transformer, VAE at that size) are
+    # compiled like any piece, under the same net names; they become stages of the same nets.
+    extra = exp.extra
+    extra_of = {id(p): z for z, p in extra}
+    plans.update({f"{p.spec.name} @{z.label}": piece_plan(recipe, p.spec, quantize) for z, p in extra})
+    if len(exp.sizes) > 1:
+        console.print(f"image sizes (width x height): {', '.join(z.label for z in exp.sizes)}; "
+                      f"{len(extra)} size-dependent piece(s) compiled per further size, merged as stages of "
+                      f"the same nets (weights stored once)", highlight=False)
+    extra_results: dict[str, PieceResult] = {}
+    with _Progress(len(probes) + len(exp.pieces) + len(extra), console) as prog, \
+            ThreadPoolExecutor(max_workers=jobs) as pool:
+        pending = [("probe", p) for p in probes] + [("piece", p) for p in exp.pieces] + [("size", p) for _, p in extra]
         running: dict[Future, tuple[str, str]] = {}
 
         from fluxc.export.pieces import piece_kind  # (imports torch; only the kind table is used)
@@ -190,11 +201,15 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
             what, p = item
             n = need_of(item)
             seen_kinds.add((what, piece_kind(p.spec)))
-            label = f"probe {p.spec.name}" if what == "probe" else p.spec.name
+            label = f"probe {p.spec.name}" if what == "probe" else \
+                f"{p.spec.name} @{extra_of[id(p)].label}" if what == "size" else p.spec.name
             prog.start(label)
             if what == "probe":
                 fut = pool.submit(compile_piece, p.spec, p.path, p.sha256, probe_plans[p.spec.name], chip, toolchain,
                                   build_root / "probe", tools, True, True)
+            elif what == "size":
+                fut = pool.submit(compile_piece, p.spec, p.path, p.sha256, plans[label], chip, toolchain,
+                                  build_root, tools, check_full, not opts.estimate_only)
             else:
                 fut = pool.submit(compile_piece, p.spec, p.path, p.sha256, plans[p.spec.name], chip, toolchain,
                                   build_root, tools, check_full, not opts.estimate_only)
@@ -215,7 +230,10 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
                     errors.append(e)
                     prog.done(name, f"{name:<28} FAILED")
                     continue
-                (probe_results if what == "probe" else results)[r.name] = r
+                if what == "size":
+                    extra_results[name] = r
+                else:
+                    (probe_results if what == "probe" else results)[r.name] = r
                 prog.done(name, _piece_line(r, name))
             while pending and not errors and budget.fits(need_of(pending[0]), len(running)):
                 submit(pending.pop(0))
@@ -230,6 +248,18 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     if opts.estimate_only:
         return _estimate_only_report(opts, exp, ordered, by_family, quantize, chip, recipe, toolchain, build_root,
                                      jobs, tools, t0, console, probe_results)
+
+    # The further sizes' pieces, by net: each joins the combine of its first-size net (one stage
+    # per distinct input shape; model_tool --combine refuses the same name at the same shapes).
+    stages: dict[str, list[PieceResult]] = {}
+    seen_shapes = {(p.spec.name, p.spec.inputs) for p in exp.pieces}
+    for z, p in extra:
+        if (p.spec.name, p.spec.inputs) not in seen_shapes:
+            seen_shapes.add((p.spec.name, p.spec.inputs))
+            stages.setdefault(p.spec.name, []).append(extra_results[f"{p.spec.name} @{z.label}"])
+
+    def with_stages(prs: list[PieceResult]) -> list[PieceResult]:
+        return list(prs) + [s for r in prs for s in stages.get(r.name, [])]
 
     names = output_files(dims.flux_type, quantize, opts.devices, dims.tiny_vae)
     out_dir = Path(opts.out_dir).resolve()
@@ -246,7 +276,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
             for i, part in enumerate(parts):
                 chunk = prs[start:start + len(part)]
                 start += len(part)
-                c = combine(names[fam].format(i=i), chunk, build_root, tools, chip, toolchain)
+                c = combine(names[fam].format(i=i), with_stages(chunk), build_root, tools, chip, toolchain)
                 combined.append(c)
                 table[i]["file"] = c.name
                 table[i]["measured_mb"] = round(c.data["memory"]["device"] / MB, 3)
@@ -258,7 +288,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
                 for stale in (out_dir / names[fam].format(i=i), out_dir / (names[fam].format(i=i) + ".info.txt")):
                     stale.unlink(missing_ok=True)
         else:
-            combined.append(combine(names[fam], prs, build_root, tools, chip, toolchain))
+            combined.append(combine(names[fam], with_stages(prs), build_root, tools, chip, toolchain))
     for c in combined:
         publish(c, out_dir)
     if split_info is not None:
@@ -267,6 +297,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
 
     estimate = _estimate(exp, results)
     estimate["chip"] = chip_record(chip)  # the clock and peak the estimate is read against
+    sizes = _sizes_report(exp, results, extra_results)
     report = {
         "format": REPORT_FORMAT,
         "flux_type": dims.flux_type, "quantize": quantize, "chip": chip, "tiny_vae": dims.tiny_vae,
@@ -278,6 +309,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
         "tool_runs": len(tools.runs), "tool_commands": tools.runs,
         "seconds": round(time.monotonic() - t0, 2),
         "estimate_ms": estimate,
+        "resolutions": sizes,
         "outputs": [{"file": c.name, "pieces": c.data["pieces"], "cache_hit": c.cache_hit,
                      "memory": c.data["memory"]} for c in combined],
         "device_split": split_info,
@@ -294,7 +326,8 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     # Last: the build record run and verify read (fluxc/build_record.py).
     from fluxc.build_record import write_record
     write_record(out_dir, exp=exp, recipe=recipe, chip=chip, toolchain=toolchain, quantize=quantize,
-                 check=opts.check, combined=combined, results=results, split_info=split_info)
+                 check=opts.check, combined=combined, results=results, split_info=split_info,
+                 extra_results=extra_results)
     _print_summary(console, report, combined, out_dir)
     return report
 
@@ -345,6 +378,13 @@ def _print_summary(console, report: dict[str, Any], combined: list[CombinedResul
         console.print(f"device {c['device']}: {c['total_mb']:.1f} MB (bmodels {c['models_mb']:.1f} + I/O tensors "
                       f"{c['io_mb']:.1f}){verdict}", highlight=False)
     _print_estimate(console, report["estimate_ms"])
+    if len(report.get("resolutions") or []) > 1:
+        def f(v):
+            return "-" if v is None else f"{v:.3f} ms"
+
+        console.print("per image size (width x height), estimated: " + "; ".join(
+            f"{z['size']} step {f(z['denoising_step_ms'])}, VAE {f(z['vae_ms'])}" for z in report["resolutions"]),
+            highlight=False)
     console.print(f"checked: {report['checked']}", highlight=False)
     console.print(f"wrote {len(combined)} bmodel(s) to {out_dir} in {report['seconds']:.1f} s "
                   f"({report['tool_runs']} TPU-MLIR tool run(s)); report: {out_dir / 'compile_report.json'}",
@@ -406,6 +446,23 @@ def _estimate_only_report(opts, exp, ordered, by_family, quantize, chip, recipe,
     _print_estimate(console, estimate)
     console.print(f"estimate only: no bmodel kept; report: {out_dir / 'estimate_report.json'}", highlight=False)
     return report
+
+
+def _sizes_report(exp: ExportIn, results: dict[str, PieceResult], extra_results: dict[str, PieceResult]) -> list:
+    """Per image size: the cost-model time per step and of the VAE, from that size's pieces."""
+    out = []
+    for i, z in enumerate(exp.sizes):
+        own = {p.spec.name for p in z.pieces if i and any(p is q for _, q in exp.extra)}
+
+        def est(fam: str):
+            vals = [(extra_results[f"{p.spec.name} @{z.label}"] if p.spec.name in own else results[p.spec.name])
+                    .data.get("estimate_ms") for p in z.pieces if p.spec.family == fam]
+            return None if any(v is None for v in vals) else round(sum(vals), 4)
+
+        out.append({"size": z.label, "height": z.height, "width": z.width,
+                    "denoising_step_ms": est("transformer"), "vae_ms": est("vae"),
+                    "pieces": sorted(own)})
+    return out
 
 
 def _estimate(exp: ExportIn, results: dict[str, PieceResult]) -> dict[str, Any]:

@@ -304,7 +304,10 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
     n_steps = steps or (4 if d.flux_type == "schnell" else 28)
     rep = Report()
     rep.info.update({"models": str(models), "export": str(exp), "record": str(rec.path), "flux_type": d.flux_type,
-                     "quantize": q, "tiny_vae": d.tiny_vae, "resolution": [d.height, d.width], "budget_mb": budget_mb,
+                     "quantize": q, "tiny_vae": d.tiny_vae, "resolution": [d.height, d.width],
+                     # a several-size build (issue 11) is verified at its first size; the others
+                     # are stages of the same nets, built from the same weights
+                     "build_sizes": rec.size_labels, "budget_mb": budget_mb,
                      "recipe": rec.raw["recipe"], "devices": rec.devices,
                      "thresholds": {"piece_cosine": "recipe (per piece, from the build record)", "rel_err": REL_ERR,
                                     "delta_cosine": DELTA_COSINE, "delta_rel_err": DELTA_REL_ERR,

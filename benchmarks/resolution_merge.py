@@ -51,10 +51,19 @@ def main() -> None:
         return {"weight": bi.weight, "instruct": bi.instruct, "runtime": bi.runtime, "device": bi.device_mem,
                 "nets": [{"name": n.name, "stages": len(n.stages)} for n in bi.nets]}
 
+    def compile_one(wd: Path, exp: Path, spec, shapes: str, extra: list[str]) -> None:
+        # in place: the piece's weights are external data next to it (onnx/weights/)
+        run_tool("model_transform", ["--model_name", PIECE, "--model_def", str((exp / spec.file).resolve()),
+                                     "--input_shapes", shapes, "--mlir", "b.mlir"], cwd=wd, log=wd / "transform.log")
+        run_tool("model_deploy", ["--mlir", "b.mlir", "--quantize", "W4BF16", "--q_group_size", "64",
+                                  "--chip", "bm1684x", *extra, "--model", "b.bmodel"], cwd=wd, log=wd / "deploy.log")
+
     try:
-        model = build_tiny(work / "model", flux_type="schnell", seed=0, force=True,
-                           transformer={"num_layers": 1, "num_single_layers": 1}, clip={"num_hidden_layers": 1},
-                           t5={"num_layers": 1})
+        model = work / "model"
+        if not (a.keep and (model / "model_index.json").is_file()):  # --keep DIR: a rerun resumes
+            model = build_tiny(model, flux_type="schnell", seed=0, force=True,
+                               transformer={"num_layers": 1, "num_single_layers": 1}, clip={"num_hidden_layers": 1},
+                               t5={"num_layers": 1})
         bmodels = []
         for h, w in SIZES:
             exp = work / f"onnx_{h}x{w}"
@@ -65,13 +74,10 @@ def main() -> None:
             for mode, extra in modes:
                 wd = work / f"{mode}_{h}x{w}"
                 wd.mkdir(exist_ok=True)
-                # in place: the piece's weights are external data next to it (onnx/weights/)
-                run_tool("model_transform", ["--model_name", PIECE, "--model_def", str((exp / spec.file).resolve()),
-                                             "--input_shapes", shapes,
-                                             "--mlir", "b.mlir"], cwd=wd, log=wd / "transform.log")
-                run_tool("model_deploy", ["--mlir", "b.mlir", "--quantize", "W4BF16", "--q_group_size", "64",
-                                          "--chip", "bm1684x", *extra, "--model", "b.bmodel"],
-                         cwd=wd, log=wd / "deploy.log")
+                if (wd / "b.bmodel").is_file() and (wd / "compiler_profile_0.txt").is_file():
+                    pass  # compiled by an earlier run with --keep
+                else:
+                    compile_one(wd, exp, spec, shapes, extra)
                 r = info(wd / "b.bmodel", wd)
                 r.update(size=f"{w}x{h}", mode=mode, shapes=shapes,
                          estimate_ms=parse_profile_ms(wd / "compiler_profile_0.txt"),
@@ -80,15 +86,20 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
                 if mode == "static":
                     bmodels.append(wd / "b.bmodel")
-        for k in (2, 3):
-            md = work / f"merged{k}"
+        # model_tool --info of a merged net reports its stage 0's runtime area: merged smallest
+        # first, that understates what the net needs; largest first (what fluxc compile does) it
+        # is the largest stage's.
+        for k, order in ((2, "given"), (3, "given"), (2, "largest first"), (3, "largest first")):
+            files = bmodels[:k] if order == "given" else list(reversed(bmodels[:k]))
+            md = work / f"merged{k}" if order == "given" else work / f"merged{k}_largest_first"
             md.mkdir(exist_ok=True)
-            run_tool("model_tool", ["--combine", *[str(b) for b in bmodels[:k]], "-o", "merged.bmodel"], cwd=md,
+            run_tool("model_tool", ["--combine", *[str(b) for b in files], "-o", "merged.bmodel"], cwd=md,
                      log=md / "combine.log")
             r = info(md / "merged.bmodel", md)
-            r.update(size=" + ".join(f"{w}x{h}" for h, w in SIZES[:k]), mode="merged (model_tool --combine)",
+            sizes = SIZES[:k] if order == "given" else list(reversed(SIZES[:k]))
+            r.update(size=" + ".join(f"{w}x{h}" for h, w in sizes), mode=f"merged (model_tool --combine), {order}",
                      file_bytes=(md / "merged.bmodel").stat().st_size)
-            rows[f"merged {k}"] = r
+            rows[f"merged {k}" + ("" if order == "given" else ", largest first")] = r
             print(json.dumps(r), flush=True)
     finally:
         if a.keep is None:

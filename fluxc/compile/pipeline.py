@@ -3,6 +3,7 @@ the combined files of the sophon-demo layout, the device split, the cost estimat
 compile_report.json."""
 from __future__ import annotations
 
+import math
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -251,15 +252,24 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
 
     # The further sizes' pieces, by net: each joins the combine of its first-size net (one stage
     # per distinct input shape; model_tool --combine refuses the same name at the same shapes).
-    stages: dict[str, list[PieceResult]] = {}
+    # Each net's largest stage goes first: model_tool --info then reports the runtime (activation)
+    # area the net needs at its largest size (it reports stage 0's; measured in
+    # benchmarks/resolution_merge.py), and the runtime's buffers are sized for it.
+    stages: dict[str, list[tuple[int, PieceResult]]] = {}
     seen_shapes = {(p.spec.name, p.spec.inputs) for p in exp.pieces}
+
+    def volume(spec) -> int:
+        return sum(math.prod(t.shape) for t in spec.inputs)
+
+    for p in exp.pieces:
+        stages[p.spec.name] = [(volume(p.spec), results[p.spec.name])]
     for z, p in extra:
         if (p.spec.name, p.spec.inputs) not in seen_shapes:
             seen_shapes.add((p.spec.name, p.spec.inputs))
-            stages.setdefault(p.spec.name, []).append(extra_results[f"{p.spec.name} @{z.label}"])
+            stages[p.spec.name].append((volume(p.spec), extra_results[f"{p.spec.name} @{z.label}"]))
 
     def with_stages(prs: list[PieceResult]) -> list[PieceResult]:
-        return list(prs) + [s for r in prs for s in stages.get(r.name, [])]
+        return [r for pr in prs for _, r in sorted(stages[pr.name], key=lambda vr: -vr[0])]
 
     names = output_files(dims.flux_type, quantize, opts.devices, dims.tiny_vae)
     out_dir = Path(opts.out_dir).resolve()

@@ -247,8 +247,12 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
         by_family.setdefault(p.spec.family, []).append(r)
 
     if opts.estimate_only:
-        return _estimate_only_report(opts, exp, ordered, by_family, quantize, chip, recipe, toolchain, build_root,
-                                     jobs, tools, t0, console, probe_results)
+        rep = _estimate_only_report(opts, exp, ordered, by_family, quantize, chip, recipe, toolchain, build_root,
+                                    jobs, tools, t0, console, probe_results)
+        if len(exp.sizes) > 1:  # the estimated step per size (memory: the first size's pieces only)
+            rep["resolutions"] = _sizes_report(exp, results, extra_results)
+            write_json_atomic(Path(opts.out_dir).resolve() / "estimate_report.json", rep)
+        return rep
 
     # The further sizes' pieces, by net: each joins the combine of its first-size net (one stage
     # per distinct input shape; model_tool --combine refuses the same name at the same shapes).

@@ -51,7 +51,8 @@ def builds(tmp_path_factory) -> dict:
                                  tiny_vae=str(model / "tiny_vae"), resolutions=sizes if len(sizes) > 1 else None),
                    show_progress=False)
         ws = make_workspace(root / f"ws-{name}", export)
-        r = run_fluxc_compile(["--models", ws, "--build-dir", build, "--quantize", "W4BF16", "--jobs", "1"])
+        r = run_fluxc_compile(["--models", ws, "--build-dir", build, "--quantize", "W4BF16", "--jobs", "1"],
+                              timeout=3600)  # 16 pieces + 3 combines; slow on a shared machine
         assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
         out[key] = ws
     return out

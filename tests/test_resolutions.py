@@ -2,8 +2,8 @@
 `fluxc compile` merging each size-dependent net's sizes as stages of one net (model_tool
 --combine: one copy of the weights), `fluxc run --width W --height H` picking one.
 
-On the tiny schnell model (one block of each kind, T5 length 16, tiny VAE) at two sizes, one of
-them non-square: 64x64 and 128x64 (width x height). Each size's onnx and cmodel images must equal
+On the session's tiny schnell model (its export settings, tiny VAE) at two sizes, one of them
+non-square: 128x128 and 128x64 (width x height). Each size's onnx and cmodel images must equal
 those of a one-size build at that size; the merged transformer file must not hold its weights twice.
 The real compiler and the real chip simulator run throughout (nothing is mocked).
 """
@@ -18,11 +18,13 @@ import pytest
 
 from tests.fixtures_compile import make_workspace, run_fluxc_compile
 from tests.fixtures_runtime import RUNTIME_PROMPT, RUNTIME_SEED, cli_main, invoke
-from tests.fixtures_tiny import make_tiny
+from tests.fixtures_export import EXPORT_HEIGHT, EXPORT_T5_LEN, EXPORT_WIDTH
 
-T5_LEN, STEPS = 16, 2
-SIZES = ((64, 64), (64, 128))  # (height, width): 64x64 and 128x64 as width x height
+STEPS = 2
+# (height, width): the session's tiny export size (128x128) and a non-square one (width 128 x height 64)
+SIZES = ((EXPORT_HEIGHT, EXPORT_WIDTH), (64, 128))
 TRANSFORMER = "schnell_w4bf16_transformer.bmodel"
+COMPILE_ARGS = ["--quantize", "W4BF16", "--flux-type", "schnell", "--tiny-vae"]
 
 
 def _label(h: int, w: int) -> str:
@@ -30,29 +32,28 @@ def _label(h: int, w: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def builds(tmp_path_factory) -> dict:
-    """{"multi": ws, (h, w): ws of the one-size build}: exported and compiled W4BF16 with one
-    shared build cache (the one-size builds' pieces are the multi build's, byte for byte, so
-    they come from the cache: that equality is itself part of what is tested below)."""
+def builds(tiny_schnell, compiled_schnell_w4, compile_build_dir, tmp_path_factory) -> dict:
+    """{"multi": ws, (h, w): ws of the one-size build at that size}, all W4BF16.
+
+    The session's tiny schnell build (128x128) is the one-size build of the first size, and the
+    several-size build shares its build cache (content-keyed: ONNX, weights, options, chip,
+    toolchain), so only what is byte-identical is skipped: the first size's pieces here are the
+    session export's byte for byte (tested below), the second size's pieces are compiled for real,
+    and every combine and every run is real."""
     from fluxc.export.driver import ExportOptions, run_export
 
-    model = make_tiny(tmp_path_factory, "resolutions", "schnell", seed=0, transformer={"num_layers": 1,
-                      "num_single_layers": 1}, clip={"num_hidden_layers": 1}, t5={"num_layers": 1})
+    model = Path(tiny_schnell)
     root = tmp_path_factory.mktemp("resolutions")
-    # The compile cache is content-keyed (ONNX, weights, options, chip, toolchain): a warm one
-    # (FLUXC_TEST_BUILD_CACHE, opt-in) skips only what is byte-identical; combines and runs are real.
-    build = Path(os.environ.get("FLUXC_TEST_BUILD_CACHE") or root / "build")
-    out: dict = {}
-    for key, sizes in [("multi", list(SIZES))] + [(s, [s]) for s in SIZES]:
+    out: dict = {SIZES[0]: compiled_schnell_w4}
+    for key, sizes in [("multi", list(SIZES)), (SIZES[1], [SIZES[1]])]:
         name = "multi" if key == "multi" else _label(*key)
         export = root / f"export-{name}"
         h, w = sizes[0]
-        run_export(ExportOptions(model=str(model), out=export, height=h, width=w, t5_len=T5_LEN,
+        run_export(ExportOptions(model=str(model), out=export, height=h, width=w, t5_len=EXPORT_T5_LEN,
                                  tiny_vae=str(model / "tiny_vae"), resolutions=sizes if len(sizes) > 1 else None),
                    show_progress=False)
         ws = make_workspace(root / f"ws-{name}", export)
-        r = run_fluxc_compile(["--models", ws, "--build-dir", build, "--quantize", "W4BF16", "--jobs", "1"],
-                              timeout=3600)  # 16 pieces + 3 combines; slow on a shared machine
+        r = run_fluxc_compile(["--models", ws, "--build-dir", compile_build_dir, *COMPILE_ARGS], timeout=3600)
         assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-4000:])
         out[key] = ws
     return out
@@ -63,14 +64,14 @@ def test_export_layout(builds):
     from fluxc.export.manifest import load_manifest
 
     m = load_manifest(builds["multi"] / "onnx")
-    assert m.sizes == list(SIZES) and m.size_labels == ["64x64", "128x64"]
+    assert m.sizes == list(SIZES) and m.size_labels == ["128x128", "128x64"]
     own = {e["name"] for e in m.resolutions[1]["pieces"]}
-    assert own == {"schnell_head", "schnell_trans_block_0", "schnell_single_trans_block_0", "schnell_tail",
-                   "tiny_vae_decoder"}
+    blocks = {s.name for s in m.specs if "trans_block_" in s.name}
+    assert blocks and own == {"schnell_head", "schnell_tail", "tiny_vae_decoder"} | blocks, own
     v = m.at(64, 128)
     for s in v.specs:
         assert ("res/128x64/" in str(v.path(s.name))) == (s.name in own), s.name
-    assert v.dims.image_tokens == 32 and m.dims.image_tokens == 16
+    assert v.dims.image_tokens == 32 and m.dims.image_tokens == 64
     assert np.load(v.rotary_path).shape == v.dims.rotary_shape
     # the pieces of each size are the one-size exports' graphs, byte for byte
     for (h, w) in SIZES:
@@ -85,9 +86,9 @@ def test_build_record_and_shared_weights(builds):
 
     chip = builds["multi"] / "BM1684X"
     rec = load_record(chip)
-    assert rec.sizes == list(SIZES) and rec.size_labels == ["64x64", "128x64"]
+    assert rec.sizes == list(SIZES) and rec.size_labels == ["128x128", "128x64"]
     report = json.loads((chip / "compile_report.json").read_text())
-    assert [z["size"] for z in report["resolutions"]] == ["64x64", "128x64"]
+    assert [z["size"] for z in report["resolutions"]] == ["128x128", "128x64"]
     tr = {f.path.name: f for f in rec.files}
     single = {s: {f.path.name: f for f in load_record(builds[s] / "BM1684X").files} for s in SIZES}
     w_multi = tr[TRANSFORMER].memory["weight"]
@@ -136,7 +137,7 @@ def test_run_size_the_build_lacks(builds):
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    assert "96x64" in lines[0] and "64x64" in lines[0] and "128x64" in lines[0]
+    assert "96x64" in lines[0] and "128x128" in lines[0] and "128x64" in lines[0]
 
 
 @pytest.mark.parametrize("res,what", [("100x64", "multiple of 16"), ("64x2064", "above 2048"),

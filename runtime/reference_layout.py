@@ -122,6 +122,8 @@ def plan_download(models: Path, chip: str = "BM1684X", flux_type: str | None = N
     q_want = quantize.upper() if quantize else None
     if q_want and q_want not in ("W4BF16", "BF16"):
         raise FluxcError(f"unknown --quantize {quantize}; use W4BF16 or BF16")
+    if flux_type and flux_type not in FLUX_TYPES:
+        raise FluxcError(f"unknown --flux-type {flux_type}; use dev or schnell")
     missing: list[str] = []
     for n in (CLIP_FILE, T5_FILE):
         if not (cd / n).is_file():

@@ -93,7 +93,7 @@ def test_download_layout_gives_the_workspace_image(backend, download, bmodel_run
     print(got["output"])
     assert ws["image"].std() > 1.0
     assert same or p >= 60.0
-    out = got["output"]
+    out = " ".join(got["output"].split())  # the console wraps long lines
     assert "sophon-demo download" in out and "schnell W4BF16 + tiny VAE" in out, out
     assert "token ids int32" in out and "rotary table from ids_emb.pt" in out, out
     if backend == "sail-sim":

@@ -34,7 +34,7 @@ them. Every net's shapes are checked position by position against fluxc's piece 
 derived sizes, and when a net's own input names are fluxc's names in another order the
 adoption refuses (a positional bind would swap them). Dtypes are the nets' own: token ids go
 in as the net declares them (float32 in the reference's bmodels, which its runtime feeds as
-`ids.astype(np.float32)`; int32 in fluxc's); any other input must be float32.
+`ids.astype(np.float32)`, and fluxc's alike; int32 in fluxc builds made before the switch); any other input must be float32.
 
 The result is an in-memory manifest (dims, specs with the nets' dtypes, rotary table,
 scheduler config, tokenizer folders) and a ModelSet whose engines present every net under

@@ -95,7 +95,7 @@ def test_download_layout_gives_the_workspace_image(backend, download, bmodel_run
     assert same or p >= 60.0
     out = " ".join(got["output"].split())  # the console wraps long lines
     assert "sophon-demo download" in out and "schnell W4BF16 + tiny VAE" in out, out
-    assert "token ids int32" in out and "rotary table from ids_emb.pt" in out, out
+    assert "token ids float32" in out and "rotary table from ids_emb.pt" in out, out
     if backend == "sail-sim":
         from fluxc.runtime import sail_sim
 
@@ -131,8 +131,8 @@ def test_fluxc_nets_read_as_the_reference_reads_them(compiled_schnell_w4):
     want = {s.name: (s.inputs, s.outputs) for s in man.specs}
     got = {s.name: (s.inputs, s.outputs) for s in specs}
     assert got == want
-    # fluxc's token ids are int32 (the reference's runtime feeds float32: docs/DESIGN.md "Token ids")
-    assert [t.dtype for t in got["clip_head"][0]] == ["int32"]
+    # fluxc's token ids are float32, as the reference's runtime feeds them (docs/DESIGN.md "Token ids")
+    assert [t.dtype for t in got["clip_head"][0]] == ["float32"]
 
 
 def _np_dtype(mlir: str) -> str:

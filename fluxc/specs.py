@@ -36,7 +36,7 @@ FAMILIES = ("clip", "t5", "transformer", "vae")
 class TensorSpec:
     name: str
     shape: tuple[int, ...]
-    dtype: str  # numpy dtype name: "float32" or "int32"
+    dtype: str  # numpy dtype name, "float32" for every piece input (token ids included)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
@@ -93,7 +93,7 @@ class PieceSpec:
         rng = np.random.default_rng([seed, _stable_hash(self.name)])
         out: dict[str, np.ndarray] = {}
         for t in self.inputs:
-            if t.dtype.startswith("int"):
+            if t.dtype.startswith("int") or t.name in self.int_high:  # token ids, whatever their dtype
                 high = self.int_high.get(t.name, 100)
                 out[t.name] = rng.integers(0, high, size=t.shape).astype(t.dtype)
             elif t.name in ("timestep", "guidance"):
@@ -181,8 +181,14 @@ def _f(name: str, *shape: int) -> TensorSpec:
     return TensorSpec(name, tuple(shape), "float32")
 
 
+# Token ids go in as float32, as sophon-demo's runtime feeds them (`ids.astype(np.float32)`) and
+# its bmodels take them; the pieces cast them to integers before the lookups. Exact for every id
+# of both vocabularies (benchmarks/token_id_dtype.py; docs/DESIGN.md "Token ids").
+TOKEN_ID_DTYPE = "float32"
+
+
 def _i(name: str, *shape: int) -> TensorSpec:
-    return TensorSpec(name, tuple(shape), "int32")
+    return TensorSpec(name, tuple(shape), TOKEN_ID_DTYPE)
 
 
 def transformer_prefix(flux_type: str) -> str:

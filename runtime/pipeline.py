@@ -85,11 +85,16 @@ class FluxPipeline:
         self.specs = {s.name: s for s in manifest.specs}
         self.clip_tok = PromptTokenizer(manifest.tokenizer_dir, d.clip_len, "CLIP")
         self.t5_tok = PromptTokenizer(manifest.tokenizer_2_dir, d.t5_len, "T5")
-        self.scheduler = FlowMatchEulerScheduler.from_file(manifest.scheduler_config_path)
+        # an adopted sophon-demo download (runtime/reference_layout.py) carries its scheduler
+        # config and rotary table in memory; an export has them as files
+        cfg = getattr(manifest, "scheduler_config", None)
+        self.scheduler = (FlowMatchEulerScheduler(cfg) if isinstance(cfg, dict)
+                          else FlowMatchEulerScheduler.from_file(manifest.scheduler_config_path))
         rp = manifest.rotary_path
-        if not Path(rp).is_file():
+        rotary = getattr(manifest, "rotary", None)
+        if rotary is None and not Path(rp).is_file():
             raise FluxcError(f"rotary table {rp} is missing; re-run fluxc export")
-        self.rotary = np.load(rp).astype(np.float32)
+        self.rotary = (rotary if rotary is not None else np.load(rp)).astype(np.float32)
         if tuple(self.rotary.shape) != tuple(d.rotary_shape):
             raise FluxcError(f"{rp} has shape {self.rotary.shape}, expected {d.rotary_shape}; re-run fluxc export")
         self.prefix = d.flux_type

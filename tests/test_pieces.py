@@ -175,14 +175,14 @@ def test_clip_chain_matches_pooled(eos_token_id):
         ids[0, 5] = 999  # argmax rule: pooled at the largest id, not at the eos
     else:
         ids[0, 12] = eos_token_id  # first-eos rule: two eos tokens
-    ids32 = ids.to(torch.int32)
+    ids_f = ids.to(torch.float32)  # the pieces take float32 ids
     with torch.no_grad():
         out = clip(input_ids=ids)
     pieces = build_all_pieces(piece_specs(dims), dims, {"text_encoder": clip})
-    (h,) = run(pieces["clip_head"], ids32)
+    (h,) = run(pieces["clip_head"], ids_f)
     for i in range(dims.clip_layers):
         (h,) = run(pieces[f"clip_block_{i}"], h)
-    (pooled,) = run(pieces["clip_tail"], h, ids32)
+    (pooled,) = run(pieces["clip_tail"], h, ids_f)
     assert pooled.shape == (1, 128)
     e = rel(pooled, out.pooler_output)
     print(f"clip pooled (eos {eos_token_id}) rel err {e:.2e}")
@@ -196,7 +196,7 @@ def test_t5_chain_matches_last_hidden_state():
     with torch.no_grad():
         ref = t5(input_ids=ids).last_hidden_state
     pieces = build_all_pieces(piece_specs(dims), dims, {"text_encoder_2": t5})
-    (h,) = run(pieces["t5_head"], ids.to(torch.int32))
+    (h,) = run(pieces["t5_head"], ids.to(torch.float32))
     for i in range(dims.t5_layers):
         (h,) = run(pieces[f"t5_block_{i}"], h)
     (out,) = run(pieces["t5_tail"], h)

@@ -153,20 +153,20 @@ def test_sail_sim_nets_not_of_this_build(compiled_schnell_w4, compiled_dev_bf16,
 
 
 def test_sail_sim_input_dtype_not_what_the_runtime_feeds(compiled_schnell_w4, tmp_path):
-    # the build says clip_head takes float32 token ids (as the reference's runtime feeds
-    # them); the compiled net takes int32: refused before anything runs
+    # the build says clip_head takes int32 token ids; the compiled net takes float32 (as the
+    # reference's runtime feeds them): refused before anything runs
     def edit(raw):
         for p in raw["pieces"]:
             if p["name"] == "clip_head":
                 for t in p["inputs"]:
                     if t["name"] == "input_ids":
-                        t["dtype"] = "float32"
+                        t["dtype"] = "int32"
 
     ws = _ws_copy(tmp_path, Path(compiled_schnell_w4), manifest_edit=edit)
     err = _run_bad(ws, tmp_path)
     # the build record refuses an export that is not the one compiled before the stand-in's
     # dtype check can; either way nothing runs
-    assert ("net clip_head input input_ids is int32, the runtime feeds float32" in err
+    assert ("net clip_head input input_ids is float32, the runtime feeds int32" in err
             or "compiled from another export" in err), err
 
 

@@ -31,6 +31,16 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
         raise FluxcError(f"models folder {models} does not exist; run fluxc export and fluxc compile, "
                          "or point --models / FLUXC_MODELS at a workspace")
     exp = Path(export) if export else workspace.export_dir(models)
+    if export is None and not (exp / "manifest.json").is_file():
+        # no fluxc export here: a sophon-demo download is run as it is (runtime/reference_layout.py)
+        from fluxc.runtime import reference_layout as ref
+
+        if ref.looks_like_download(models, c.folder):
+            plan = ref.plan_download(models, c.folder, flux_type, quantize, tiny_vae)
+            return _open_download(plan, backend, devices, height, width, say, c.runtime_name)
+        raise FluxcError(f"{models} is neither a fluxc workspace (no onnx/manifest.json: run fluxc export and "
+                         f"fluxc compile) nor a sophon-demo download (no {c.folder}/*.bmodel, ids_emb.pt, "
+                         "tokenizer/, tokenizer_2/); point --models at one")
     man = load_manifest(exp)
     d = man.dims
     if flux_type and flux_type != d.flux_type:
@@ -82,6 +92,36 @@ def pick_size(sizes: list[tuple[int, int]], height: int | None, width: int | Non
 
 # ---- sail backends (sophon.sail on the chip; sail-sim: its stand-in on the simulator) ----
 SAIL_BACKENDS = ("sail", "sail-sim")
+
+
+def _open_download(plan, backend: str, devices, height, width, say, runtime_chip: str):
+    """A sophon-demo download's bmodels, adopted (runtime/reference_layout.py): nets, sizes and
+    dtypes from the files, run by the same pipeline / sail runtime as a fluxc build."""
+    from fluxc.runtime.pipeline import FluxPipeline
+    from fluxc.runtime.reference_layout import open_download
+
+    if backend in SAIL_BACKENDS:
+        from fluxc.runtime.engines import check_devices, import_sail
+
+        check_devices(import_sail(backend), list(devices) if devices else list(range(plan.devices)))
+    ms, man = open_download(plan, backend, devices, progress=say, runtime_chip=runtime_chip)
+    try:
+        d = man.dims
+        if (height and height != d.height) or (width and width != d.width):
+            raise FluxcError(f"the bmodels in {plan.models / plan.chip} are compiled for {d.width}x{d.height} "
+                             f"(width x height); drop --height/--width")
+        if backend in SAIL_BACKENDS:
+            from fluxc.runtime.sail_flux import SailFlux
+
+            ms.device_resident = SailFlux(ms, man)
+        pipe = FluxPipeline(ms, man)
+    except BaseException:
+        rt = getattr(ms, "device_resident", None)
+        if rt is not None:
+            rt.close()
+        ms.close()
+        raise
+    return pipe, ms, man.quantize
 
 
 def _open_sail(models: Path, backend: str, man, quantize, devices, say):
@@ -138,7 +178,8 @@ def parse_devices(text: str | None) -> list[int] | None:
 
 
 def run(
-    models: Optional[Path] = typer.Option(None, "--models", help="Workspace folder (default: FLUXC_MODELS or ./models)."),
+    models: Optional[Path] = typer.Option(None, "--models", help="Workspace folder, or a sophon-demo FLUX.1 download's "
+                                          "models/ folder (default: FLUXC_MODELS or ./models)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt (CLIP and, unless --prompt-2, T5)."),
     prompt_2: Optional[str] = typer.Option(None, "--prompt-2", help="Separate prompt for T5."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default 4 schnell, 28 dev)."),
@@ -161,6 +202,9 @@ def run(
     Example: fluxc run --backend cmodel --prompt "a red fox in the snow" --steps 4 --seed 42 --out fox.png
 
     Example (the board's sail runtime, on the simulator): fluxc run --backend sail-sim --devices 0,1,2
+
+    Example (sophon-demo's download as it is: models/BM1684X/*.bmodel, ids_emb.pt, tokenizer/,
+    tokenizer_2/): fluxc run --models sophon-demo/sample/FLUX.1/models --quantize W4BF16 --flux-type schnell
     """
     import time
 
@@ -185,6 +229,9 @@ def run(
     d = pipe.dims
     con.print(f"loaded {len(ms.engines)} model file(s) on {backend} ({d.flux_type}, {q}, "
               f"{d.width}x{d.height}) in {load_s:.2f} s")
+    describe = getattr(pipe.manifest, "describe", None)  # an adopted sophon-demo download
+    if describe:
+        con.print(describe())
     if pipe.manifest.options.get("lora"):  # fused at export (fluxc.export.lora)
         from fluxc.export.lora import describe
 

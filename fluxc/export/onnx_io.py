@@ -1,5 +1,5 @@
 """Writing one piece to ONNX: TorchScript exporter (opset 17), static shapes, the piece's own
-input/output names, token ids as int32; then onnx shape inference and the onnx checker (full
+input/output names, token ids as float32 (the pieces cast them); then onnx shape inference and the onnx checker (full
 check on the graph).
 
 Weights: torch's constant folding is OFF, so every initializer is a parameter of the piece

@@ -21,7 +21,7 @@ Export patches (fluxc.patches) are applied to those submodules when the wrapper 
 the Patcher is kept as `mod.fluxc_patcher`.
 
 Per piece kind (names/order from fluxc.specs.piece_specs):
-- clip_head: embeddings(input_ids)  (token + position embedding; int32 ids)
+- clip_head: embeddings(input_ids)  (token + position embedding; float32 ids cast to int32)
 - clip_block_i: one CLIPEncoderLayer with the causal mask baked in
 - clip_tail: final_layer_norm, then the row at the eos position: transformers 5.x
   CLIPTextModel uses argmax(input_ids) when config.eos_token_id == 2 (the legacy FLUX/openai
@@ -131,7 +131,7 @@ class ClipHead(_Piece):
         self.embeddings = embeddings
 
     def forward(self, input_ids):
-        return self.embeddings(input_ids=input_ids)
+        return self.embeddings(input_ids=input_ids.to(torch.int32))  # ids come in as float32
 
 
 class ClipTail(_Piece):
@@ -157,7 +157,7 @@ class T5Head(_Piece):
         self.embed = embed
 
     def forward(self, input_ids):
-        return self.embed(input_ids)
+        return self.embed(input_ids.to(torch.int32))  # ids come in as float32
 
 
 class Single(_Piece):

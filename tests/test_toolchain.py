@@ -13,8 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fluxc import toolchain
 from fluxc.errors import FluxcError, ToolError
+from fluxc.toolchain import require_toolchain, run_tool, toolchain_env, toolchain_python, toolchain_version
+from fluxc.toolchain.install import install, installed_versions
+from fluxc.toolchain.installed import MARKER_NAME, state, toolchain_dir, tpu_mlir_root
+from fluxc.toolchain.process import LOG_TAIL_LINES, run_logged
+from fluxc.toolchain.python310 import find_python310
+from fluxc.toolchain.smoke import SMOKE_MAX_ABS, SMOKE_MIN_COSINE, smoke_check
+from fluxc.toolchain.spec import DEFAULT_SPEC, TORCH_VERSION, TPU_MLIR_VERSION, InstallSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 # toolchain is tested once too (test_install_repairs_half_installed_real_toolchain): with the
 # uv wheel cache warmed by the session install it takes about a minute and, the files being
 # hard links into that cache, little extra disk.
-TINY_SPEC = toolchain.InstallSpec(name="fluxc-test-tiny", requirements=("psutil",), imports=("psutil",),
-                                  report=("psutil",), tpu_mlir=False)
+TINY_SPEC = InstallSpec(name="fluxc-test-tiny", requirements=("psutil",), imports=("psutil",),
+                        report=("psutil",), tpu_mlir=False)
 
 
 def _cli(args: list[str], env_extra: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -39,13 +45,13 @@ def _cli(args: list[str], env_extra: dict[str, str], timeout: float = 600) -> su
 @pytest.fixture(scope="session")
 def installed_toolchain() -> Path:
     """The real toolchain, installed through the API if needed (the first run installs it)."""
-    return toolchain.install(progress=lambda s: print(s, flush=True))
+    return install(progress=lambda s: print(s, flush=True))
 
 
 @pytest.fixture(scope="session")
 def smoke_result(installed_toolchain):
     """One real smoke check per session; its files (bmodel, input) are kept for other tests."""
-    result = toolchain.smoke_check(progress=lambda s: print(s, flush=True), keep=True)
+    result = smoke_check(progress=lambda s: print(s, flush=True), keep=True)
     yield result
     shutil.rmtree(result["work_dir"], ignore_errors=True)
 
@@ -53,8 +59,8 @@ def smoke_result(installed_toolchain):
 def test_smoke_check_passes(smoke_result):
     result = smoke_result
     assert result["ok"] is True
-    assert result["cosine"] >= toolchain.SMOKE_MIN_COSINE
-    assert result["max_abs_err"] <= toolchain.SMOKE_MAX_ABS
+    assert result["cosine"] >= SMOKE_MIN_COSINE
+    assert result["max_abs_err"] <= SMOKE_MAX_ABS
     work = Path(result["work_dir"])
     assert (work / "smoke.bmodel").stat().st_size > 0
     # model_deploy compared the simulator with the MLIR reference itself
@@ -62,14 +68,14 @@ def test_smoke_check_passes(smoke_result):
 
 
 def test_api_surface(installed_toolchain):
-    assert toolchain.require_toolchain() == installed_toolchain
-    py = toolchain.toolchain_python()
-    env = toolchain.toolchain_env()
+    assert require_toolchain() == installed_toolchain
+    py = toolchain_python()
+    env = toolchain_env()
     assert env["PATH"].split(os.pathsep)[0] == str(installed_toolchain / "bin")
     ld = env["LD_LIBRARY_PATH"].split(os.pathsep)
-    root = toolchain.tpu_mlir_root()
+    root = tpu_mlir_root()
     assert ld[:3] == [str(root / "lib"), str(root / "lib" / "capi"), str(root / "lib" / "third_party")]
-    assert toolchain.toolchain_version() == f"tpu_mlir-{toolchain.TPU_MLIR_VERSION}"
+    assert toolchain_version() == f"tpu_mlir-{TPU_MLIR_VERSION}"
     # A long-lived worker started with this env can import the simulator runtime and the
     # tool modules, and a shell spawned from it works (the glibc clash breaks exactly that).
     code = ("import sys, subprocess, pyruntime_bm, model_runner; "
@@ -81,39 +87,39 @@ def test_api_surface(installed_toolchain):
     # the installed package was not edited: the bundled glibc files are still in place
     for name in ("libc.so.6", "libm.so.6", "libpthread.so.0"):
         assert (root / "lib" / "third_party" / name).exists()
-    versions = toolchain.installed_versions()
-    assert versions["tpu_mlir"] == toolchain.TPU_MLIR_VERSION
-    assert versions["torch"] == toolchain.TORCH_VERSION
+    versions = installed_versions()
+    assert versions["tpu_mlir"] == TPU_MLIR_VERSION
+    assert versions["torch"] == TORCH_VERSION
     assert versions["python"].startswith("3.10.")
 
 
 def test_second_install_is_noop(installed_toolchain):
     lines: list[str] = []
-    marker_before = (installed_toolchain / toolchain.MARKER_NAME).read_text()
-    assert toolchain.install(progress=lines.append) == installed_toolchain
+    marker_before = (installed_toolchain / MARKER_NAME).read_text()
+    assert install(progress=lines.append) == installed_toolchain
     assert lines == [f"toolchain already installed at {installed_toolchain}"]
-    assert (installed_toolchain / toolchain.MARKER_NAME).read_text() == marker_before
+    assert (installed_toolchain / MARKER_NAME).read_text() == marker_before
 
 
 def test_run_tool_failure_raises_with_log_tail(installed_toolchain, tmp_path):
     log = tmp_path / "transform.log"
     with pytest.raises(ToolError) as ei:
-        toolchain.run_tool("model_transform", ["--model_name", "nope", "--model_def", "missing.onnx",
-                                               "--input_shapes", "[[1,4]]", "--mlir", "nope.mlir"],
-                           cwd=tmp_path, log=log)
+        run_tool("model_transform", ["--model_name", "nope", "--model_def", "missing.onnx",
+                                     "--input_shapes", "[[1,4]]", "--mlir", "nope.mlir"],
+                 cwd=tmp_path, log=log)
     err = ei.value
     assert err.tool == "model_transform"
     assert err.returncode != 0
     assert "missing.onnx" in " ".join(err.argv)
     assert log.exists() and err.tail.strip()
     assert err.tail.strip().splitlines()[-1] in log.read_text()
-    assert len(err.tail.splitlines()) <= toolchain.LOG_TAIL_LINES + 1
+    assert len(err.tail.splitlines()) <= LOG_TAIL_LINES + 1
     assert "model_transform failed" in str(err)
 
 
 def test_run_tool_unknown_tool(installed_toolchain, tmp_path):
     with pytest.raises(FluxcError, match="unknown TPU-MLIR tool"):
-        toolchain.run_tool("no_such_tool", [], cwd=tmp_path, log=tmp_path / "x.log")
+        run_tool("no_such_tool", [], cwd=tmp_path, log=tmp_path / "x.log")
 
 
 def test_run_tool_parallel_simulator_runs(smoke_result, tmp_path):
@@ -130,11 +136,11 @@ def test_run_tool_parallel_simulator_runs(smoke_result, tmp_path):
     def one(i: int) -> None:
         d = tmp_path / f"run{i}"
         try:
-            toolchain.run_tool("model_runner", ["--model", work / "smoke.bmodel", "--input", work / "smoke_in.npz",
-                                                "--output", d / "out.npz"], cwd=d, log=d / "run.log")
+            run_tool("model_runner", ["--model", work / "smoke.bmodel", "--input", work / "smoke_in.npz",
+                                      "--output", d / "out.npz"], cwd=d, log=d / "run.log")
             with np.load(d / "out.npz") as out:
                 y = out[out.files[0]].reshape(ref.shape)
-            assert np.abs(y - ref).max() <= toolchain.SMOKE_MAX_ABS
+            assert np.abs(y - ref).max() <= SMOKE_MAX_ABS
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -159,20 +165,20 @@ def test_missing_python310_env_is_one_line_error(tmp_path):
 def test_wrong_version_python310_env_is_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FLUXC_PYTHON310", sys.executable)  # the project venv: Python 3.11
     with pytest.raises(FluxcError, match="not a usable Python 3.10"):
-        toolchain.find_python310()
+        find_python310()
 
 
 def test_status_reports_half_installed_folder(tmp_path):
     """A folder for the real spec without a completion marker is reported incomplete."""
     cache = tmp_path / "cache"
-    half = cache / "toolchain" / toolchain.DEFAULT_SPEC.folder_name
+    half = cache / "toolchain" / DEFAULT_SPEC.folder_name
     (half / "bin").mkdir(parents=True)
     (half / "bin" / "python").symlink_to(sys.executable)
     r = _cli(["toolchain", "status"], {"FLUXC_CACHE": str(cache)})
     assert r.returncode != 0
     assert "incomplete" in r.stderr and "fluxc toolchain install" in r.stderr, r.stderr
     # and a marker for another spec is not trusted either
-    (half / toolchain.MARKER_NAME).write_text(json.dumps({"format": 1, "spec_hash": "0" * 64}))
+    (half / MARKER_NAME).write_text(json.dumps({"format": 1, "spec_hash": "0" * 64}))
     r = _cli(["toolchain", "status"], {"FLUXC_CACHE": str(cache)})
     assert r.returncode != 0 and "incomplete" in r.stderr
     r = _cli(["toolchain", "status"], {"FLUXC_CACHE": str(tmp_path / "empty")})
@@ -183,7 +189,7 @@ def test_install_repairs_half_installed_real_toolchain(installed_toolchain, tmp_
     """A half-installed real toolchain (what an install killed during pip leaves) is reported
     incomplete by status and rebuilt, not trusted, by install."""
     cache = tmp_path / "cache"
-    half = cache / "toolchain" / toolchain.DEFAULT_SPEC.folder_name
+    half = cache / "toolchain" / DEFAULT_SPEC.folder_name
     (half / "bin").mkdir(parents=True)
     (half / "bin" / "python").symlink_to(sys.executable)
     (half / "leftover-from-interrupted-install").write_text("x")
@@ -195,8 +201,8 @@ def test_install_repairs_half_installed_real_toolchain(installed_toolchain, tmp_
         assert "removing incomplete toolchain folder" in r.stdout, r.stdout
         assert not (half / "leftover-from-interrupted-install").exists()
         monkeypatch.setenv("FLUXC_CACHE", str(cache))
-        assert toolchain.state() == "ok"
-        assert toolchain.installed_versions()["tpu_mlir"] == toolchain.TPU_MLIR_VERSION
+        assert state() == "ok"
+        assert installed_versions()["tpu_mlir"] == TPU_MLIR_VERSION
         r = _cli(["toolchain", "status", "--no-smoke"], {"FLUXC_CACHE": str(cache)})
         assert r.returncode == 0 and "tpu_mlir 1.30.2" in r.stdout, r.stderr
     finally:
@@ -205,44 +211,44 @@ def test_install_repairs_half_installed_real_toolchain(installed_toolchain, tmp_
 
 def test_install_repairs_half_installed_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("FLUXC_CACHE", str(tmp_path / "cache"))
-    venv = toolchain.toolchain_dir(TINY_SPEC)
+    venv = toolchain_dir(TINY_SPEC)
     # what an install killed during pip leaves behind: a venv-looking folder, no marker
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").write_text("#!/bin/sh\nexit 1\n")
     (venv / "leftover-from-interrupted-install").write_text("x")
-    assert toolchain.state(TINY_SPEC) == "incomplete"
+    assert state(TINY_SPEC) == "incomplete"
     with pytest.raises(FluxcError, match="not installed \\(or incomplete\\)"):
-        toolchain.require_toolchain(TINY_SPEC)
+        require_toolchain(TINY_SPEC)
 
     lines: list[str] = []
-    assert toolchain.install(progress=lines.append, spec=TINY_SPEC) == venv
+    assert install(progress=lines.append, spec=TINY_SPEC) == venv
     assert any("removing incomplete toolchain folder" in ln for ln in lines), lines
     assert not (venv / "leftover-from-interrupted-install").exists()
-    assert toolchain.state(TINY_SPEC) == "ok"
-    marker = json.loads((venv / toolchain.MARKER_NAME).read_text())
+    assert state(TINY_SPEC) == "ok"
+    marker = json.loads((venv / MARKER_NAME).read_text())
     assert marker["spec_hash"] == TINY_SPEC.hash and marker["versions"]["psutil"]
     assert marker["versions"]["python"].startswith("3.10.")
     assert marker["installer"] == "uv"  # the default installer (the pip one: next test)
 
     # second install: a no-op
     lines.clear()
-    toolchain.install(progress=lines.append, spec=TINY_SPEC)
+    install(progress=lines.append, spec=TINY_SPEC)
     assert lines == [f"toolchain already installed at {venv}"]
 
     # a damaged marker makes it untrusted again (install would wipe and rebuild it, as above)
-    (venv / toolchain.MARKER_NAME).write_text("{not json")
-    assert toolchain.state(TINY_SPEC) == "incomplete"
+    (venv / MARKER_NAME).write_text("{not json")
+    assert state(TINY_SPEC) == "incomplete"
     with pytest.raises(FluxcError, match="not installed \\(or incomplete\\)"):
-        toolchain.require_toolchain(TINY_SPEC)
+        require_toolchain(TINY_SPEC)
 
 
 def test_concurrent_installs_serialise(tmp_path):
     """Two processes installing the same spec at once: both succeed, one venv, one marker.
     Uses the plain pip installer (the fallback when uv cannot be bootstrapped)."""
     cache = tmp_path / "cache"
-    code = ("import sys; from fluxc import toolchain; sys.path.insert(0, %r); "
+    code = ("import sys; from fluxc.toolchain.install import install; sys.path.insert(0, %r); "
             "from tests.test_toolchain import TINY_SPEC; "
-            "print(toolchain.install(progress=lambda s: print(s, flush=True), spec=TINY_SPEC))" % str(REPO))
+            "print(install(progress=lambda s: print(s, flush=True), spec=TINY_SPEC))" % str(REPO))
     env = dict(os.environ, FLUXC_CACHE=str(cache), FLUXC_TOOLCHAIN_INSTALLER="pip")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=env, cwd=REPO) for _ in range(2)]
@@ -252,24 +258,24 @@ def test_concurrent_installs_serialise(tmp_path):
     assert both.count("[5/5] toolchain ready") == 1, both
     assert "already installed" in both
     assert "installed with pip" in both
-    marker = json.loads((cache / "toolchain" / TINY_SPEC.folder_name / toolchain.MARKER_NAME).read_text())
+    marker = json.loads((cache / "toolchain" / TINY_SPEC.folder_name / MARKER_NAME).read_text())
     assert marker["installer"] == "pip"
 
 
 def test_model_deploy_outside_mlir_folder_is_refused(installed_toolchain, tmp_path):
     (tmp_path / "sub").mkdir()
     with pytest.raises(FluxcError, match="folder holding the .mlir"):
-        toolchain.run_tool("model_deploy", ["--mlir", "sub/x.mlir", "--quantize", "BF16", "--chip", "bm1684x",
-                                            "--model", "x.bmodel"], cwd=tmp_path, log=tmp_path / "d.log")
+        run_tool("model_deploy", ["--mlir", "sub/x.mlir", "--quantize", "BF16", "--chip", "bm1684x",
+                                  "--model", "x.bmodel"], cwd=tmp_path, log=tmp_path / "d.log")
 
 
 def test_killed_install_is_not_trusted(tmp_path):
     """kill -9 of an install in the middle of its package step leaves a folder that is reported
     incomplete (no marker), and no orphaned pip/uv keeps writing into it."""
     cache = tmp_path / "cache"
-    code = ("import sys; from fluxc import toolchain; sys.path.insert(0, %r); "
+    code = ("import sys; from fluxc.toolchain.install import install; sys.path.insert(0, %r); "
             "from tests.test_toolchain import TINY_SPEC; "
-            "toolchain.install(progress=lambda s: print(s, flush=True), spec=TINY_SPEC)" % str(REPO))
+            "install(progress=lambda s: print(s, flush=True), spec=TINY_SPEC)" % str(REPO))
     env = dict(os.environ, FLUXC_CACHE=str(cache))
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, env=env, cwd=REPO)
@@ -295,8 +301,8 @@ def test_killed_install_is_not_trusted(tmp_path):
     old = os.environ.get("FLUXC_CACHE")
     os.environ["FLUXC_CACHE"] = str(cache)
     try:
-        assert venv.exists() and not (venv / toolchain.MARKER_NAME).exists()
-        assert toolchain.state(TINY_SPEC) == "incomplete"
+        assert venv.exists() and not (venv / MARKER_NAME).exists()
+        assert state(TINY_SPEC) == "incomplete"
     finally:
         if old is None:
             os.environ.pop("FLUXC_CACHE")
@@ -309,9 +315,9 @@ def test_run_tool_timeout_kills_the_whole_tool(installed_toolchain, tmp_path):
     are killed, and ToolError says so."""
     marker = str(tmp_path / "timeout-probe.onnx")
     with pytest.raises(ToolError) as ei:
-        toolchain.run_tool("model_transform", ["--model_name", "t", "--model_def", marker,
-                                               "--input_shapes", "[[1,4]]", "--mlir", "t.mlir"],
-                           cwd=tmp_path, log=tmp_path / "t.log", timeout=1.5)
+        run_tool("model_transform", ["--model_name", "t", "--model_def", marker,
+                                     "--input_shapes", "[[1,4]]", "--mlir", "t.mlir"],
+                 cwd=tmp_path, log=tmp_path / "t.log", timeout=1.5)
     assert "timed out" in ei.value.tail
     time.sleep(1)
     left = [d.name for d in Path("/proc").iterdir() if d.name.isdigit() and _cmdline_has(d, marker)]
@@ -343,16 +349,16 @@ def _alive_cmd(text: str) -> list[str]:
 
 def test_launcher_passes_env_and_exit_code_and_cleans_the_group(tmp_path):
     env = {**os.environ, "FLUXC_LAUNCHER_PROBE": "bar"}
-    toolchain._run_logged(["/bin/sh", "-c", 'test "$FLUXC_LAUNCHER_PROBE" = bar && pwd'], tmp_path, tmp_path / "a.log",
-                          env, None, "probe", guarded=True)
+    run_logged(["/bin/sh", "-c", 'test "$FLUXC_LAUNCHER_PROBE" = bar && pwd'], tmp_path, tmp_path / "a.log",
+               env, None, "probe", guarded=True)
     assert str(tmp_path) in (tmp_path / "a.log").read_text()
     with pytest.raises(ToolError) as ei:
-        toolchain._run_logged(["/bin/sh", "-c", "echo out; exit 3"], tmp_path, tmp_path / "b.log", env, None, "probe",
-                              guarded=True)
+        run_logged(["/bin/sh", "-c", "echo out; exit 3"], tmp_path, tmp_path / "b.log", env, None, "probe",
+                   guarded=True)
     assert ei.value.returncode == 3 and "out" in ei.value.tail
     # a tool that exits but leaves a background child: the child goes with it
-    toolchain._run_logged(["/bin/sh", "-c", "sleep 1041.5 & exit 0"], tmp_path, tmp_path / "c.log", env, None,
-                          "probe", guarded=True)
+    run_logged(["/bin/sh", "-c", "sleep 1041.5 & exit 0"], tmp_path, tmp_path / "c.log", env, None,
+               "probe", guarded=True)
     time.sleep(0.5)
     assert not _alive_cmd(SLEEP + "1041.5")
 
@@ -360,8 +366,8 @@ def test_launcher_passes_env_and_exit_code_and_cleans_the_group(tmp_path):
 def test_launcher_kills_the_tool_tree_when_fluxc_is_killed(tmp_path):
     """kill -9 of the process that ran the tool: the tool and its children die too (before the
     launcher, they were re-parented to init and kept running)."""
-    code = ("import os, sys; from pathlib import Path; from fluxc import toolchain; "
-            "toolchain._run_logged(['/bin/sh', '-c', 'sleep 1042.5 & sleep 1043.5; :'], Path(sys.argv[1]), "
+    code = ("import os, sys; from pathlib import Path; from fluxc.toolchain.process import run_logged; "
+            "run_logged(['/bin/sh', '-c', 'sleep 1042.5 & sleep 1043.5; :'], Path(sys.argv[1]), "
             "Path(sys.argv[1]) / 't.log', dict(os.environ), None, 'probe', guarded=True)")
     driver = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO)
     try:

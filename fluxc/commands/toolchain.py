@@ -6,6 +6,12 @@ import time
 import typer
 
 from fluxc.errors import FluxcError
+from fluxc.toolchain import toolchain_version
+from fluxc.toolchain.install import install as install_toolchain
+from fluxc.toolchain.install import installed_versions
+from fluxc.toolchain.installed import state, toolchain_dir
+from fluxc.toolchain.smoke import smoke_check
+from fluxc.versions import format_versions
 
 app = typer.Typer(
     help="The isolated TPU-MLIR toolchain (Python 3.10 venv with tpu_mlir, outside the repo).\n\n"
@@ -27,9 +33,7 @@ def install() -> None:
 
     Example: fluxc toolchain install
     """
-    from fluxc import toolchain
-
-    toolchain.install(progress=_say)
+    install_toolchain(progress=_say)
 
 
 @app.command()
@@ -45,23 +49,21 @@ def status(
 
     Example: fluxc toolchain status
     """
-    from fluxc import toolchain
-
-    where = toolchain.toolchain_dir()
-    st = toolchain.state()
+    where = toolchain_dir()
+    st = state()
     if st == "missing":
         raise FluxcError(f"TPU-MLIR toolchain is not installed at {where}; run `fluxc toolchain install`")
     if st == "incomplete":
         raise FluxcError(f"TPU-MLIR toolchain at {where} is incomplete (no valid completion marker: an "
                          "interrupted or different install); run `fluxc toolchain install` to repair it")
-    versions = toolchain.installed_versions()
+    versions = installed_versions()
     _say(f"toolchain: {where}")
-    _say("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items() if v))
-    _say(f"compiler id: {toolchain.toolchain_version()}")
+    _say("versions: " + format_versions(versions))
+    _say(f"compiler id: {toolchain_version()}")
     if not smoke:
         return
     t0 = time.monotonic()
-    r = toolchain.smoke_check(progress=_say)
+    r = smoke_check(progress=_say)
     secs = ", ".join(f"{k} {v:.1f}s" for k, v in r["seconds"].items())
     _say(f"smoke check OK: simulator vs numpy max abs error {r['max_abs_err']:.3g} "
          f"(|ref| max {r['max_abs_ref']:.3g}), cosine {r['cosine']:.6f}; "

@@ -28,6 +28,7 @@ from fluxc.export.source import (HUB_IDS, Source, WeightStore, check_flux_folder
                                  read_json, resolve)
 from fluxc.fsutil import atomic_path, sha256_file, sha256_json, write_json_atomic
 from fluxc.specs import FLUX_TYPES, FluxDims, PieceSpec, piece_specs
+from fluxc.versions import library_versions
 
 # Component folder (and model class) per piece family.
 FAMILY_COMPONENT = {"clip": "text_encoder", "t5": "text_encoder_2", "transformer": "transformer"}
@@ -70,18 +71,6 @@ class ExportResult:
     traced: list[str] = field(default_factory=list)  # exported through torch (the others were rebound)
     probes: int = 0  # probe pieces in probe/ (exported or unchanged)
     sizes: list[str] = field(default_factory=list)  # WIDTHxHEIGHT of every image size of the export
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("fluxc", "torch", "diffusers", "transformers", "onnx"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def code_hash() -> str:

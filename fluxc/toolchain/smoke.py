@@ -14,7 +14,6 @@ from fluxc.errors import FluxcError
 from fluxc.toolchain.installed import require_toolchain, toolchain_dir
 from fluxc.toolchain.run import run_tool
 
-
 SMOKE_SHAPE = (1, 16)
 SMOKE_OUT = 8
 SMOKE_MIN_COSINE = 0.999

@@ -23,11 +23,10 @@ HELD_OUT = {"double_block": "dev_trans_block_2", "single_block": "dev_single_tra
 
 def test_export_traces_each_block_kind_once(export_dev):
     m = load_manifest(export_dev)
-    from fluxc.export.pieces import piece_kind
 
     kinds = {}
     for s in m.specs:
-        kinds.setdefault(piece_kind(s), []).append(s.name)
+        kinds.setdefault(s.kind, []).append(s.name)
     for kind, held in HELD_OUT.items():
         assert held in kinds[kind][1:]
     # every piece references the checkpoint's tensors in place: no weight copies in the folder
@@ -44,7 +43,6 @@ def test_export_traces_each_block_kind_once(export_dev):
 def test_rebound_piece_equals_direct_export(export_dev, tmp_path, kind):
     """Trace the held-out block alone (no template) and compare the files byte for byte."""
     from fluxc.export.driver import ExportOptions, _export_one, resolve_inputs
-    from fluxc.export.pieces import piece_parts
 
     m = load_manifest(export_dev)
     spec = m.spec(HELD_OUT[kind])
@@ -53,7 +51,7 @@ def test_rebound_piece_equals_direct_export(export_dev, tmp_path, kind):
                          t5_len=m.options["t5_seq_len"])
     ckpt, _, dims, _ = resolve_inputs(opts)
     out.mkdir()
-    e = _export_one(spec, dims, ckpt, out, list(piece_parts(spec)), None)
+    e = _export_one(spec, dims, ckpt, out, list(spec.parts), None)
     # The same graph, the same references; the only freedom is the exporter's counter for
     # anonymous tensors ("onnx::Unsqueeze_25"), which block 0 of T5 shifts by one (its module
     # has one more, unused, parameter): compare with those names renumbered in order.

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 FLUX_TYPES = ("dev", "schnell")
+# Denoising steps when none are asked for: what each model card recommends.
+DEFAULT_STEPS = {"dev": 28, "schnell": 4}
 
 # Which quantisation group a piece belongs to; recipes map groups to TPU-MLIR options.
 GROUPS = (

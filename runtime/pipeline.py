@@ -17,6 +17,7 @@ import numpy as np
 from fluxc.errors import FluxcError
 from fluxc.runtime.scheduler import FlowMatchEulerScheduler
 from fluxc.runtime.prompt_tokens import PromptTokenizer
+from fluxc.specs import DEFAULT_STEPS
 
 DEFAULT_PROMPT = "A cat holding a sign that says hello world"
 
@@ -178,7 +179,7 @@ class FluxPipeline:
                  on_step: Callable[[int, int], None] | None = None) -> Result:
         d = self.dims
         if steps is None:
-            steps = 4 if d.flux_type == "schnell" else 28
+            steps = DEFAULT_STEPS[d.flux_type]
         notes = []
         timings = {}
         t0 = time.perf_counter()

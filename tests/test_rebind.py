@@ -195,7 +195,7 @@ def test_probe_pieces_are_checked_in_place_of_full_pieces(compiled_dev_bf16, com
     m2 = load_manifest(exp)
     assert len(m2.probe["pieces"]) == len(PROBE_KINDS)
     ws = make_workspace(tmp_path / "ws", exp)
-    rep = compile_into(ws, compile_build_dir, ["--quantize", "BF16", "--devices", "3"])
+    rep = compile_into(ws, compile_build_dir, ["--quantize", "BF16", "--num-devices", "3"])
     assert rep["checked"].startswith("probe pieces")
     assert len(rep["probe_checks"]) == len(PROBE_KINDS)
     for name, p in rep["probe_checks"].items():
@@ -210,7 +210,7 @@ def test_estimate_only_gives_the_split_of_the_real_build(compiled_dev_bf16, comp
     from tests.fixtures_compile import run_fluxc_compile
 
     out = tmp_path / "est"
-    r = run_fluxc_compile([compiled_dev_bf16 / "onnx", "--quantize", "BF16", "--devices", "3", "--estimate-only",
+    r = run_fluxc_compile([compiled_dev_bf16 / "onnx", "--quantize", "BF16", "--num-devices", "3", "--estimate-only",
                            "--out", out, "--build-dir", compile_build_dir])
     assert r.returncode == 0, r.stderr[-2000:]
     est = json.loads((out / "estimate_report.json").read_text())

@@ -139,7 +139,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     quantize = normalize_quantize(opts.quantize)
     chip = get_chip(opts.chip).name  # one-line error listing the supported chips (fluxc/compile/chips.py)
     if not 1 <= opts.devices <= MAX_DEVICES:
-        raise FluxcError(f"--devices {opts.devices} is out of range; use 1..{MAX_DEVICES}")
+        raise FluxcError(f"--num-devices {opts.devices} is out of range; use 1..{MAX_DEVICES}")
     if opts.jobs is not None and opts.jobs < 1:
         raise FluxcError(f"--jobs {opts.jobs} is invalid; use 1 or more")
     recipe: Recipe = load_recipe(opts.recipe, chip)

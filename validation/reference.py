@@ -145,13 +145,13 @@ class ReferenceModels:
 
     def _streamed(self, component: str, folder: Path):
         """Meta model; the non-block tensors loaded now, each block's on its own call."""
-        from fluxc.export.driver import _construct
+        from fluxc.export.checkpoint import construct_model
         from fluxc.export.loading import build_on_meta, materialize, release
         from fluxc.export.source import WeightStore, read_json
 
         self.say(f"reference: streaming {component} from {folder} one block at a time")
         cfg = read_json(folder / "config.json", f"{component} config")
-        model = build_on_meta(lambda: _construct(component, cfg, folder))
+        model = build_on_meta(lambda: construct_model(component, cfg, folder))
         store = WeightStore.open(folder, component)
         units = _stream_units(component, model)
         rest = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters(remove_duplicate=False)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +100,3 @@ class FlowMatchEulerScheduler:
         sample = sample.astype(np.float32)
         dt = np.float32(self.sigmas[index + 1] - self.sigmas[index])
         return (sample + dt * model_output.astype(np.float32)).astype(np.float32)
-
-
-def warn_unused(config: dict) -> None:
-    if config.get("use_dynamic_shifting") is None:
-        warnings.warn("scheduler config has no use_dynamic_shifting; assuming false")

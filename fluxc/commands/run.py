@@ -101,7 +101,7 @@ def _open_download(plan, backend: str, devices, height, width, say, runtime_chip
     from fluxc.runtime.reference_layout import open_download
 
     if backend in SAIL_BACKENDS:
-        from fluxc.runtime.engines import check_devices, import_sail
+        from fluxc.runtime.sail_engine import check_devices, import_sail
 
         check_devices(import_sail(backend), list(devices) if devices else list(range(plan.devices)))
     ms, man = open_download(plan, backend, devices, progress=say, runtime_chip=runtime_chip)
@@ -128,7 +128,7 @@ def _open_sail(models: Path, backend: str, man, quantize, devices, say):
     """Check the device ids, open the build's bmodels through sail (or the stand-in) and lay
     out the device tensors (runtime/sail_flux.py). Nothing runs unless all of it fits."""
     from fluxc import workspace
-    from fluxc.runtime.engines import check_devices, import_sail
+    from fluxc.runtime.sail_engine import check_devices, import_sail
     from fluxc.runtime.models import open_bmodels, read_build
     from fluxc.runtime.pipeline import FluxPipeline
     from fluxc.runtime.sail_flux import SailFlux

@@ -27,10 +27,8 @@ from fluxc.export.dims import build_dims, check_resolution, size_label
 from fluxc.export.source import (HUB_IDS, Source, WeightStore, check_flux_folder, detect_flux_type, model_revision,
                                  read_json, resolve)
 from fluxc.fsutil import atomic_path, sha256_file, sha256_json, write_json_atomic
-from fluxc.specs import FLUX_TYPES, FluxDims, PieceSpec, piece_specs
+from fluxc.specs import FLUX_TYPES, KINDS, FluxDims, PieceSpec, piece_specs
 
-# Component folder (and model class) per piece family.
-FAMILY_COMPONENT = {"clip": "text_encoder", "t5": "text_encoder_2", "transformer": "transformer"}
 TINY_VAE_PATTERNS = ["config.json", "*.safetensors"]
 
 
@@ -169,26 +167,15 @@ def _construct(component: str, cfg: dict[str, Any], folder: Path):
     raise ValueError(component)
 
 
-def component_of(spec: PieceSpec, dims: FluxDims) -> str:
-    if spec.family == "vae":
-        return "tiny_vae" if dims.tiny_vae else "vae"
-    return FAMILY_COMPONENT[spec.family]
-
-
 # ---------------------------------------------------------------------------------------------
 # The piece wrappers (fluxc.export.pieces, written separately): the only coupling point.
-
-def piece_prefixes(spec: PieceSpec, dims: FluxDims, ckpt: "Checkpoint") -> list[str]:
-    from fluxc.export import pieces
-
-    return list(pieces.piece_parts(spec))
-
+# A piece's component (checkpoint subfolder) and weight prefixes are its kind's (fluxc.specs.KINDS).
 
 def build_piece(spec: PieceSpec, dims: FluxDims, ckpt: "Checkpoint"):
     """The wrapper module; its in-memory patches are undone by `unpatch` after export."""
     from fluxc.export import pieces
 
-    return pieces.build_piece_module(spec, dims, ckpt.model(component_of(spec, dims)))
+    return pieces.build_piece_module(spec, dims, ckpt.model(spec.component))
 
 
 def unpatch(module) -> None:
@@ -349,8 +336,8 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
 
     plan: list[tuple[PieceSpec, str, list[str]]] = []
     for spec in specs:
-        comp = component_of(spec, dims)
-        prefixes = piece_prefixes(spec, dims, ckpt)
+        comp = spec.component
+        prefixes = list(spec.parts)
         plan.append((spec, _piece_key(spec, comp, prefixes, ckpt, code, versions), prefixes))
     todo = [s.name for s, k, _ in plan if not _entry_ok(out, old_entries.get(s.name), k)]
 
@@ -377,7 +364,7 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
     total = len(plan) + sum(len(x[2]) for x in extra) + (len(probe_specs(dims)[1]) if _want_probe(opts, dims) else 0)
     with _progress(show_progress, total) as advance:
         for spec, key, prefixes in plan:
-            comp = component_of(spec, dims)
+            comp = spec.component
             if spec.name not in todo:
                 e = dict(old_entries[spec.name])
                 e.update(spec.to_dict())
@@ -431,7 +418,6 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
 # ---------------------------------------------------------------------------------------------
 # One piece: traced through torch, or rebound from the first block of its kind
 
-REPEATED_KINDS = ("clip_block", "t5_block", "double_block", "single_block")
 
 
 def _weight_entry(out: Path, refs: dict) -> dict[str, Any]:
@@ -452,7 +438,7 @@ def _export_one(spec: PieceSpec, dims: FluxDims, ckpt: Checkpoint, out: Path, pr
     from fluxc.export.onnx_io import export_piece
     from fluxc.export.weights import ref_for
 
-    comp = component_of(spec, dims)
+    comp = spec.component
     model = ckpt.model(comp)
     try:
         names = materialize(model, prefixes, ckpt.stores[comp], comp)
@@ -491,10 +477,8 @@ def _export_one(spec: PieceSpec, dims: FluxDims, ckpt: Checkpoint, out: Path, pr
 
 
 def _remember_template(spec: PieceSpec, entry: dict[str, Any], templates: dict) -> None:
-    from fluxc.export.pieces import piece_kind
-
-    kind = piece_kind(spec)
-    if kind in REPEATED_KINDS and kind not in templates and entry.get("weights") and not entry.get("external_data"):
+    kind = spec.kind
+    if KINDS[kind].repeated and kind not in templates and entry.get("weights") and not entry.get("external_data"):
         templates[kind] = (spec, dict(entry["weights"]))
 
 
@@ -504,18 +488,17 @@ def _rebind(spec: PieceSpec, dims: FluxDims, ckpt: Checkpoint, out: Path, templa
     tensors), or None when that is not possible (first of its kind, other tensor names,
     dtypes or shapes): then it is traced."""
     from fluxc.export.onnx_io import rebind_piece
-    from fluxc.export.pieces import piece_kind, piece_parts
     from fluxc.export.weights import ref_for
 
-    kind = piece_kind(spec)
-    if kind not in REPEATED_KINDS or kind not in templates:
+    kind = spec.kind
+    if not KINDS[kind].repeated or kind not in templates:
         return None
     tspec, tkeys = templates[kind]
     if tspec.inputs != spec.inputs or tspec.outputs != spec.outputs:
         return None
-    comp = component_of(spec, dims)
+    comp = spec.component
     store = ckpt.stores[comp]
-    own_t, own = piece_parts(tspec)[0], piece_parts(spec)[0]
+    own_t, own = tspec.parts[0], spec.parts[0]
     refs = {}
     for wname, tkey in tkeys.items():
         key = tkey.replace(own_t, own, 1) if own_t in tkey else tkey
@@ -536,7 +519,7 @@ def _rebind(spec: PieceSpec, dims: FluxDims, ckpt: Checkpoint, out: Path, templa
         from fluxc.export.loading import materialize, release
 
         model = ckpt.model(comp)
-        prefixes = list(piece_parts(spec))
+        prefixes = list(spec.parts)
         try:
             materialize(model, prefixes, store, comp)
             module = build_piece(spec, dims, ckpt)
@@ -612,8 +595,8 @@ def _export_sizes(opts: ExportOptions, ckpt: Checkpoint, dims: FluxDims, extra: 
         templates: dict[str, tuple[PieceSpec, dict[str, str]]] = {}  # this size's own first block per kind
         entries = []
         for spec in specs:
-            comp = component_of(spec, d)
-            prefixes = piece_prefixes(spec, d, ckpt)
+            comp = spec.component
+            prefixes = list(spec.parts)
             key = _piece_key(spec, comp, prefixes, ckpt, code, versions)
             tag = f"{spec.name} @{size_label(h, w)}"
             if _entry_ok(sout, old_e.get(spec.name), key):
@@ -655,19 +638,17 @@ PROBE_DIR = "probe"
 PROBE_HW = 128  # 64 image tokens
 PROBE_T5 = 32
 PROBE_AUTO_TOKENS = 1024  # probes by default above 512x512
-PROBE_KINDS = ("t5_block", "transformer_head", "double_block", "single_block", "transformer_tail", "vae")
+PROBE_KINDS = ("t5_block", "transformer_head", "double_block", "single_block", "transformer_tail", "vae", "tiny_vae")
 
 
 def probe_specs(dims: FluxDims) -> tuple[FluxDims, list[PieceSpec]]:
     """The probe dims and the first piece of each probed kind at those dims."""
     import dataclasses
 
-    from fluxc.export.pieces import piece_kind
-
     pdims = dataclasses.replace(dims, height=PROBE_HW, width=PROBE_HW, t5_len=min(PROBE_T5, dims.t5_len))
     seen, out = set(), []
     for s in piece_specs(pdims):
-        k = piece_kind(s)
+        k = s.kind
         if k in PROBE_KINDS and k not in seen:
             seen.add(k)
             out.append(s)
@@ -682,7 +663,6 @@ def _want_probe(opts: ExportOptions, dims: FluxDims) -> bool:
 
 def _export_probes(opts: ExportOptions, ckpt: Checkpoint, dims: FluxDims, out: Path, old: dict | None,
                    code: str, versions, advance) -> dict[str, Any] | None:
-    from fluxc.export.pieces import piece_parts
     from fluxc.export.weights import prune_unused
 
     pout = out / PROBE_DIR
@@ -695,8 +675,8 @@ def _export_probes(opts: ExportOptions, ckpt: Checkpoint, dims: FluxDims, out: P
     old_e = {} if (old is None or opts.force) else {e.get("name"): e for e in (old.get("probe") or {}).get("pieces", [])}
     entries = []
     for spec in specs:
-        comp = component_of(spec, pdims)
-        prefixes = list(piece_parts(spec))
+        comp = spec.component
+        prefixes = list(spec.parts)
         key = _piece_key(spec, comp, prefixes, ckpt, code, versions)
         if _entry_ok(pout, old_e.get(spec.name), key):
             entries.append({**old_e[spec.name], **spec.to_dict()})

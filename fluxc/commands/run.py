@@ -129,9 +129,9 @@ def _open_download(plan, backend: str, devices, height, width, say, runtime_chip
 def _open_sail(chip_dir: Path, backend: str, man, quantize, devices, say):
     """Check the device ids, open the build's bmodels through sail (or the stand-in) and lay
     out the device tensors (runtime/sail_flux.py). Nothing runs unless all of it fits."""
-    from fluxc.runtime.sail_engine import check_devices, import_sail
     from fluxc.runtime.models import open_bmodels, read_build
     from fluxc.runtime.pipeline import FluxPipeline
+    from fluxc.runtime.sail_engine import check_devices, import_sail
     from fluxc.runtime.sail_flux import SailFlux
 
     d = man.dims

@@ -206,7 +206,7 @@ def device_mem_mb(report: dict, export_dir: Path | None = None) -> tuple[list[fl
         by_piece = {s.name: s for s in man.specs}
         where = {by_piece[p].net_name: c["device"] for c in dm for p in c["pieces"]}
         specs = {s.net_name: s for s in man.specs if s.net_name in where}
-        io = io_bytes_per_device(specs, where, man.dims.flux_type)
+        io = io_bytes_per_device(specs, where)
         return ([round(c["modeled_mb"] + io.get(c["device"], 0) / MB, 1) for c in dm],
                 "estimate_report.json: every piece compiled and measured by model_tool --info (bmodels not kept: "
                 "the disk holds one build), summed per chip as the combined files hold them (weight + "

@@ -37,7 +37,7 @@ def torch_models(model_dir: str, tiny_vae: bool):
         "transformer": FluxTransformer2DModel.from_pretrained(d / "transformer").float().eval(),
         "text_encoder": CLIPTextModel.from_pretrained(d / "text_encoder").float().eval(),
         "text_encoder_2": T5EncoderModel.from_pretrained(d / "text_encoder_2").float().eval(),
-        "vae": vae.float().eval(),
+        "tiny_vae" if tiny_vae else "vae": vae.float().eval(),  # keyed by the component the VAE piece reads
     }
 
 
@@ -231,7 +231,7 @@ def test_vae_piece_matches_vae_decode(exported):
 
     m = load_manifest(exported)
     d, models, sess = m.dims, models_of(m), sessions(m)
-    vae = models["vae"]
+    vae = models["tiny_vae" if d.tiny_vae else "vae"]
     lat = np.random.default_rng(3).standard_normal((1, d.latent_channels, d.latent_h, d.latent_w)).astype(np.float32)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
@@ -314,7 +314,7 @@ def test_interrupted_export_is_not_marked_complete(export_dev, tmp_path):
 # ----------------------------------------------------------------------------- memory
 def test_blocks_are_materialised_one_at_a_time(tiny_model_dir_for_export):
     """Loading a piece materialises exactly its own tensors; releasing frees them all."""
-    from fluxc.export.driver import Checkpoint
+    from fluxc.export.checkpoint import Checkpoint
     from fluxc.export.loading import _param_slots, loaded_bytes, materialize, release
     from fluxc.export.source import resolve
     from fluxc.export.dims import build_dims

@@ -42,7 +42,8 @@ def test_export_traces_each_block_kind_once(export_dev):
 @pytest.mark.parametrize("kind", sorted(HELD_OUT))
 def test_rebound_piece_equals_direct_export(export_dev, tmp_path, kind):
     """Trace the held-out block alone (no template) and compare the files byte for byte."""
-    from fluxc.export.driver import ExportOptions, _export_one, resolve_inputs
+    from fluxc.export.driver import ExportOptions, resolve_inputs
+    from fluxc.export.piece_export import export_one
 
     m = load_manifest(export_dev)
     spec = m.spec(HELD_OUT[kind])
@@ -51,7 +52,7 @@ def test_rebound_piece_equals_direct_export(export_dev, tmp_path, kind):
                          t5_len=m.options["t5_seq_len"])
     ckpt, _, dims, _ = resolve_inputs(opts)
     out.mkdir()
-    e = _export_one(spec, dims, ckpt, out, list(spec.parts), None)
+    e = export_one(spec, dims, ckpt, out, list(spec.parts), None)
     # The same graph, the same references; the only freedom is the exporter's counter for
     # anonymous tensors ("onnx::Unsqueeze_25"), which block 0 of T5 shifts by one (its module
     # has one more, unused, parameter): compare with those names renumbered in order.
@@ -184,7 +185,8 @@ def test_probe_pieces_are_checked_in_place_of_full_pieces(compiled_dev_bf16, com
     probes on the simulator and compiles the full pieces without the simulator run. At the
     tiny fixture's own shape the probes equal the fixture's first blocks, so they come from the
     cache; at full size they are separate small pieces."""
-    from fluxc.export.driver import PROBE_KINDS, ExportOptions, run_export
+    from fluxc.export.driver import ExportOptions, run_export
+    from fluxc.export.probes import PROBE_KINDS
     from tests.fixtures_compile import compile_into, make_workspace
 
     src = compiled_dev_bf16 / "onnx"

@@ -357,7 +357,7 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
     say("memory: per device as the build record places the files (model_tool --info figures of the record "
         "for files whose sha256 matches, measured again otherwise) plus the I/O tensors the sail runtime "
         "allocates there")
-    io = io_bytes_per_device({p.net: p.spec for p in rec.pieces}, {p.net: p.device for p in rec.pieces}, rec.flux_type)
+    io = io_bytes_per_device({p.net: p.spec for p in rec.pieces}, {p.net: p.device for p in rec.pieces})
     for dev in range(rec.devices):
         total, parts, unread = io.get(dev, 0), [f"I/O tensors {io.get(dev, 0) / 2**20:.1f} MB"], []
         for f in rec.on_device(dev):

@@ -24,9 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from fluxc.errors import FluxcError
+from fluxc.fsutil import write_json_atomic
 from fluxc.specs import FluxDims, PieceSpec
 
 MANIFEST = "manifest.json"
+# The export's side files (key in the manifest's "files" -> path in the export folder)
+SIDE_FILES = {"tokenizer": "tokenizer", "tokenizer_2": "tokenizer_2", "rotary_emb": "rotary_emb.npy",
+              "vae_config": "vae_config.json", "scheduler_config": "scheduler/scheduler_config.json",
+              "tiny_vae_config": "tiny_vae_config.json"}
 FORMAT = 1
 
 
@@ -103,25 +108,34 @@ class Manifest:
     def sha256(self, piece: str) -> str:
         return self.entries[piece]["sha256"]
 
-    @property
-    def rotary_path(self) -> Path:
-        return self.export_dir / self.files.get("rotary_emb", "rotary_emb.npy")
+    def side_file(self, key: str) -> Path:
+        """Where one of the export's side files (SIDE_FILES) is."""
+        return self.export_dir / self.files.get(key, SIDE_FILES[key])
 
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.export_dir / self.files.get("tokenizer", "tokenizer")
+    rotary_path = property(lambda self: self.side_file("rotary_emb"))
+    tokenizer_dir = property(lambda self: self.side_file("tokenizer"))
+    tokenizer_2_dir = property(lambda self: self.side_file("tokenizer_2"))
+    vae_config_path = property(lambda self: self.side_file("vae_config"))
+    scheduler_config_path = property(lambda self: self.side_file("scheduler_config"))
 
-    @property
-    def tokenizer_2_dir(self) -> Path:
-        return self.export_dir / self.files.get("tokenizer_2", "tokenizer_2")
 
-    @property
-    def vae_config_path(self) -> Path:
-        return self.export_dir / self.files.get("vae_config", "vae_config.json")
+def write_manifest(out: Path, *, source: dict, options: dict, versions: dict, dims: FluxDims, files: dict,
+                   pieces: list[dict], probe: dict | None = None, resolutions: list[dict] | None = None) -> None:
+    """Write OUT/manifest.json last, atomically, with "complete": true (left alone when unchanged)."""
+    manifest = {"format": FORMAT, "complete": True, "source": source, "options": options, "versions": versions,
+                "dims": dims.to_dict(), "files": files, "pieces": pieces}
+    if probe is not None:
+        manifest["probe"] = probe
+    if resolutions is not None:
+        manifest["resolutions"] = resolutions
+    if read_manifest_json(out) != manifest:
+        write_json_atomic(out / MANIFEST, manifest)
 
-    @property
-    def scheduler_config_path(self) -> Path:
-        return self.export_dir / self.files.get("scheduler_config", "scheduler/scheduler_config.json")
+
+def mark_incomplete(out: Path, old: dict) -> None:
+    """Before the folder changes: the old manifest re-written with "complete": false, so that no
+    later run trusts a half-updated export."""
+    write_json_atomic(out / MANIFEST, {**old, "complete": False})
 
 
 def read_manifest_json(export_dir: Path) -> dict[str, Any] | None:

@@ -55,3 +55,18 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+# A cache folder's marker, written last: only then is the folder trusted.
+COMPLETE = "COMPLETE"
+
+
+def read_complete_json(folder: Path, name: str) -> dict | None:
+    """FOLDER/NAME parsed, if FOLDER is complete (its COMPLETE marker exists) and NAME reads;
+    else None (the folder is then rebuilt)."""
+    if not (Path(folder) / COMPLETE).is_file():
+        return None
+    try:
+        return json.loads((Path(folder) / name).read_text())
+    except (OSError, ValueError):
+        return None

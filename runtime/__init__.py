@@ -10,7 +10,8 @@ simulator or sophon.sail underneath), small enough to copy to a board.
     result = FluxPipeline(models, man)("a red fox in the snow", steps=4, seed=42)
     result.image  # HxWx3 uint8
 
-Modules: engines (OnnxEngine, CmodelEngine + cmodel_worker.py, SailEngine: open a model, list
-its nets, process(net, inputs)), models (which file holds which net), scheduler (numpy
+Modules: engine (the interface: open a model, list its nets, process(net, inputs)) with
+onnx_engine, cmodel_engine (+ cmodel_client, cmodel_worker.py, wire), sail_engine, and
+backends (open one by name), models (which file holds which net), scheduler (numpy
 FlowMatchEulerDiscreteScheduler), prompt_tokens (CLIP/T5 tokenisation), pipeline.
 """

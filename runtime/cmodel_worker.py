@@ -3,11 +3,10 @@ chip simulator (cmodel) and answers requests over stdin/stdout.
 
 Runs under the isolated toolchain Python (3.10, numpy + tpu_mlir only); the main fluxc
 process starts it with `toolchain_python() cmodel_worker.py` and talks to it through
-`fluxc.runtime.cmodel.CmodelEngine`. Models are loaded once and kept for every call.
+`fluxc.runtime.cmodel_client.CmodelWorker` (used by `fluxc.runtime.cmodel_engine.CmodelEngine`
+and the sail stand-in). Models are loaded once and kept for every call.
 
-Framing (no pickle): every message is
-    4-byte big-endian length + UTF-8 JSON header
-    then, for each array the header announces, 8-byte big-endian length + .npy bytes
+Messages are framed by runtime/wire.py (no pickle; loaded by path, see below).
 Requests:  {"op": "load", "key": k, "path": p[, "chip": "BM1688"]}  -> {"ok": true, "nets": [...]}
            {"op": "run", "key": k, "net": n, "arrays": [input names]} + arrays
                                                 -> {"ok": true, "arrays": [output names]} + arrays
@@ -32,18 +31,34 @@ import sys
 if sys.path and sys.path[0] and __name__ == "__main__":
     sys.path.pop(0)
 
-import io  # noqa: E402
-import json  # noqa: E402
+import ctypes  # noqa: E402
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
 import os  # noqa: E402
-import struct  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def _load_wire():
+    """runtime/wire.py, the framing fluxc uses too, loaded by path: this folder is off
+    sys.path (above) and the fluxc package is not importable in the toolchain Python."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "wire.py")
+    spec = importlib.util.spec_from_file_location("fluxc_cmodel_wire", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_wire = _load_wire()
+read_message, write_message = _wire.read_message, _wire.write_message
 
 _GLIBC = ("libc.so.6", "libm.so.6", "libpthread.so.0", "libdl.so.2", "librt.so.1")
 _MARK = "FLUXC_CMODEL_WORKER_READY"
 
 
 def _tpu_mlir_root() -> str:
-    import importlib.util
-
     spec = importlib.util.find_spec("tpu_mlir")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("cmodel worker: tpu_mlir is not installed in this Python")
@@ -54,8 +69,6 @@ def _third_party_dir(root: str) -> str:
     tp = os.path.join(root, "lib", "third_party")
     if not any(os.path.exists(os.path.join(tp, g)) for g in _GLIBC):
         return tp
-    import tempfile
-
     shadow = os.path.join(tempfile.gettempdir(), f"fluxc-tpu-third-party-{os.getuid()}",
                           str(abs(hash(tp)) % 10**8))
     os.makedirs(shadow, exist_ok=True)
@@ -90,49 +103,9 @@ def _reexec_if_needed() -> None:
     os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:], env)
 
 
-# ---- framing ---------------------------------------------------------------------------
-
-def _read_exact(f, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = f.read(n - len(buf))
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return bytes(buf)
-
-
-def read_message(f):
-    import numpy as np
-
-    (hlen,) = struct.unpack(">I", _read_exact(f, 4))
-    header = json.loads(_read_exact(f, hlen).decode())
-    arrays = []
-    for _ in header.get("arrays", []):
-        (alen,) = struct.unpack(">Q", _read_exact(f, 8))
-        arrays.append(np.load(io.BytesIO(_read_exact(f, alen)), allow_pickle=False))
-    return header, arrays
-
-
-def write_message(f, header: dict, arrays=()) -> None:
-    import numpy as np
-
-    h = json.dumps(header).encode()
-    parts = [struct.pack(">I", len(h)), h]
-    for a in arrays:
-        b = io.BytesIO()
-        np.save(b, np.ascontiguousarray(a), allow_pickle=False)
-        data = b.getvalue()
-        parts += [struct.pack(">Q", len(data)), data]
-    f.write(b"".join(parts))
-    f.flush()
-
-
 # ---- dtype conversion (vectorised; tpu_mlir's bf16 helper loops in Python) ---------------
 
 def _to_device(x, dtype: str):
-    import numpy as np
-
     if dtype == "bf16":
         u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
         rounded = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
@@ -153,8 +126,6 @@ def _to_device(x, dtype: str):
 
 
 def _from_device(t):
-    import numpy as np
-
     d = t.data
     if t.dtype == "bf16":
         return (np.asarray(d).astype(np.uint32) << np.uint32(16)).view(np.float32).copy()
@@ -189,9 +160,7 @@ class Worker:
             raise ValueError(f"this simulator worker runs {self.chip} bmodels, not {chip}; use one worker per chip")
         self.chip = chip
         if self.rt is None:
-            import ctypes
-            import importlib
-
+            # tpu_mlir's modules: importable only in the re-executed environment, on first use
             from filelock import FileLock  # a tpu_mlir dependency
 
             sys.path.insert(0, os.path.join(os.environ["TPUC_ROOT"], "python", "tools"))
@@ -241,8 +210,6 @@ class Worker:
             other_stage |= int(x.size) != int(t.data.size)
             shapes.append([int(v) for v in x.shape])
             t.data.reshape(-1)[:x.size] = _to_device(x, t.dtype).reshape(-1)
-        import time
-
         t0 = time.perf_counter()
         if other_stage or (key, name) in self.staged:
             # once a net ran another stage, every call names its shapes (the stage is chosen by them)
@@ -254,18 +221,12 @@ class Worker:
         self.last_forward_s = time.perf_counter() - t0
         outs = [_from_device(t) for t in net.outputs]
         if out_shapes is not None:
-            import numpy as np
-
             outs = [np.ascontiguousarray(o.reshape(-1)[:int(np.prod(sh))].reshape(sh))
                     for o, sh in zip(outs, out_shapes)]
         return [t.name for t in net.outputs], outs
 
     def run_dev(self, key: str, name: str, ins: list, outs: list) -> None:
         """Run a net on byte ranges of simulated device memory (files, memory-mapped)."""
-        import time
-
-        import numpy as np
-
         net = self._net(key, name)
         if len(ins) != len(net.inputs) or len(outs) != len(net.outputs):
             raise ValueError(f"net {name}: {len(ins)} inputs / {len(outs)} outputs given, "

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from fluxc.errors import FluxcError
-from fluxc.runtime.engines import Engine, OnnxEngine, open_engine
+from fluxc.runtime.backends import open_engine
+from fluxc.runtime.engine import Engine
+from fluxc.runtime.onnx_engine import OnnxEngine
 
 QUANTIZE = ("W4BF16", "BF16")
 BACKENDS = ("cmodel", "onnx", "sail")

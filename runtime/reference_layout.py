@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from fluxc.errors import FluxcError
-from fluxc.runtime.engines import Engine, NetInfo, TensorInfo
+from fluxc.runtime.engine import Engine, NetInfo, TensorInfo
 
 FLUX_TYPES = ("dev", "schnell")
 CLIP_FILE = "clip.bmodel"
@@ -446,7 +446,7 @@ def open_download(plan: DownloadPlan, backend: str, devices: list[int] | None = 
                   runtime_chip: str = "BM1684X"):
     """Open a download's bmodels on BACKEND and adopt them: (ModelSet whose engines present
     fluxc's piece names, AdoptedManifest). Nothing runs; engines are closed on any error."""
-    from fluxc.runtime.engines import open_engine
+    from fluxc.runtime.backends import open_engine
     from fluxc.runtime.models import ModelSet
 
     if backend == "onnx":

@@ -9,7 +9,7 @@ What it models (names and call shapes as in sophon.sail's documented Python API)
   demands the tensor's own dtype; `sync_s2d`, `sync_d2s`, `sync_d2d(src, off_src, off_dst, n)`
   (element offsets; works across chips, like sail's) move bytes and are counted.
 - `EngineLLM(bmodel, [dev_id])`: one bmodel on one chip, hosted by one simulator worker
-  process (runtime/cmodel_worker.py; one per file, see engines.new_worker). Graph names,
+  process (runtime/cmodel_worker.py; one per file, see cmodel_client.new_worker). Graph names,
   input/output names, shapes and dtypes come from the bmodel; `process(graph, {i: Tensor},
   {i: Tensor})` runs the net on the tensors' device memory: the bytes never pass through
   this process. `get_addr_mode` is 0 (TPU-MLIR's `auto` is `basic` on BM1684X), so, as in
@@ -356,7 +356,7 @@ class EngineLLM:
     """One bmodel on one simulated chip (sail.EngineLLM's calls fluxc uses)."""
 
     def __init__(self, bmodel_path: str, dev_ids: list[int]):
-        from fluxc.runtime.engines import new_worker
+        from fluxc.runtime.cmodel_client import new_worker
 
         if len(dev_ids) != 1:
             raise SailSimError("the sail stand-in runs a bmodel on exactly one chip; give one device id")
@@ -383,7 +383,7 @@ class EngineLLM:
         self.last_forward_s = 0.0
 
     def close(self) -> None:
-        from fluxc.runtime.engines import _live_workers
+        from fluxc.runtime.cmodel_client import _live_workers
 
         if getattr(self, "_loaded", False):
             with _lock:

@@ -11,33 +11,25 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from fluxc.errors import FluxcError
 
+# diffusers' FlowMatchEulerDiscreteScheduler defaults, for keys a scheduler config lacks
 _DEFAULTS = {
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "use_dynamic_shifting": False,
-    "base_shift": 0.5,
-    "max_shift": 1.15,
-    "base_image_seq_len": 256,
-    "max_image_seq_len": 4096,
-    "invert_sigmas": False,
-    "shift_terminal": None,
-    "use_karras_sigmas": False,
-    "use_exponential_sigmas": False,
-    "use_beta_sigmas": False,
-    "time_shift_type": "exponential",
-    "stochastic_sampling": False,
+    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "time_shift_type": "exponential",
+    # dynamic shifting's mu, linear in the image sequence length (calculate_shift)
+    "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+    # options FLUX.1 leaves off; __init__ refuses those the runtime does not implement
+    "invert_sigmas": False, "shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+    "use_beta_sigmas": False, "stochastic_sampling": False,
 }
 
 
-def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-                    base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int,
+                    base_shift: float, max_shift: float) -> float:
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     b = base_shift - m * base_seq_len
     return image_seq_len * m + b
@@ -101,8 +93,3 @@ class FlowMatchEulerScheduler:
         sample = sample.astype(np.float32)
         dt = np.float32(self.sigmas[index + 1] - self.sigmas[index])
         return (sample + dt * model_output.astype(np.float32)).astype(np.float32)
-
-
-def warn_unused(config: dict) -> None:
-    if config.get("use_dynamic_shifting") is None:
-        warnings.warn("scheduler config has no use_dynamic_shifting; assuming false")

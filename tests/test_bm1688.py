@@ -87,7 +87,7 @@ def test_bm1688_bmodel_refused_by_the_bm1684x_simulator(bm1688_ws):
     """The chip matters: the same file on the BM1684X simulator is refused (so the BM1688 run
     above really used the BM1688 simulator)."""
     from fluxc.errors import FluxcError
-    from fluxc.runtime.engines import CmodelEngine
+    from fluxc.runtime.cmodel_engine import CmodelEngine
 
     with pytest.raises(FluxcError):
         e = CmodelEngine(bm1688_ws / "BM1688" / "tiny_vae_decoder_bf16.bmodel", chip="BM1684X")

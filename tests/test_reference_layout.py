@@ -111,7 +111,7 @@ def test_fluxc_nets_read_as_the_reference_reads_them(compiled_schnell_w4):
     from fluxc.compile.parse import parse_info
     from fluxc.export.manifest import load_manifest
     from fluxc.runtime.device_memory import read_info
-    from fluxc.runtime.engines import NetInfo, TensorInfo
+    from fluxc.runtime.engine import NetInfo, TensorInfo
     from fluxc.runtime.reference_layout import adopt_specs, dims_from_nets
 
     ws = Path(compiled_schnell_w4)
@@ -234,7 +234,7 @@ def _reference_nets(dev: bool = False, ids_dtype: str = "float32", L=7, C=8, S=6
                     lat=(4, 8, 8), H=64):
     """Nets shaped and named as the reference's exports name them (TorchScript / torch.onnx
     defaults), with float32 token ids as its runtime feeds them."""
-    from fluxc.runtime.engines import NetInfo, TensorInfo
+    from fluxc.runtime.engine import NetInfo, TensorInfo
 
     def net(name, ins, outs):
         return NetInfo(name, [TensorInfo(f"input.{i}", s, dt) for i, (s, dt) in enumerate(ins)],
@@ -289,7 +289,7 @@ def test_sizes_and_dtypes_from_reference_named_nets():
 def test_adopted_engine_feeds_by_position_in_the_nets_dtype():
     """The pipeline's call (fluxc names, int32 ids from the tokenizer) reaches the net under its
     own names, ids cast to the dtype the net declares."""
-    from fluxc.runtime.engines import Engine
+    from fluxc.runtime.engine import Engine
     from fluxc.runtime.models import ModelSet
     from fluxc.runtime.pipeline import FluxPipeline
     from fluxc.runtime.reference_layout import AdoptedEngine, adopt_specs, dims_from_nets
@@ -325,7 +325,7 @@ def test_adopted_engine_feeds_by_position_in_the_nets_dtype():
 
 def test_adoption_refuses_what_does_not_fit():
     from fluxc.errors import FluxcError
-    from fluxc.runtime.engines import NetInfo, TensorInfo
+    from fluxc.runtime.engine import NetInfo, TensorInfo
     from fluxc.runtime.reference_layout import adopt_specs, dims_from_nets
 
     nets = _reference_nets()

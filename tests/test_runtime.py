@@ -146,7 +146,8 @@ def test_cmodel_engine_lists_nets_and_keeps_model_loaded(compiled_schnell_w4):
     import time
 
     from fluxc.export.manifest import load_manifest
-    from fluxc.runtime.engines import CmodelEngine, OnnxEngine
+    from fluxc.runtime.cmodel_engine import CmodelEngine
+    from fluxc.runtime.onnx_engine import OnnxEngine
     from fluxc.validation.metrics import cosine
 
     ws = Path(compiled_schnell_w4)

@@ -106,7 +106,7 @@ def test_mutants_change_the_piece_and_never_the_checkpoint(export_schnell_tinyva
 
     from fluxc.export.manifest import load_manifest
     from fluxc.fsutil import sha256_file
-    from fluxc.runtime.engines import OnnxEngine
+    from fluxc.runtime.onnx_engine import OnnxEngine
     from fluxc.validation import mutants as mu
 
     ckpt = {p: sha256_file(p) for p in Path(tiny_schnell).rglob("*.safetensors")}

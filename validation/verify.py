@@ -286,7 +286,7 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
     from fluxc import workspace
     from fluxc.build_record import RECOMPILE
     from fluxc.export.manifest import load_manifest
-    from fluxc.runtime.engines import CmodelEngine
+    from fluxc.runtime.cmodel_engine import CmodelEngine
     from fluxc.runtime.models import ModelSet, read_build
 
     t_start = time.perf_counter()

@@ -88,8 +88,8 @@ def pick_size(sizes: list[tuple[int, int]], height: int | None, width: int | Non
             return h, w
     ask = f"{width or '*'}x{height or '*'}"
     raise FluxcError(f"{what} has no {ask} (width x height); it holds {', '.join(f'{w}x{h}' for h, w in sizes)}: "
-                     f"run with one of those (--width W --height H), or export and compile that size "
-                     f"(fluxc export --resolution {width or 1024}x{height or 1024})")
+                     f"run with one of those (--width W --height H), or re-export with that size "
+                     f"(fluxc export --resolution {width or 1024}x{height or 1024}) and compile")
 
 
 # ---- sail backends (sophon.sail on the chip; sail-sim: its stand-in on the simulator) ----
@@ -103,7 +103,7 @@ def _open_download(plan, backend: str, devices, height, width, say, runtime_chip
     from fluxc.runtime.reference_layout import open_download
 
     if backend in SAIL_BACKENDS:
-        from fluxc.runtime.engines import check_devices, import_sail
+        from fluxc.runtime.sail_engine import check_devices, import_sail
 
         check_devices(import_sail(backend), list(devices) if devices else list(range(plan.devices)))
     ms, man = open_download(plan, backend, devices, progress=say, runtime_chip=runtime_chip)
@@ -129,9 +129,9 @@ def _open_download(plan, backend: str, devices, height, width, say, runtime_chip
 def _open_sail(chip_dir: Path, backend: str, man, quantize, devices, say):
     """Check the device ids, open the build's bmodels through sail (or the stand-in) and lay
     out the device tensors (runtime/sail_flux.py). Nothing runs unless all of it fits."""
-    from fluxc.runtime.engines import check_devices, import_sail
     from fluxc.runtime.models import open_bmodels, read_build
     from fluxc.runtime.pipeline import FluxPipeline
+    from fluxc.runtime.sail_engine import check_devices, import_sail
     from fluxc.runtime.sail_flux import SailFlux
 
     d = man.dims

@@ -36,7 +36,14 @@ class BmodelInfo:
 
 _NET = re.compile(r"^net \d+: \[(?P<name>[^\]]+)\]")
 _IO = re.compile(r"^(?P<kind>input|output): (?P<name>[^,]+), \[(?P<shape>[^\]]*)\], (?P<dtype>\w+)")
-_MEM = re.compile(r"device mem size: (\d+) \(weight: (\d+), instruct: (\d+), runtime: (\d+)\)")
+# One `device mem size` line per net of a bmodel: total, weight, instruct, runtime (bytes).
+DEVICE_MEM = re.compile(r"device mem size:\s*(\d+)\s*\(weight:\s*(\d+),\s*instruct:\s*(\d+),\s*runtime:\s*(\d+)\)")
+
+
+def device_mem_rows(text: str) -> list[tuple[int, int, int, int]]:
+    """(total, weight, instruct, runtime) bytes of every `device mem size` line of
+    `model_tool --info` text, in order (one per net)."""
+    return [tuple(int(x) for x in m.groups()) for m in DEVICE_MEM.finditer(text)]
 
 
 def parse_info(text: str) -> BmodelInfo:
@@ -66,7 +73,7 @@ def parse_info(text: str) -> BmodelInfo:
             stage["inputs" if m.group("kind") == "input" else "outputs"].append(
                 NetIO(m.group("name").strip(), shape, m.group("dtype")))
             continue
-        m = _MEM.search(line)
+        m = DEVICE_MEM.search(line)
         if m:
             mem = tuple(int(x) for x in m.groups())
     if not nets or mem is None:

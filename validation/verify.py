@@ -43,7 +43,8 @@ from fluxc.runtime.models import ModelSet, open_onnx, read_build
 from fluxc.runtime.pipeline import FluxPipeline, initial_latents, unpack_latents
 from fluxc.runtime.scheduler import FlowMatchEulerScheduler
 from fluxc.toolchain import run_tool
-from fluxc.validation.metrics import compare, cosine, psnr, rel_err, rounded
+from fluxc.metrics import cosine, psnr, rel_err
+from fluxc.validation.metrics import compare, rounded
 from fluxc.validation.reference import (Reference, ReferenceModels, check_available, diffusers_generate,
                                         diffusers_schedule, find_source, rotary_from_table)
 

@@ -8,6 +8,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from fluxc.metrics import cosine
+
 
 @dataclass
 class NetIO:
@@ -94,11 +98,9 @@ class Similarity:
     def between(cls, a, b) -> "Similarity":
         """fluxc's own figures for two arrays (where no TPU-MLIR log gives them): cosine,
         1 - |a-b| / mean(|a|, |b|), and the signal-to-error ratio of a in dB."""
-        import numpy as np
-
         a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
         na, nb, nd = np.linalg.norm(a), np.linalg.norm(b), np.linalg.norm(a - b)
-        cos = float(a @ b / (na * nb)) if na > 0 and nb > 0 else (1.0 if nd == 0 else 0.0)
+        cos = cosine(a, b)
         euc = 1.0 - float(nd / ((na + nb) / 2)) if na + nb > 0 else 1.0
         sqnr = float(20 * np.log10(na / nd)) if nd > 0 and na > 0 else float("inf")
         return cls(cos, euc, sqnr)

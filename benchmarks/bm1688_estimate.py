@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from full_width_block import full_width_block
+
 RESULTS = Path(__file__).resolve().parent / "results" / "bm1688_estimate.json"
 CHIPS = ("bm1684x", "bm1688")
 N_DOUBLE, N_SINGLE = 19, 38
@@ -31,25 +33,13 @@ N_DOUBLE, N_SINGLE = 19, 38
 
 def export_block(kind: str, size: int, t5_len: int, wd: Path) -> str:
     """ONNX of one full-width block through fluxc's wrappers; returns model_transform's shapes."""
+    # deferred: torch (and the export wrappers, which import it) are heavy; --help should not load them
     import torch
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
     from fluxc.export.pieces import DoubleBlock, SingleBlock
-    from fluxc.patches import Patcher, rotary_table
+    from fluxc.patches import Patcher
 
-    n = (size // 16) ** 2
-    j = t5_len + n
-    torch.manual_seed(0)
-    table = torch.from_numpy(rotary_table(t5_len, size, size, axes_dims=(16, 56, 56)))
-    if kind == "single":
-        blk = FluxSingleTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128).eval()
-        args = (torch.randn(1, j, 3072), torch.randn(1, 3072), table)
-        names, shapes = ["hidden_states", "temb", "rotary_emb"], f"[[1,{j},3072],[1,3072],[1,{j},1,64,2,2]]"
-    else:
-        blk = FluxTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128).eval()
-        args = (torch.randn(1, n, 3072), torch.randn(1, t5_len, 3072), torch.randn(1, 3072), table)
-        names = ["hidden_states", "encoder_hidden_states", "temb", "rotary_emb"]
-        shapes = f"[[1,{n},3072],[1,{t5_len},3072],[1,3072],[1,{j},1,64,2,2]]"
+    blk, args, names, shapes = full_width_block(kind, size, t5_len)
     with Patcher() as p:
         p.apply(blk)
         m = SingleBlock(blk) if kind == "single" else DoubleBlock(blk)

@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
                          "no bmodel kept), e.g. bf16 when the disk cannot hold both builds")
     ap.add_argument("--reference-forms", default="",
                     help="after the builds, also compile one full-size block of these kinds (single,double) in the "
-                         "reference's graph form (strided-slice rotary; patches/graph_forms.py, BF16) for its "
+                         "reference's graph form (strided-slice rotary; benchmarks/graph_forms.py, BF16) for its "
                          "estimated step time")
     ap.add_argument("--render", action="store_true",
                     help="only rewrite BENCHMARKS.md's Full size section from the results JSON")
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         if forms.get(block, {}).get("estimate_ms") is not None:
             print(f"reference form, {block} block: recorded, skipped", flush=True)
             continue
-        cmd = [sys.executable, "-m", "fluxc.patches.graph_forms", "--block", block, "--forms", "slices",
+        cmd = [sys.executable, str(REPO / "benchmarks" / "graph_forms.py"), "--block", block, "--forms", "slices",
                "--t5-len", str(size["t5_seq_len"]), "--size", str(size["height"])]
         print(f"reference form, {block} block: {' '.join(cmd[1:])}", flush=True)
         start = log.stat().st_size if log.exists() else 0
@@ -648,7 +648,7 @@ def render_benchmarks_md(res: dict, path: Path = BENCHMARKS) -> None:
             L.append("")
     rf = st.get("reference_forms") or {}
     if rf:
-        L += ["The reference's graph form, one full-size block each (patches/graph_forms.py, BF16, 4608 tokens):", "",
+        L += ["The reference's graph form, one full-size block each (benchmarks/graph_forms.py, BF16, 4608 tokens):", "",
               "| block | estimate | wall | peak RSS |", "|---|---|---|---|"]
         for k, v in rf.items():
             L.append(f"| {k} | {_f(v.get('estimate_ms'), '{:.1f} ms')} | {_f(v.get('wall_s'), '{:.0f} s')} | "

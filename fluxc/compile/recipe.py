@@ -146,9 +146,6 @@ class PiecePlan:
     options: dict[str, Any]  # recipe options of the group, without `quantize`
     tolerance: tuple[float, float]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"quantize": self.quantize, "options": self.options, "tolerance": list(self.tolerance)}
-
 
 def piece_plan(recipe: Recipe, spec: PieceSpec, cli_quantize: str) -> PiecePlan:
     opts = dict(recipe.groups[spec.group])

@@ -45,9 +45,6 @@ class Source:
     kind: str  # "local" or "hub"
     revision: str | None = None  # Hub commit if known
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "kind": self.kind, "revision": self.revision}
-
 
 def looks_like_hub_id(model: str) -> bool:
     return bool(_HUB_ID.match(model)) and not model.startswith((".", "/", "~"))

@@ -26,6 +26,10 @@ from pathlib import Path
 
 from full_width_block import full_width_block
 
+from fluxc.compile.chips import get_chip
+from fluxc.compile.parse import parse_info, parse_profile_ms
+from fluxc.toolchain import run_tool
+
 RESULTS = Path(__file__).resolve().parent / "results" / "bm1688_estimate.json"
 CHIPS = ("bm1684x", "bm1688")
 N_DOUBLE, N_SINGLE = 19, 38
@@ -50,10 +54,6 @@ def export_block(kind: str, size: int, t5_len: int, wd: Path) -> str:
 
 
 def main() -> None:
-    from fluxc.compile.chips import get_chip
-    from fluxc.compile.parse import parse_info, parse_profile_ms
-    from fluxc.toolchain import run_tool
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--t5-len", type=int, default=256)

@@ -45,6 +45,11 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
+from fluxc.export.manifest import load_manifest
+from fluxc.runtime.device_memory import io_bytes_per_device
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "full_size.json"
 FULL_SIZE = {"height": 1024, "width": 1024, "t5_seq_len": 512}
@@ -73,8 +78,6 @@ class Sampler(threading.Thread):
         self._done = threading.Event()
 
     def run(self) -> None:
-        import psutil
-
         try:
             root = psutil.Process(self.pid)
         except psutil.NoSuchProcess:
@@ -199,9 +202,6 @@ def device_mem_mb(report: dict, export_dir: Path | None = None) -> tuple[list[fl
                 "compile_report.json device_memory: model_tool --info of the combined bmodels (weight + "
                 "instructions + runtime) plus the I/O tensors the sail runtime allocates")
     if isinstance(dm, list) and dm and export_dir is not None:  # --estimate-only: per-piece model_tool
-        from fluxc.export.manifest import load_manifest
-        from fluxc.runtime.device_memory import io_bytes_per_device
-
         man = load_manifest(export_dir)
         by_piece = {s.name: s for s in man.specs}
         where = {by_piece[p].net_name: c["device"] for c in dm for p in c["pieces"]}
@@ -223,8 +223,6 @@ def git_commit() -> dict:
 
 
 def machine() -> dict:
-    import psutil
-
     return {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "mem_gb": round(psutil.virtual_memory().total / GB, 1), "platform": platform.platform(),
             "python": platform.python_version(), "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}

@@ -6,7 +6,7 @@ Stages (each one a `fluxc` subprocess; run in this order):
     checkpoint      fluxc tiny CHECKPOINT --preset full --flux-type dev   (only if CHECKPOINT holds no model)
     export          fluxc export CHECKPOINT --height 1024 --width 1024 --t5-seq-len 512 --tiny-vae CHECKPOINT/tiny_vae
     compile_w4bf16  fluxc compile --quantize W4BF16 --tiny-vae            (one chip, as on an SE7-32)
-    compile_bf16    fluxc compile --quantize BF16 --devices 3
+    compile_bf16    fluxc compile --quantize BF16 --num-devices 3
 
 Measured per stage:
 - wall_s: the subprocess's wall time (summed over attempts if a killed run was restarted);
@@ -56,7 +56,7 @@ FULL_SIZE = {"height": 1024, "width": 1024, "t5_seq_len": 512}
 TINY_SIZE = {"height": 128, "width": 128, "t5_seq_len": 32}  # as the tests' exports
 BUILDS = {  # result key -> (stage, compile arguments)
     "w4bf16": ("compile_w4bf16", ["--quantize", "W4BF16", "--tiny-vae"]),
-    "bf16": ("compile_bf16", ["--quantize", "BF16", "--devices", "3"]),
+    "bf16": ("compile_bf16", ["--quantize", "BF16", "--num-devices", "3"]),
 }
 SAMPLE_S = 0.5
 GB = 1e9
@@ -206,7 +206,7 @@ def device_mem_mb(report: dict, export_dir: Path | None = None) -> tuple[list[fl
         by_piece = {s.name: s for s in man.specs}
         where = {by_piece[p].net_name: c["device"] for c in dm for p in c["pieces"]}
         specs = {s.net_name: s for s in man.specs if s.net_name in where}
-        io = io_bytes_per_device(specs, where, man.dims.flux_type)
+        io = io_bytes_per_device(specs, where)
         return ([round(c["modeled_mb"] + io.get(c["device"], 0) / MB, 1) for c in dm],
                 "estimate_report.json: every piece compiled and measured by model_tool --info (bmodels not kept: "
                 "the disk holds one build), summed per chip as the combined files hold them (weight + "

@@ -36,7 +36,7 @@ def make_lora(ckpt: Path, out: Path, rank: int) -> tuple[Path, int]:
     from safetensors.torch import save_file
     from torch import nn
 
-    from fluxc.export.driver import Checkpoint
+    from fluxc.export.checkpoint import Checkpoint
     from fluxc.export.source import resolve
 
     ck = Checkpoint(resolve(str(ckpt)), None)

@@ -44,12 +44,12 @@ def main() -> None:
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "sail_device_memory.json"))
     a = ap.parse_args()
     from fluxc.runtime.device_memory import BUDGET_MB, build_device_memory
-    from fluxc.runtime.sail_flux import io_plan
+    from fluxc.runtime.sail_flux import io_plan, kinds_of
     from fluxc.specs import piece_specs
 
     d = full_dims()
     specs = {s.net_name: s for s in piece_specs(d)}
-    tensors, _ = io_plan(specs, {n: 0 for n in specs}, d.flux_type)
+    tensors, _ = io_plan(specs, {n: 0 for n in specs}, kinds_of(specs))
     # T5-XXL block: q,k,v,o 4 x 4096^2 + gated FFN 3 x 4096 x 10240 = 192.9 M params; W4 with
     # groups of 64 (int4 + a bf16 scale and zero per group) = 0.5625 bytes per parameter
     t5_block_params = 4 * 4096**2 + 3 * 4096 * 10240

@@ -75,7 +75,7 @@ def _scheduler_mutant(ws: Path) -> tuple:
 
 def _build_args(ws: Path) -> list[str]:
     rec = json.loads((ws / "BM1684X" / "fluxc_build.json").read_text())
-    a = ["--quantize", rec["quantize"], "--flux-type", rec["flux_type"], "--devices", str(rec["devices"])]
+    a = ["--quantize", rec["quantize"], "--flux-type", rec["flux_type"], "--num-devices", str(rec["devices"])]
     return a + (["--tiny-vae"] if rec["tiny_vae"] else [])
 
 

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 FLUX_TYPES = ("dev", "schnell")
+# Denoising steps when none are asked for: what each model card recommends.
+DEFAULT_STEPS = {"dev": 28, "schnell": 4}
 
 # Which quantisation group a piece belongs to; recipes map groups to TPU-MLIR options.
 GROUPS = (
@@ -28,8 +30,55 @@ GROUPS = (
     "vae",
 )
 
-# Which combined bmodel ("family") a piece ends up in.
-FAMILIES = ("clip", "t5", "transformer", "vae")
+@dataclass(frozen=True)
+class Kind:
+    """What every piece of one kind shares: the one place a piece's kind is described.
+
+    Nothing in fluxc parses a piece's name: a spec carries its kind, and everything else
+    (its combined bmodel, its quantisation group, where its weights are, its name) is read
+    from this table. The torch wrapper of each kind is chosen by kind in fluxc/export/pieces.py.
+    """
+
+    name: str
+    family: str  # which combined bmodel the piece ends up in (one of FAMILIES)
+    group: str  # quantisation group; recipes map groups to TPU-MLIR options (one of GROUPS)
+    component: str  # diffusers pipeline subfolder holding its weights
+    parts: tuple[str, ...]  # state-dict prefixes (module naming) of its tensors; "{i}": block index
+    name_format: str  # piece name: "{t}" the flux type, "{i}" the block index
+    label: str  # short name in summaries ("double 0..12")
+    repeated: bool = False  # one piece per block index
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind("clip_head", "clip", "clip", "text_encoder", ("embeddings.",), "clip_head", "clip head"),
+    Kind("clip_block", "clip", "clip", "text_encoder", ("encoder.layers.{i}.",), "clip_block_{i}", "clip", True),
+    Kind("clip_tail", "clip", "clip", "text_encoder", ("final_layer_norm.",), "clip_tail", "clip tail"),
+    # T5EncoderModel ties encoder.embed_tokens to shared; checkpoints hold either
+    Kind("t5_head", "t5", "t5_head", "text_encoder_2", ("shared.", "encoder.embed_tokens."), "t5_head", "t5 head"),
+    Kind("t5_block", "t5", "t5_block", "text_encoder_2",
+         ("encoder.block.{i}.", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias."), "t5_block_{i}",
+         "t5", True),
+    Kind("t5_tail", "t5", "t5_tail", "text_encoder_2", ("encoder.final_layer_norm.",), "t5_tail", "t5 tail"),
+    Kind("transformer_head", "transformer", "transformer_head", "transformer",
+         ("x_embedder.", "time_text_embed.", "context_embedder."), "{t}_head", "head"),
+    Kind("double_block", "transformer", "transformer_block", "transformer", ("transformer_blocks.{i}.",),
+         "{t}_trans_block_{i}", "double", True),
+    Kind("single_block", "transformer", "transformer_block", "transformer", ("single_transformer_blocks.{i}.",),
+         "{t}_single_trans_block_{i}", "single", True),
+    Kind("transformer_tail", "transformer", "transformer_tail", "transformer", ("norm_out.", "proj_out."),
+         "{t}_tail", "tail"),
+    Kind("vae", "vae", "vae", "vae", ("decoder.", "post_quant_conv."), "vae_decoder", "vae"),
+    Kind("tiny_vae", "vae", "vae", "tiny_vae", ("decoder.", "post_quant_conv."), "tiny_vae_decoder", "tiny vae"),
+)}
+
+# Which combined bmodel ("family") a piece ends up in, and the quantisation groups, in order.
+FAMILIES = tuple(dict.fromkeys(k.family for k in KINDS.values()))
+GROUPS = tuple(dict.fromkeys(k.group for k in KINDS.values()))
+
+
+def piece_name(kind: str, flux_type: str | None = None, index: int | None = None) -> str:
+    """The name of the piece of that kind (and block index): the ONNX file stem and the net name."""
+    return KINDS[kind].name_format.format(t=flux_type, i=index)
 
 
 @dataclass(frozen=True)
@@ -49,13 +98,30 @@ class TensorSpec:
 @dataclass(frozen=True)
 class PieceSpec:
     name: str  # also the ONNX file stem and the net name in the bmodel
-    family: str  # one of FAMILIES
-    group: str  # one of GROUPS
+    kind: str  # one of KINDS
     index: int | None  # block index within its kind, None for head/tail/vae
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     # Upper bound (exclusive) for int inputs, by input name (token ids).
     int_high: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def family(self) -> str:
+        return KINDS[self.kind].family
+
+    @property
+    def group(self) -> str:
+        return KINDS[self.kind].group
+
+    @property
+    def component(self) -> str:
+        """Diffusers pipeline subfolder holding the piece's weights."""
+        return KINDS[self.kind].component
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """State-dict prefixes (module naming) whose tensors the piece needs."""
+        return tuple(p.format(i=self.index) for p in KINDS[self.kind].parts)
 
     @property
     def file(self) -> str:
@@ -76,10 +142,14 @@ class PieceSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PieceSpec":
+        if d.get("kind") not in KINDS:
+            from fluxc.errors import FluxcError
+
+            raise FluxcError(f"piece {d.get('name')!r} has no known kind (written by an older fluxc); "
+                             "re-run fluxc export")
         return cls(
             name=d["name"],
-            family=d["family"],
-            group=d["group"],
+            kind=d["kind"],
             index=d.get("index"),
             inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
             outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
@@ -191,58 +261,54 @@ def _i(name: str, *shape: int) -> TensorSpec:
     return TensorSpec(name, tuple(shape), TOKEN_ID_DTYPE)
 
 
-def transformer_prefix(flux_type: str) -> str:
-    return flux_type
-
-
 def piece_specs(d: FluxDims) -> list[PieceSpec]:
     """All pieces of one export, in pipeline order."""
     specs: list[PieceSpec] = []
     C, L = d.clip_dim, d.clip_len
     ids_c = _i("input_ids", 1, L)
-    specs.append(PieceSpec("clip_head", "clip", "clip", None, (ids_c,), (_f("hidden_states", 1, L, C),),
+    specs.append(PieceSpec(piece_name("clip_head"), "clip_head", None, (ids_c,), (_f("hidden_states", 1, L, C),),
                            {"input_ids": d.clip_vocab}))
     for i in range(d.clip_layers):
-        specs.append(PieceSpec(f"clip_block_{i}", "clip", "clip", i,
+        specs.append(PieceSpec(piece_name("clip_block", index=i), "clip_block", i,
                                (_f("hidden_states", 1, L, C),), (_f("hidden_states_out", 1, L, C),)))
-    specs.append(PieceSpec("clip_tail", "clip", "clip", None, (_f("hidden_states", 1, L, C), ids_c),
+    specs.append(PieceSpec(piece_name("clip_tail"), "clip_tail", None, (_f("hidden_states", 1, L, C), ids_c),
                            (_f("pooled", 1, C),), {"input_ids": d.clip_vocab}))
 
     T, S = d.t5_dim, d.t5_len
-    specs.append(PieceSpec("t5_head", "t5", "t5_head", None, (_i("input_ids", 1, S),),
+    specs.append(PieceSpec(piece_name("t5_head"), "t5_head", None, (_i("input_ids", 1, S),),
                            (_f("hidden_states", 1, S, T),), {"input_ids": d.t5_vocab}))
     for i in range(d.t5_layers):
-        specs.append(PieceSpec(f"t5_block_{i}", "t5", "t5_block", i,
+        specs.append(PieceSpec(piece_name("t5_block", index=i), "t5_block", i,
                                (_f("hidden_states", 1, S, T),), (_f("hidden_states_out", 1, S, T),)))
-    specs.append(PieceSpec("t5_tail", "t5", "t5_tail", None, (_f("hidden_states", 1, S, T),),
+    specs.append(PieceSpec(piece_name("t5_tail"), "t5_tail", None, (_f("hidden_states", 1, S, T),),
                            (_f("encoder_hidden_states", 1, S, T),)))
 
-    p, D, N = transformer_prefix(d.flux_type), d.inner_dim, d.image_tokens
+    t, D, N = d.flux_type, d.inner_dim, d.image_tokens
     head_in = [_f("hidden_states", 1, N, d.in_channels), _f("timestep", 1)]
     if d.guidance_embeds:
         head_in.append(_f("guidance", 1))
     head_in += [_f("pooled_projections", 1, d.pooled_projection_dim),
                 _f("encoder_hidden_states", 1, S, d.joint_attention_dim)]
-    specs.append(PieceSpec(f"{p}_head", "transformer", "transformer_head", None, tuple(head_in),
+    specs.append(PieceSpec(piece_name("transformer_head", t), "transformer_head", None, tuple(head_in),
                            (_f("temb", 1, D), _f("encoder_hidden_states_out", 1, S, D),
                             _f("hidden_states_out", 1, N, D))))
     rot = TensorSpec("rotary_emb", d.rotary_shape, "float32")
     for i in range(d.num_double):
         specs.append(PieceSpec(
-            f"{p}_trans_block_{i}", "transformer", "transformer_block", i,
+            piece_name("double_block", t, i), "double_block", i,
             (_f("hidden_states", 1, N, D), _f("encoder_hidden_states", 1, S, D), _f("temb", 1, D), rot),
             (_f("encoder_hidden_states_out", 1, S, D), _f("hidden_states_out", 1, N, D))))
     J = d.joint_tokens
     for i in range(d.num_single):
         specs.append(PieceSpec(
-            f"{p}_single_trans_block_{i}", "transformer", "transformer_block", i,
+            piece_name("single_block", t, i), "single_block", i,
             (_f("hidden_states", 1, J, D), _f("temb", 1, D), rot), (_f("hidden_states_out", 1, J, D),)))
-    specs.append(PieceSpec(f"{p}_tail", "transformer", "transformer_tail", None,
+    specs.append(PieceSpec(piece_name("transformer_tail", t), "transformer_tail", None,
                            (_f("hidden_states", 1, N, D), _f("temb", 1, D)),
                            (_f("noise_pred", 1, N, d.out_channels),)))
 
-    vae_name = "tiny_vae_decoder" if d.tiny_vae else "vae_decoder"
-    specs.append(PieceSpec(vae_name, "vae", "vae", None,
+    vae = "tiny_vae" if d.tiny_vae else "vae"
+    specs.append(PieceSpec(piece_name(vae), vae, None,
                            (_f("latents", 1, d.latent_channels, d.latent_h, d.latent_w),),
                            (_f("image", 1, 3, d.height, d.width),)))
     return specs

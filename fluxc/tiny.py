@@ -154,17 +154,10 @@ FULL_PRESET: dict[str, Any] = {
     "t5": {
         "vocab_size": 32128,
         "d_model": 4096,
-        "d_kv": 64,
         "num_heads": 64,
         "d_ff": 10240,
         "num_layers": 24,
-        "num_decoder_layers": 24,
-        "feed_forward_proj": "gated-gelu",
-        "relative_attention_num_buckets": 32,
-        "relative_attention_max_distance": 128,
-        "layer_norm_epsilon": 1e-6,
-        "dropout_rate": 0.1,
-        "tie_word_embeddings": False,
+        "num_decoder_layers": 24,  # the rest as T5_DEFAULTS (gated-gelu, 32/128 buckets, eps 1e-6)
     },
     "vae": {
         "block_out_channels": [128, 256, 512, 512],

@@ -8,13 +8,22 @@ and `fluxc run` find each other's outputs.
       BM1684X/                 fluxc compile: combined bmodels + <bmodel>.info.txt,
                                compile_report.json, device_split.json
       build/                   compile cache: one folder per piece and content key
+
+Each command also takes what another command wrote as it is (`locate`): a workspace (the
+layout above), an export folder (manifest.json: what `fluxc export --out X` writes) or a
+bmodel folder (fluxc_build.json: what `fluxc compile --out X` writes; its record names the
+export it was built from).
 """
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODELS = "models"
+MANIFEST = "manifest.json"  # written by fluxc export (fluxc/export/manifest.py)
+RECORD = "fluxc_build.json"  # written by fluxc compile (fluxc/build_record.py)
 
 
 def models_dir(explicit: Path | None = None) -> Path:
@@ -29,6 +38,30 @@ def export_dir(models: Path) -> Path:
 
 def chip_dir(models: Path, chip: str = "bm1684x") -> Path:
     return models / chip.upper()
+
+
+@dataclass(frozen=True)
+class Located:
+    """What a folder given to a command holds: its kind, the export and the chip folder to use."""
+
+    kind: str  # "workspace", "export" or "bmodels"
+    export: Path  # the export folder (may not exist yet in a fresh workspace)
+    chip: Path  # the folder of the compiled bmodels (may not exist)
+
+
+def locate(folder: Path, chip: str = "bm1684x") -> Located:
+    """Recognise a folder written by a fluxc command: a bmodel folder (fluxc_build.json), an
+    export folder (manifest.json) or a workspace (onnx/ and <CHIP>/ inside)."""
+    folder = Path(folder)
+    if (folder / RECORD).is_file():
+        try:
+            exp = Path(json.loads((folder / RECORD).read_text())["export"]["dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            exp = folder / "onnx"  # a broken record: read_build names the problem
+        return Located("bmodels", exp, folder)
+    if (folder / MANIFEST).is_file():
+        return Located("export", folder, chip_dir(folder.parent, chip) if folder.name == "onnx" else folder)
+    return Located("workspace", export_dir(folder), chip_dir(folder, chip))
 
 
 def build_dir(models: Path) -> Path:

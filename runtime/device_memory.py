@@ -9,7 +9,7 @@ This is what the sail stand-in (runtime/sail_sim.py) measures while it runs a bu
 `fluxc compile` can report and what `fluxc verify` checks against a board's budget:
 
     from fluxc.runtime.device_memory import build_device_memory
-    per_chip = build_device_memory(files, io_plan(nets, where))   # {device index: bytes}
+    per_chip = build_device_memory(files, io_plan(nets, where, kinds))   # {device index: bytes}
 
 Budgets (MB = 2**20 bytes, as model_tool and the board's memory tools count):
 - SE7-32 (SoC): the reference's memory layout `memory_edit.sh -npu 7615 -vpu 2360 -vpp 2360`,
@@ -130,23 +130,23 @@ def read_info(bmodel) -> str:
         return log.read_text(errors="replace")
 
 
-def io_bytes_per_device(specs: dict, where: dict[str, int], flux_type: str) -> dict[int, int]:
+def io_bytes_per_device(specs: dict, where: dict[str, int]) -> dict[int, int]:
     """Bytes of the I/O tensors the sail runtime allocates on each chip, for nets placed `where`."""
-    from fluxc.runtime.sail_flux import io_plan  # deferred: sail_flux imports PlannedTensor from here
+    from fluxc.runtime.sail_flux import io_plan, kinds_of  # deferred: sail_flux imports PlannedTensor from here
 
-    tensors, _ = io_plan(specs, where, flux_type)
+    tensors, _ = io_plan(specs, where, kinds_of(specs))
     out: dict[int, int] = {}
     for t in tensors:
         out[t.device] = out.get(t.device, 0) + t.nbytes
     return out
 
 
-def per_chip_memory(files: list[tuple[int, str]], specs: dict, flux_type: str) -> dict[int, dict]:
+def per_chip_memory(files: list[tuple[int, str]], specs: dict) -> dict[int, dict]:
     """Per chip device memory of a build from its files' `model_tool --info` text and their
     chip (`files`: (device, info text)), plus the runtime's I/O tensors. `specs`: net name ->
     piece spec. The one computation behind `fluxc compile`'s report, the stand-in's check and
     `fluxc verify`."""
-    from fluxc.runtime.sail_flux import io_plan  # deferred: sail_flux imports PlannedTensor from here
+    from fluxc.runtime.sail_flux import io_plan, kinds_of  # deferred: sail_flux imports PlannedTensor from here
 
     where, mems = {}, []
     for dev, text in files:
@@ -156,7 +156,7 @@ def per_chip_memory(files: list[tuple[int, str]], specs: dict, flux_type: str) -
     missing = [n for n in specs if n not in where]
     if missing:
         raise FluxcError(f"no bmodel of the build holds net {missing[0]!r}; rebuild with fluxc compile")
-    tensors, _ = io_plan(specs, where, flux_type)
+    tensors, _ = io_plan(specs, where, kinds_of(specs))
     return build_device_memory(mems, tensors)
 
 
@@ -166,5 +166,4 @@ def device_memory_for_build(chip_dir, manifest, quantize: str) -> dict[int, dict
     d = manifest.dims
     files = bmodel_files(Path(chip_dir), d.flux_type, quantize, d.tiny_vae)
     plan = placement(files, len(files["transformer"]))
-    return per_chip_memory([(dev, read_info(f)) for f, dev in plan], {s.net_name: s for s in manifest.specs},
-                           d.flux_type)
+    return per_chip_memory([(dev, read_info(f)) for f, dev in plan], {s.net_name: s for s in manifest.specs})

@@ -17,6 +17,7 @@ import numpy as np
 from fluxc.errors import FluxcError
 from fluxc.runtime.scheduler import FlowMatchEulerScheduler
 from fluxc.runtime.prompt_tokens import PromptTokenizer
+from fluxc.specs import DEFAULT_STEPS
 
 DEFAULT_PROMPT = "A cat holding a sign that says hello world"
 
@@ -97,11 +98,19 @@ class FluxPipeline:
         self.rotary = (rotary if rotary is not None else np.load(rp)).astype(np.float32)
         if tuple(self.rotary.shape) != tuple(d.rotary_shape):
             raise FluxcError(f"{rp} has shape {self.rotary.shape}, expected {d.rotary_shape}; re-run fluxc export")
-        self.prefix = d.flux_type
-        self.vae_name = "tiny_vae_decoder" if d.tiny_vae else "vae_decoder"
+        # the pieces of each kind in pipeline order (fluxc.specs.KINDS): names are never formatted here
+        self.kinds: dict[str, list[str]] = {}
+        for s in manifest.specs:
+            self.kinds.setdefault(s.kind, []).append(s.name)
+        self.vae_name = self.one("tiny_vae" if d.tiny_vae else "vae")
         # A device-resident runtime (runtime/sail_flux.py) runs the pieces itself; the
         # pipeline then only hands it token ids, latents and scalars.
         self.resident = getattr(models, "device_resident", None)
+
+    def one(self, kind: str) -> str:
+        """The name of the one piece of that kind."""
+        (name,) = self.kinds[kind]
+        return name
 
     # One piece: outputs in the spec's order, by name (or the name plus the suffix TPU-MLIR
     # may add, e.g. noise_pred_Add_f32); never by position.
@@ -126,43 +135,40 @@ class FluxPipeline:
         return [np.asarray(r, dtype=np.float32).reshape(t.shape) for r, t in zip(res, spec.outputs)]
 
     def encode_prompt(self, prompt: str, prompt_2: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        d = self.dims
         ids = self.clip_tok(prompt)
         if self.resident is not None:  # pooled and T5 states stay on the chips
             self.resident.encode(ids, self.t5_tok(prompt_2 if prompt_2 else prompt))
             return None, None
-        (h,) = self.run("clip_head", input_ids=ids)
-        for i in range(d.clip_layers):
-            (h,) = self.run(f"clip_block_{i}", hidden_states=h)
-        (pooled,) = self.run("clip_tail", hidden_states=h, input_ids=ids)
+        (h,) = self.run(self.one("clip_head"), input_ids=ids)
+        for name in self.kinds.get("clip_block", []):
+            (h,) = self.run(name, hidden_states=h)
+        (pooled,) = self.run(self.one("clip_tail"), hidden_states=h, input_ids=ids)
         ids2 = self.t5_tok(prompt_2 if prompt_2 else prompt)
-        (t,) = self.run("t5_head", input_ids=ids2)
-        for i in range(d.t5_layers):
-            (t,) = self.run(f"t5_block_{i}", hidden_states=t)
-        (t5,) = self.run("t5_tail", hidden_states=t)
+        (t,) = self.run(self.one("t5_head"), input_ids=ids2)
+        for name in self.kinds.get("t5_block", []):
+            (t,) = self.run(name, hidden_states=t)
+        (t5,) = self.run(self.one("t5_tail"), hidden_states=t)
         return pooled, t5
 
     def transformer(self, latents, t: float, guidance: float | None, pooled, t5) -> np.ndarray:
-        d, p = self.dims, self.prefix
+        d = self.dims
         if self.resident is not None:
             return self.resident.transformer(latents, t, guidance, self.rotary)
         head = dict(hidden_states=latents, timestep=np.array([t], np.float32),
                     pooled_projections=pooled, encoder_hidden_states=t5)
         if d.guidance_embeds:
             head["guidance"] = np.array([guidance * 1000.0], np.float32)
-        temb, enc, hid = self.run(f"{p}_head", **head)
-        for i in range(d.num_double):
-            enc, hid = self.run(f"{p}_trans_block_{i}", hidden_states=hid, encoder_hidden_states=enc,
-                                temb=temb, rotary_emb=self.rotary)
+        temb, enc, hid = self.run(self.one("transformer_head"), **head)
+        for name in self.kinds.get("double_block", []):
+            enc, hid = self.run(name, hidden_states=hid, encoder_hidden_states=enc, temb=temb, rotary_emb=self.rotary)
         x = np.concatenate([enc, hid], axis=1)
-        for i in range(d.num_single):
-            (x,) = self.run(f"{p}_single_trans_block_{i}", hidden_states=x, temb=temb, rotary_emb=self.rotary)
-        (noise,) = self.run(f"{p}_tail", hidden_states=x[:, d.t5_len:], temb=temb)
+        for name in self.kinds.get("single_block", []):
+            (x,) = self.run(name, hidden_states=x, temb=temb, rotary_emb=self.rotary)
+        (noise,) = self.run(self.one("transformer_tail"), hidden_states=x[:, d.t5_len:], temb=temb)
         return noise
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        lat = unpack_latents(latents, 2 * (self.dims.height // (self.dims.vae_scale * 2)),
-                             2 * (self.dims.width // (self.dims.vae_scale * 2)))
+        lat = unpack_latents(latents, self.dims.latent_h, self.dims.latent_w)
         if self.resident is not None:
             return self.resident.decode(lat)
         (img,) = self.run(self.vae_name, latents=lat)
@@ -173,7 +179,7 @@ class FluxPipeline:
                  on_step: Callable[[int, int], None] | None = None) -> Result:
         d = self.dims
         if steps is None:
-            steps = 4 if d.flux_type == "schnell" else 28
+            steps = DEFAULT_STEPS[d.flux_type]
         notes = []
         timings = {}
         t0 = time.perf_counter()

@@ -317,7 +317,7 @@ def adopt_specs(nets: dict[str, NetInfo], dims, files: dict[str, str] | None = N
                                  f"{' or '.join(ok)} there")
             ins.append(TensorSpec(w.name, w.shape, g.dtype))
         outs = [TensorSpec(w.name, w.shape, g.dtype) for w, g in zip(s.outputs, net.outputs)]
-        specs.append(PieceSpec(s.name, s.family, s.group, s.index, tuple(ins), tuple(outs), dict(s.int_high)))
+        specs.append(PieceSpec(s.name, s.kind, s.index, tuple(ins), tuple(outs), dict(s.int_high)))
         binds[s.net_name] = Binding([(w.name, g.name) for w, g in zip(s.inputs, net.inputs)],
                                     [(g.name, w.name) for w, g in zip(s.outputs, net.outputs)])
     return specs, binds

@@ -24,7 +24,7 @@ import numpy as np
 from fluxc.errors import FluxcError
 from fluxc.runtime.device_memory import PlannedTensor
 
-# (input name -> role, output name -> role) per kind of net
+# (input name -> role, output name -> role) per kind of piece (fluxc.specs.KINDS)
 ROLES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "clip_head": ({"input_ids": "clip.ids"}, {"hidden_states": "clip.hidden"}),
     "clip_block": ({"hidden_states": "clip.hidden"}, {"hidden_states_out": "clip.hidden"}),
@@ -32,29 +32,18 @@ ROLES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "t5_head": ({"input_ids": "t5.ids"}, {"hidden_states": "t5.hidden"}),
     "t5_block": ({"hidden_states": "t5.hidden"}, {"hidden_states_out": "t5.hidden"}),
     "t5_tail": ({"hidden_states": "t5.hidden"}, {"encoder_hidden_states": "t5.hidden"}),
-    "head": ({"hidden_states": "head.latents", "timestep": "head.timestep", "guidance": "head.guidance",
+    "transformer_head": ({"hidden_states": "head.latents", "timestep": "head.timestep", "guidance": "head.guidance",
               "pooled_projections": "head.pooled", "encoder_hidden_states": "head.t5"},
              {"temb": "temb", "encoder_hidden_states_out": "enc", "hidden_states_out": "hid"}),
-    "double": ({"hidden_states": "hid", "encoder_hidden_states": "enc", "temb": "temb", "rotary_emb": "rotary"},
+    "double_block": ({"hidden_states": "hid", "encoder_hidden_states": "enc", "temb": "temb", "rotary_emb": "rotary"},
                {"encoder_hidden_states_out": "enc", "hidden_states_out": "hid"}),
-    "single": ({"hidden_states": "single", "temb": "temb", "rotary_emb": "rotary"}, {"hidden_states_out": "single"}),
-    "tail": ({"hidden_states": "hid", "temb": "temb"}, {"noise_pred": "noise"}),
+    "single_block": ({"hidden_states": "single", "temb": "temb", "rotary_emb": "rotary"},
+                     {"hidden_states_out": "single"}),
+    "transformer_tail": ({"hidden_states": "hid", "temb": "temb"}, {"noise_pred": "noise"}),
     "vae": ({"latents": "vae.latents"}, {"image": "vae.image"}),
 }
+ROLES["tiny_vae"] = ROLES["vae"]
 HOST_ROLES = {"noise", "vae.image"}  # the only tensors read back by the host
-
-
-def net_kind(net: str, prefix: str) -> str:
-    for k, pat in (("clip_head", "clip_head"), ("clip_tail", "clip_tail"), ("t5_head", "t5_head"),
-                   ("t5_tail", "t5_tail"), ("head", f"{prefix}_head"), ("tail", f"{prefix}_tail"),
-                   ("vae", "vae_decoder")):
-        if net == pat:
-            return k
-    for k, pat in (("clip_block", "clip_block_"), ("t5_block", "t5_block_"), ("single", f"{prefix}_single_trans_block_"),
-                   ("double", f"{prefix}_trans_block_")):
-        if net.startswith(pat) and net[len(pat):].isdigit():
-            return k
-    raise FluxcError(f"net {net!r} is not a FLUX.1 piece of this build ({prefix})")
 
 
 def output_name(got: str, wanted: list[str]) -> str | None:
@@ -66,22 +55,31 @@ def output_name(got: str, wanted: list[str]) -> str | None:
     return max(cands, key=len) if cands else None
 
 
-def io_plan(nets: dict, where: dict[str, int], prefix: str) -> tuple[list[PlannedTensor], dict[str, tuple[list, list]]]:
+def kinds_of(specs: dict) -> dict[str, str]:
+    """Net name -> piece kind, from the build's piece specs (net name -> spec)."""
+    return {n: s.kind for n, s in specs.items()}
+
+
+def io_plan(nets: dict, where: dict[str, int], kinds: dict[str, str]) -> tuple[list[PlannedTensor], dict[str, tuple[list, list]]]:
     """The device tensors a FLUX build needs and, per net, the (device, role) of each of its
     inputs and outputs in the net's own order. `nets`: net name -> object with `.inputs` and
     `.outputs` (each with name, shape, dtype): the opened nets (runtime) or the build's piece
-    specs (compile, verify). `where`: net -> device. Same-role tensors on one chip are one
-    tensor; the nets must agree on its shape and dtype."""
-    head = f"{prefix}_head"
+    specs (compile, verify). `where`: net -> device; `kinds`: net -> piece kind (`kinds_of`).
+    Same-role tensors on one chip are one tensor; the nets must agree on its shape and dtype."""
+    head = next((n for n in nets if kinds.get(n) == "transformer_head"), None)
+    clip_tail = next((n for n in nets if kinds.get(n) == "clip_tail"), None)
+    t5_tail = next((n for n in nets if kinds.get(n) == "t5_tail"), None)
     alias: dict[tuple[int, str], tuple[int, str]] = {}
-    if head in nets and "clip_tail" in nets and where[head] == where["clip_tail"]:
+    if head and clip_tail and where[head] == where[clip_tail]:
         alias[(where[head], "head.pooled")] = (where[head], "clip.pooled")
-    if head in nets and "t5_tail" in nets and where[head] == where["t5_tail"]:
+    if head and t5_tail and where[head] == where[t5_tail]:
         alias[(where[head], "head.t5")] = (where[head], "t5.hidden")
     tensors: dict[tuple[int, str], PlannedTensor] = {}
     binds: dict[str, tuple[list, list]] = {}
     for net, info in nets.items():
-        ins_role, outs_role = ROLES[net_kind(net, prefix)]
+        if kinds.get(net) not in ROLES:
+            raise FluxcError(f"net {net!r} is not a FLUX.1 piece of this build; rebuild with fluxc compile")
+        ins_role, outs_role = ROLES[kinds[net]]
         d = where[net]
         sides = []
         for kind, ios, table in (("input", info.inputs, ins_role), ("output", info.outputs, outs_role)):
@@ -153,7 +151,6 @@ class SailFlux:
     def __init__(self, models, manifest):
         d = manifest.dims
         self.dims = d
-        self.prefix = d.flux_type
         self.engines = {}
         files = {}
         nets = {}
@@ -165,7 +162,7 @@ class SailFlux:
         specs = {s.net_name: s for s in manifest.specs}
         check_nets(nets, specs, files)
         self.where = {n: self.engines[n].device_id for n in nets}
-        self.plan, binds = io_plan(nets, self.where, self.prefix)
+        self.plan, binds = io_plan(nets, self.where, kinds_of(specs))
         sail = models.engines[0].sail
         self.sail = sail
         handles = {}
@@ -178,12 +175,14 @@ class SailFlux:
         self.maps = {n: ({i: self.t[k] for i, k in enumerate(ins)}, {i: self.t[k] for i, k in enumerate(outs)})
                      for n, (ins, outs) in binds.items()}
         self.feed_dtype = {(n, t.name): np.dtype(t.dtype) for n, s in specs.items() for t in s.inputs}
-        p = self.prefix
-        self.head, self.tail = f"{p}_head", f"{p}_tail"
-        self.doubles = [f"{p}_trans_block_{i}" for i in range(d.num_double)]
-        self.singles = [f"{p}_single_trans_block_{i}" for i in range(d.num_single)]
+        # the nets of each kind in pipeline order (fluxc.specs.KINDS): names are never formatted here
+        self.kinds: dict[str, list[str]] = {}
+        for s in manifest.specs:
+            self.kinds.setdefault(s.kind, []).append(s.net_name)
+        (self.head,), (self.tail,) = self.kinds["transformer_head"], self.kinds["transformer_tail"]
+        self.doubles, self.singles = self.kinds.get("double_block", []), self.kinds.get("single_block", [])
         self.S, self.D, self.N = d.t5_len, d.inner_dim, d.image_tokens
-        self.vae = "vae_decoder"
+        (self.vae,) = self.kinds.get("tiny_vae", []) + self.kinds.get("vae", [])
         self._rotary_written = False
 
     # -- helpers
@@ -221,21 +220,19 @@ class SailFlux:
 
     # -- the pipeline's three calls
     def encode(self, clip_ids: np.ndarray, t5_ids: np.ndarray) -> None:
-        self._put("clip_head", "input_ids", "clip.ids", clip_ids)
-        self._run("clip_head")
-        for i in range(self.dims.clip_layers):
-            self._run(f"clip_block_{i}")
-        self._run("clip_tail")
-        self._put("t5_head", "input_ids", "t5.ids", t5_ids)
-        self._run("t5_head")
-        for i in range(self.dims.t5_layers):
-            self._run(f"t5_block_{i}")
-        self._run("t5_tail")
+        k = self.kinds
+        (clip_head,), (clip_tail,), (t5_head,), (t5_tail,) = k["clip_head"], k["clip_tail"], k["t5_head"], k["t5_tail"]
+        self._put(clip_head, "input_ids", "clip.ids", clip_ids)
+        for net in [clip_head, *k.get("clip_block", []), clip_tail]:
+            self._run(net)
+        self._put(t5_head, "input_ids", "t5.ids", t5_ids)
+        for net in [t5_head, *k.get("t5_block", []), t5_tail]:
+            self._run(net)
         dh = self.where[self.head]
         self._copy((dh, "head.pooled") if (dh, "head.pooled") in self.t else (dh, "clip.pooled"),
-                   (self.where["clip_tail"], "clip.pooled"))
+                   (self.where[clip_tail], "clip.pooled"))
         self._copy((dh, "head.t5") if (dh, "head.t5") in self.t else (dh, "t5.hidden"),
-                   (self.where["t5_tail"], "t5.hidden"))
+                   (self.where[t5_tail], "t5.hidden"))
 
     def _write_rotary(self, rotary: np.ndarray) -> None:
         for (dev, role), t in self.t.items():

@@ -60,5 +60,5 @@ def compiled_schnell_w4(tmp_path_factory, export_schnell_tinyvae, compile_build_
 def compiled_dev_bf16(tmp_path_factory, export_dev, compile_build_dir) -> Path:
     """Models folder: onnx/ (tiny dev export, full VAE) + BM1684X/ (BF16 over 3 devices)."""
     ws = make_workspace(tmp_path_factory.mktemp("ws_dev_bf16"), export_dev)
-    compile_into(ws, compile_build_dir, ["--quantize", "BF16", "--flux-type", "dev", "--devices", "3"])
+    compile_into(ws, compile_build_dir, ["--quantize", "BF16", "--flux-type", "dev", "--num-devices", "3"])
     return ws

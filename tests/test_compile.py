@@ -63,10 +63,11 @@ def _check_similarities(report: dict) -> None:
 
 def test_default_recipe_groups():
     r = load_recipe()
-    from fluxc.specs import PieceSpec, TensorSpec
+    from fluxc.specs import KINDS, PieceSpec, TensorSpec
 
-    def spec(group):
-        return PieceSpec("x", "t5", group, None, (TensorSpec("a", (1, 2), "float32"),), ())
+    def spec(group):  # a piece of the first kind in that quantisation group
+        kind = next(k.name for k in KINDS.values() if k.group == group)
+        return PieceSpec("x", kind, None, (TensorSpec("a", (1, 2), "float32"),), ())
 
     assert piece_plan(r, spec("clip"), "BF16").quantize == "F16"
     assert piece_plan(r, spec("t5_head"), "BF16").quantize == "F16"

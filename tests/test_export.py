@@ -37,7 +37,7 @@ def torch_models(model_dir: str, tiny_vae: bool):
         "transformer": FluxTransformer2DModel.from_pretrained(d / "transformer").float().eval(),
         "text_encoder": CLIPTextModel.from_pretrained(d / "text_encoder").float().eval(),
         "text_encoder_2": T5EncoderModel.from_pretrained(d / "text_encoder_2").float().eval(),
-        "vae": vae.float().eval(),
+        "tiny_vae" if tiny_vae else "vae": vae.float().eval(),  # keyed by the component the VAE piece reads
     }
 
 
@@ -132,7 +132,7 @@ def test_manifest_contract(exported):
 # ----------------------------------------------------------------------------- per-piece parity
 def test_every_piece_matches_its_torch_module(exported):
     from fluxc.export.parity import compare_piece
-    from fluxc.export.pieces import build_piece_module, piece_component
+    from fluxc.export.pieces import build_piece_module
     from fluxc.patches import Patcher
 
     m = load_manifest(exported)
@@ -140,7 +140,7 @@ def test_every_piece_matches_its_torch_module(exported):
     worst = []
     with Patcher() as p:  # wrappers patch the models in memory; undone at the end
         for s in m.specs:
-            mod = build_piece_module(s, m.dims, models[piece_component(s)], patcher=p)
+            mod = build_piece_module(s, m.dims, models[s.component], patcher=p)
             for r in compare_piece(mod, s, m.path(s.name), seed=1):
                 worst.append(r)
     lo = min(worst, key=lambda r: r.cosine)
@@ -231,7 +231,7 @@ def test_vae_piece_matches_vae_decode(exported):
 
     m = load_manifest(exported)
     d, models, sess = m.dims, models_of(m), sessions(m)
-    vae = models["vae"]
+    vae = models["tiny_vae" if d.tiny_vae else "vae"]
     lat = np.random.default_rng(3).standard_normal((1, d.latent_channels, d.latent_h, d.latent_w)).astype(np.float32)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     with torch.no_grad():
@@ -314,7 +314,7 @@ def test_interrupted_export_is_not_marked_complete(export_dev, tmp_path):
 # ----------------------------------------------------------------------------- memory
 def test_blocks_are_materialised_one_at_a_time(tiny_model_dir_for_export):
     """Loading a piece materialises exactly its own tensors; releasing frees them all."""
-    from fluxc.export.driver import Checkpoint, component_of, piece_prefixes
+    from fluxc.export.checkpoint import Checkpoint
     from fluxc.export.loading import _param_slots, loaded_bytes, materialize, release
     from fluxc.export.source import resolve
     from fluxc.export.dims import build_dims
@@ -325,10 +325,10 @@ def test_blocks_are_materialised_one_at_a_time(tiny_model_dir_for_export):
     dims = build_dims(flux_type="dev", height=64, width=64, t5_len=8, transformer=c["transformer"],
                       clip=c["text_encoder"], t5=c["text_encoder_2"], vae=c["vae"], tiny_vae=None)
     for spec in piece_specs(dims):
-        comp = component_of(spec, dims)
+        comp = spec.component
         model = ckpt.model(comp)
         assert loaded_bytes(model) == 0
-        prefixes = piece_prefixes(spec, dims, ckpt)
+        prefixes = list(spec.parts)
         materialize(model, prefixes, ckpt.stores[comp], comp)
         own = {id(mod._parameters[n]) : mod._parameters[n] for _, mod, n in _param_slots(model, prefixes)}
         assert loaded_bytes(model) == sum(p.numel() * 4 for p in own.values()), spec.name

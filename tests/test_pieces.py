@@ -13,9 +13,6 @@ from fluxc.export.pieces import (
     build_piece_module,
     module_key,
     needs_tensor,
-    piece_component,
-    piece_kind,
-    piece_parts,
 )
 from fluxc.patches import rotary_table
 from fluxc.specs import FluxDims, piece_specs, specs_by_name
@@ -235,21 +232,21 @@ def test_tiny_vae_decoder_matches_pipeline_contract(scaling, shift):
 
 
 def test_piece_parts_cover_exactly_what_each_piece_uses():
-    """Every component parameter a wrapper touches lies under one of piece_parts(spec)."""
+    """Every component parameter a wrapper touches lies under one of spec.parts."""
     dims = tiny_dims("dev")
     comps = {"transformer": tiny_transformer("dev"), "text_encoder": tiny_clip(), "text_encoder_2": tiny_t5(),
              "vae": tiny_vae_kl()}
     for spec in piece_specs(dims):
-        comp = comps[piece_component(spec)]
+        comp = comps[spec.component]
         names = {id(p): n for n, p in comp.named_parameters(remove_duplicate=False)}
         mod = build_piece_module(spec, dims, comp)
         used = {names[id(p)] for p in mod.parameters() if id(p) in names}
         assert used, spec.name
-        prefixes = piece_parts(spec)
+        prefixes = spec.parts
         outside = [n for n in used if not any(n.startswith(pre) for pre in prefixes)]
         assert not outside, (spec.name, outside)
         mod.fluxc_patcher.restore()
-        if piece_kind(spec) == "t5_block":
+        if spec.kind == "t5_block":
             assert needs_tensor(spec, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
     # CLIP checkpoints keep the text_model. prefix that transformers 5.x drops
     assert module_key("text_encoder", "text_model.encoder.layers.1.mlp.fc1.weight") == "encoder.layers.1.mlp.fc1.weight"
@@ -282,7 +279,7 @@ def test_pieces_export_to_onnx(which, dev_components, tmp_path):
 
     dims = tiny_dims("dev", tiny_vae=which == "tiny_vae_decoder")
     spec = specs_by_name(piece_specs(dims))[which]
-    comp = dev_components["tiny_vae" if which == "tiny_vae_decoder" else piece_component(spec)]
+    comp = dev_components["tiny_vae" if which == "tiny_vae_decoder" else spec.component]
     mod = build_piece_module(spec, dims, comp)
     try:
         feeds = spec.sample_inputs(seed=3)
@@ -298,7 +295,7 @@ def test_pieces_export_to_onnx(which, dev_components, tmp_path):
         mod.fluxc_patcher.restore()
     model = onnx.load(str(path))
     ops = {n.op_type for n in model.graph.node}
-    if piece_kind(spec) in ("double_block", "single_block"):
+    if spec.kind in ("double_block", "single_block"):
         assert "Softmax" in ops and "MatMul" in ops
         # no rms_norm, no runtime shape arithmetic, no Gather: static Slice/Reshape only
         assert not ops & {"Shape", "Gather", "ScatterND", "If", "Loop"}, ops

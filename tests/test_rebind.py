@@ -23,11 +23,10 @@ HELD_OUT = {"double_block": "dev_trans_block_2", "single_block": "dev_single_tra
 
 def test_export_traces_each_block_kind_once(export_dev):
     m = load_manifest(export_dev)
-    from fluxc.export.pieces import piece_kind
 
     kinds = {}
     for s in m.specs:
-        kinds.setdefault(piece_kind(s), []).append(s.name)
+        kinds.setdefault(s.kind, []).append(s.name)
     for kind, held in HELD_OUT.items():
         assert held in kinds[kind][1:]
     # every piece references the checkpoint's tensors in place: no weight copies in the folder
@@ -43,8 +42,8 @@ def test_export_traces_each_block_kind_once(export_dev):
 @pytest.mark.parametrize("kind", sorted(HELD_OUT))
 def test_rebound_piece_equals_direct_export(export_dev, tmp_path, kind):
     """Trace the held-out block alone (no template) and compare the files byte for byte."""
-    from fluxc.export.driver import ExportOptions, _export_one, resolve_inputs
-    from fluxc.export.pieces import piece_parts
+    from fluxc.export.driver import ExportOptions, resolve_inputs
+    from fluxc.export.piece_export import export_one
 
     m = load_manifest(export_dev)
     spec = m.spec(HELD_OUT[kind])
@@ -53,7 +52,7 @@ def test_rebound_piece_equals_direct_export(export_dev, tmp_path, kind):
                          t5_len=m.options["t5_seq_len"])
     ckpt, _, dims, _ = resolve_inputs(opts)
     out.mkdir()
-    e = _export_one(spec, dims, ckpt, out, list(piece_parts(spec)), None)
+    e = export_one(spec, dims, ckpt, out, list(spec.parts), None)
     # The same graph, the same references; the only freedom is the exporter's counter for
     # anonymous tensors ("onnx::Unsqueeze_25"), which block 0 of T5 shifts by one (its module
     # has one more, unused, parameter): compare with those names renumbered in order.
@@ -186,7 +185,8 @@ def test_probe_pieces_are_checked_in_place_of_full_pieces(compiled_dev_bf16, com
     probes on the simulator and compiles the full pieces without the simulator run. At the
     tiny fixture's own shape the probes equal the fixture's first blocks, so they come from the
     cache; at full size they are separate small pieces."""
-    from fluxc.export.driver import PROBE_KINDS, ExportOptions, run_export
+    from fluxc.export.driver import ExportOptions, run_export
+    from fluxc.export.probes import PROBE_KINDS
     from tests.fixtures_compile import compile_into, make_workspace
 
     src = compiled_dev_bf16 / "onnx"
@@ -197,7 +197,7 @@ def test_probe_pieces_are_checked_in_place_of_full_pieces(compiled_dev_bf16, com
     m2 = load_manifest(exp)
     assert len(m2.probe["pieces"]) == len(PROBE_KINDS)
     ws = make_workspace(tmp_path / "ws", exp)
-    rep = compile_into(ws, compile_build_dir, ["--quantize", "BF16", "--devices", "3"])
+    rep = compile_into(ws, compile_build_dir, ["--quantize", "BF16", "--num-devices", "3"])
     assert rep["checked"].startswith("probe pieces")
     assert len(rep["probe_checks"]) == len(PROBE_KINDS)
     for name, p in rep["probe_checks"].items():
@@ -212,7 +212,7 @@ def test_estimate_only_gives_the_split_of_the_real_build(compiled_dev_bf16, comp
     from tests.fixtures_compile import run_fluxc_compile
 
     out = tmp_path / "est"
-    r = run_fluxc_compile([compiled_dev_bf16 / "onnx", "--quantize", "BF16", "--devices", "3", "--estimate-only",
+    r = run_fluxc_compile([compiled_dev_bf16 / "onnx", "--quantize", "BF16", "--num-devices", "3", "--estimate-only",
                            "--out", out, "--build-dir", compile_build_dir])
     assert r.returncode == 0, r.stderr[-2000:]
     est = json.loads((out / "estimate_report.json").read_text())

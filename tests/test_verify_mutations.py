@@ -22,7 +22,7 @@ from tests.fixtures_compile import compile_into, make_workspace
 from tests.fixtures_runtime import invoke
 
 SCHNELL_ARGS = ["--quantize", "W4BF16", "--flux-type", "schnell", "--tiny-vae"]
-DEV_ARGS = ["--quantize", "BF16", "--flux-type", "dev", "--devices", "3"]
+DEV_ARGS = ["--quantize", "BF16", "--flux-type", "dev", "--num-devices", "3"]
 BLOCK_MUTANTS = {  # piece -> mutation (one build, three mutated blocks)
     "schnell_trans_block_0": "weights zeroed",
     "schnell_trans_block_1": "weights x1.25",

@@ -25,6 +25,7 @@ import numpy as np
 
 from fluxc.errors import FluxcError
 from fluxc.machine import mem_available
+from fluxc.specs import piece_name
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "transformer", "vae")
 
@@ -145,13 +146,13 @@ class ReferenceModels:
 
     def _streamed(self, component: str, folder: Path):
         """Meta model; the non-block tensors loaded now, each block's on its own call."""
-        from fluxc.export.driver import _construct
+        from fluxc.export.checkpoint import construct_model
         from fluxc.export.loading import build_on_meta, materialize, release
         from fluxc.export.source import WeightStore, read_json
 
         self.say(f"reference: streaming {component} from {folder} one block at a time")
         cfg = read_json(folder / "config.json", f"{component} config")
-        model = build_on_meta(lambda: _construct(component, cfg, folder))
+        model = build_on_meta(lambda: construct_model(component, cfg, folder))
         store = WeightStore.open(folder, component)
         units = _stream_units(component, model)
         rest = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters(remove_duplicate=False)
@@ -247,38 +248,37 @@ class Reference:
         self.p = dims.flux_type
 
     # -- text encoders
-    def clip(self, ids: np.ndarray, chip: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
+    def _text_encoder(self, component: str, ids: np.ndarray, chip: dict | None, kinds: tuple[str, str, str],
+                      head: str, blocks: str, tail: str):
+        """One text encoder run on `ids` with its head and blocks tapped (with `chip`: each block's
+        and the final norm's input replaced by the chip's). ({piece: outputs}, the model's result)."""
         import torch
 
-        m = self.models.model("text_encoder")
-        n = len(m.encoder.layers)
-        rec = {"embeddings": lambda o: {"hidden_states": _np(o)}}
-        rec.update({f"encoder.layers.{i}": (lambda o: {"hidden_states_out": _np(_first(o))}) for i in range(n)})
+        hk, bk, tk = kinds
+        m = self.models.model(component)
+        n = len(m.get_submodule(blocks))
+        rec = {f"{blocks}.{i}": (lambda o: {"hidden_states_out": _np(_first(o))}) for i in range(n)}
+        rec[head] = lambda o: {"hidden_states": _np(o)}
         feed = {}
         if chip:
-            feed = {f"encoder.layers.{i}": _replace_first(chip[f"clip_block_{i}"]["hidden_states"]) for i in range(n)}
-            feed["final_layer_norm"] = _replace_first(chip["clip_tail"]["hidden_states"])
+            feed = {f"{blocks}.{i}": _replace_first(chip[piece_name(bk, index=i)]["hidden_states"]) for i in range(n)}
+            feed[tail] = _replace_first(chip[piece_name(tk)]["hidden_states"])
         with taps(m, rec, feed) as out, torch.no_grad():
             res = m(torch.from_numpy(ids.astype(np.int64)), output_hidden_states=False)
-        got = {"clip_head": out["embeddings"], "clip_tail": {"pooled": _np(res.pooler_output)}}
-        got.update({f"clip_block_{i}": out[f"encoder.layers.{i}"] for i in range(n)})
+        got = {piece_name(hk): out[head]}
+        got.update({piece_name(bk, index=i): out[f"{blocks}.{i}"] for i in range(n)})
+        return got, res
+
+    def clip(self, ids: np.ndarray, chip: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
+        got, res = self._text_encoder("text_encoder", ids, chip, ("clip_head", "clip_block", "clip_tail"),
+                                      "embeddings", "encoder.layers", "final_layer_norm")
+        got[piece_name("clip_tail")] = {"pooled": _np(res.pooler_output)}
         return got
 
     def t5(self, ids: np.ndarray, chip: dict | None = None) -> dict[str, dict[str, np.ndarray]]:
-        import torch
-
-        m = self.models.model("text_encoder_2")
-        n = len(m.encoder.block)
-        rec = {f"encoder.block.{i}": (lambda o: {"hidden_states_out": _np(_first(o))}) for i in range(n)}
-        rec["encoder.embed_tokens"] = lambda o: {"hidden_states": _np(o)}
-        feed = {}
-        if chip:
-            feed = {f"encoder.block.{i}": _replace_first(chip[f"t5_block_{i}"]["hidden_states"]) for i in range(n)}
-            feed["encoder.final_layer_norm"] = _replace_first(chip["t5_tail"]["hidden_states"])
-        with taps(m, rec, feed) as out, torch.no_grad():
-            res = m(torch.from_numpy(ids.astype(np.int64)), output_hidden_states=False)
-        got = {"t5_head": out["encoder.embed_tokens"], "t5_tail": {"encoder_hidden_states": _np(res[0])}}
-        got.update({f"t5_block_{i}": out[f"encoder.block.{i}"] for i in range(n)})
+        got, res = self._text_encoder("text_encoder_2", ids, chip, ("t5_head", "t5_block", "t5_tail"),
+                                      "encoder.embed_tokens", "encoder.block", "encoder.final_layer_norm")
+        got[piece_name("t5_tail")] = {"encoder_hidden_states": _np(res[0])}
         return got
 
     # -- transformer: one denoising call
@@ -287,7 +287,7 @@ class Reference:
         from diffusers import FluxPipeline
 
         d = self.d
-        h, w = 2 * (d.height // (d.vae_scale * 2)), 2 * (d.width // (d.vae_scale * 2))
+        h, w = d.latent_h, d.latent_w
         return FluxPipeline._prepare_latent_image_ids(1, h // 2, w // 2, "cpu", torch.float32)
 
     def transformer(self, latents, t_chip: float, guidance_scale: float | None, pooled, t5,
@@ -314,15 +314,15 @@ class Reference:
         feed = {}
         if chip:
             for i in range(nd):
-                c = chip[f"{p}_trans_block_{i}"]
+                c = chip[piece_name("double_block", p, i)]
                 feed[f"transformer_blocks.{i}"] = _replace_kwargs(
                     hidden_states=c["hidden_states"], encoder_hidden_states=c["encoder_hidden_states"], temb=c["temb"])
             for i in range(ns):
-                c = chip[f"{p}_single_trans_block_{i}"]
+                c = chip[piece_name("single_block", p, i)]
                 x = c["hidden_states"]
                 feed[f"single_transformer_blocks.{i}"] = _replace_kwargs(
                     hidden_states=x[:, S:], encoder_hidden_states=x[:, :S], temb=c["temb"])
-            c = chip[f"{p}_tail"]
+            c = chip[piece_name("transformer_tail", p)]
             feed["norm_out"] = _replace_args(c["hidden_states"], c["temb"])
         kw = {}
         if m.config.guidance_embeds:
@@ -333,10 +333,10 @@ class Reference:
               pooled_projections=torch.from_numpy(np.ascontiguousarray(pooled, np.float32)),
               timestep=torch.tensor([t_chip / 1000.0], dtype=torch.float32),
               txt_ids=torch.zeros(S, 3), img_ids=self.image_ids(), return_dict=False, **kw)
-        got = {f"{p}_head": {**out["time_text_embed"], **out["context_embedder"], **out["x_embedder"]},
-               f"{p}_tail": out["proj_out"]}
-        got.update({f"{p}_trans_block_{i}": out[f"transformer_blocks.{i}"] for i in range(nd)})
-        got.update({f"{p}_single_trans_block_{i}": out[f"single_transformer_blocks.{i}"] for i in range(ns)})
+        got = {piece_name("transformer_head", p): {**out["time_text_embed"], **out["context_embedder"], **out["x_embedder"]},
+               piece_name("transformer_tail", p): out["proj_out"]}
+        got.update({piece_name("double_block", p, i): out[f"transformer_blocks.{i}"] for i in range(nd)})
+        got.update({piece_name("single_block", p, i): out[f"single_transformer_blocks.{i}"] for i in range(ns)})
         return got
 
     # -- VAE
@@ -350,7 +350,7 @@ class Reference:
         z = z / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
         with torch.no_grad():
             img = v.decode(z, return_dict=False)[0]
-        name = "tiny_vae_decoder" if self.d.tiny_vae else "vae_decoder"
+        name = piece_name("tiny_vae" if self.d.tiny_vae else "vae")
         return {name: {"image": _np(img)}}
 
     # -- rotary table and scheduler

@@ -42,6 +42,7 @@ from fluxc.runtime.engines import CmodelEngine
 from fluxc.runtime.models import ModelSet, open_onnx, read_build
 from fluxc.runtime.pipeline import FluxPipeline, initial_latents, unpack_latents
 from fluxc.runtime.scheduler import FlowMatchEulerScheduler
+from fluxc.specs import DEFAULT_STEPS
 from fluxc.toolchain import run_tool
 from fluxc.metrics import cosine, psnr, rel_err
 from fluxc.validation.metrics import compare, rounded
@@ -180,7 +181,7 @@ def piece_chain(models, man, prompt: str, seed: int, guidance: float, on_piece=N
     pipe = FluxPipeline(rec, man)
     pooled, t5 = pipe.encode_prompt(prompt)
     lat, _ = initial_latents(man.dims, seed)
-    pipe.scheduler.set_timesteps(4 if man.dims.flux_type == "schnell" else 28, lat.shape[1])
+    pipe.scheduler.set_timesteps(DEFAULT_STEPS[man.dims.flux_type], lat.shape[1])
     t0, s0 = float(pipe.scheduler.timesteps[0]), float(pipe.scheduler.sigmas[0])
     noise = pipe.transformer(lat, t0, guidance, pooled, t5)
     x0 = lat - s0 * noise  # the clean latents this call predicts
@@ -284,7 +285,7 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
     exp, man, rec = open_build(models, export, quantize, flux_type)
     d = man.dims
     q = rec.quantize
-    n_steps = steps or (4 if d.flux_type == "schnell" else 28)
+    n_steps = steps or DEFAULT_STEPS[d.flux_type]
     rep = Report()
     rep.info.update({"models": str(models), "export": str(exp), "record": str(rec.path), "flux_type": d.flux_type,
                      "quantize": q, "tiny_vae": d.tiny_vae, "resolution": [d.height, d.width],
@@ -398,7 +399,7 @@ def check_device_memory(rep: Report, rec, bad: dict[str, str], budget_mb: float,
     say("memory: per device as the build record places the files (model_tool --info figures of the record "
         "for files whose sha256 matches, measured again otherwise) plus the I/O tensors the sail runtime "
         "allocates there")
-    io = io_bytes_per_device({p.net: p.spec for p in rec.pieces}, {p.net: p.device for p in rec.pieces}, rec.flux_type)
+    io = io_bytes_per_device({p.net: p.spec for p in rec.pieces}, {p.net: p.device for p in rec.pieces})
     for dev in range(rec.devices):
         total, parts, unread = io.get(dev, 0), [f"I/O tensors {io.get(dev, 0) / 2**20:.1f} MB"], []
         for f in rec.on_device(dev):

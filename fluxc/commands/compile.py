@@ -11,15 +11,17 @@ BUILD_DIR_ENV = "FLUXC_BUILD_DIR"
 
 
 def compile(
-    export_dir: Optional[Path] = typer.Argument(None, help="Export folder (default: <models>/onnx)."),
+    export_dir: Optional[Path] = typer.Argument(None, help="Export folder, or a workspace holding one in onnx/ "
+                                                "(default: <models>/onnx)."),
     quantize: str = typer.Option(..., "--quantize", "-q", help="Transformer blocks: BF16 or W4BF16."),
     flux_type: Optional[str] = typer.Option(None, "--flux-type", help="dev or schnell (default: the export's; "
                                             "an export of the other type is an error)."),
-    tiny_vae: Optional[bool] = typer.Option(None, "--tiny-vae/--no-tiny-vae",
+    tiny_vae: Optional[bool] = typer.Option(None, "--tiny-vae/--full-vae",
                                             help="Expect the tiny VAE (taef1) / the full VAE (default: the export's)."),
     chip: str = typer.Option("bm1684x", "--chip", help="Target chip: bm1684x or bm1688 (fluxc/compile/chips.py); "
                              "outputs go to <models>/<CHIP>/, the recipe is recipes/<chip>.yaml."),
-    devices: int = typer.Option(3, "--devices", help="BF16: split the transformer over N chips (1..8)."),
+    devices: int = typer.Option(3, "--num-devices", help="BF16: split the transformer over N chips (1..8); "
+                                "`fluxc run --devices` then names the chip ids."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Pieces compiled at once "
                                        "(default: min(cores, free memory / per-piece need))."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="Recipe YAML (default: recipes/bm1684x.yaml)."),
@@ -39,6 +41,8 @@ def compile(
 
     Example: fluxc compile --quantize W4BF16 --flux-type schnell
 
+    Example (BF16 over three chips): fluxc compile --quantize BF16 --flux-type dev --num-devices 3
+
     Example for the BM1688 (models/BM1688/): fluxc compile --quantize W4BF16 --chip bm1688
     """
     from fluxc import workspace
@@ -50,7 +54,7 @@ def compile(
     ws = workspace.models_dir(models)
     bdir = build_dir or (Path(os.environ[BUILD_DIR_ENV]) if os.environ.get(BUILD_DIR_ENV) else workspace.build_dir(ws))
     opts = CompileOptions(
-        export_dir=export_dir or workspace.export_dir(ws),
+        export_dir=workspace.locate(export_dir).export if export_dir else workspace.export_dir(ws),
         out_dir=out or workspace.chip_dir(ws, chip),
         build_dir=bdir,
         quantize=quantize, flux_type=flux_type, tiny_vae=tiny_vae, chip=chip, devices=devices,

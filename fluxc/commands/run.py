@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from fluxc.errors import FluxcError
+from fluxc.specs import DEFAULT_STEPS
 
 
 def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_type: str | None = None,
@@ -30,8 +31,9 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
     if not models.is_dir():
         raise FluxcError(f"models folder {models} does not exist; run fluxc export and fluxc compile, "
                          "or point --models / FLUXC_MODELS at a workspace")
-    exp = Path(export) if export else workspace.export_dir(models)
-    if export is None and not (exp / "manifest.json").is_file():
+    loc = workspace.locate(models, c.name)  # a workspace, an export folder or a bmodel folder
+    exp = Path(export) if export else loc.export
+    if export is None and loc.kind == "workspace" and not (exp / workspace.MANIFEST).is_file():
         # no fluxc export here: a sophon-demo download is run as it is (runtime/reference_layout.py)
         from fluxc.runtime import reference_layout as ref
 
@@ -54,7 +56,7 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
         if (height and height != d.height) or (width and width != d.width) or len(man.sizes) > 1:
             raise FluxcError(f"the sail backends run one-size builds at their size for now (this export holds "
                              f"{', '.join(man.size_labels)}, width x height); use --backend cmodel or onnx")
-        return _open_sail(models, backend, man, quantize, devices, say)
+        return _open_sail(loc.chip, backend, man, quantize, devices, say)
     if backend == "onnx":
         if quantize:
             warnings.warn("--quantize is ignored by the onnx backend (it runs the float export)")
@@ -63,7 +65,7 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
         ms, q = open_onnx(view, progress=say), "F32"
     else:
         # What was built comes from the build record only (fluxc/build_record.py).
-        rec = read_build(workspace.chip_dir(models, c.name), d, quantize)
+        rec = read_build(loc.chip, d, quantize)
         rec.check_export(exp)
         h, w = pick_size(rec.sizes, height, width, "this build")
         view = man.at(h, w)
@@ -124,10 +126,9 @@ def _open_download(plan, backend: str, devices, height, width, say, runtime_chip
     return pipe, ms, man.quantize
 
 
-def _open_sail(models: Path, backend: str, man, quantize, devices, say):
+def _open_sail(chip_dir: Path, backend: str, man, quantize, devices, say):
     """Check the device ids, open the build's bmodels through sail (or the stand-in) and lay
     out the device tensors (runtime/sail_flux.py). Nothing runs unless all of it fits."""
-    from fluxc import workspace
     from fluxc.runtime.engines import check_devices, import_sail
     from fluxc.runtime.models import open_bmodels, read_build
     from fluxc.runtime.pipeline import FluxPipeline
@@ -136,7 +137,7 @@ def _open_sail(models: Path, backend: str, man, quantize, devices, say):
     d = man.dims
     sail = import_sail(backend)
     # What was built comes from the build record only (fluxc/build_record.py).
-    rec = read_build(workspace.chip_dir(models), d, quantize)
+    rec = read_build(chip_dir, d, quantize)
     rec.check_export(man.export_dir)
     n_tr = rec.devices
     devices = list(devices) if devices else list(range(n_tr))
@@ -178,8 +179,9 @@ def parse_devices(text: str | None) -> list[int] | None:
 
 
 def run(
-    models: Optional[Path] = typer.Option(None, "--models", help="Workspace folder, or a sophon-demo FLUX.1 download's "
-                                          "models/ folder (default: FLUXC_MODELS or ./models)."),
+    models: Optional[Path] = typer.Option(None, "--models", help="Workspace, export folder (fluxc export --out), bmodel "
+                                          "folder (fluxc compile --out) or a sophon-demo FLUX.1 download's models/ "
+                                          "folder (default: FLUXC_MODELS or ./models)."),
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt (CLIP and, unless --prompt-2, T5)."),
     prompt_2: Optional[str] = typer.Option(None, "--prompt-2", help="Separate prompt for T5."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default 4 schnell, 28 dev)."),
@@ -236,7 +238,7 @@ def run(
         from fluxc.export.lora import describe
 
         con.print(f"LoRA fused at export: {describe(pipe.manifest.options['lora'])}")
-    n_steps = steps or (4 if d.flux_type == "schnell" else 28)
+    n_steps = steps or DEFAULT_STEPS[d.flux_type]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncationWarning)
         with Progress(TextColumn("denoising"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),

@@ -147,7 +147,6 @@ def _transform(spec: PieceSpec, onnx: Path, plan: PiecePlan, tools: Tools, check
     when there is one (fluxc.compile.rebind), else by model_transform (and the result becomes
     the template). Returns "rebound" or "transformed"."""
     from fluxc.compile import rebind
-    from fluxc.export.pieces import piece_kind
 
     io = {"inputs": [t.to_dict() for t in spec.inputs], "outputs": [t.to_dict() for t in spec.outputs]}
     try:
@@ -155,7 +154,7 @@ def _transform(spec: PieceSpec, onnx: Path, plan: PiecePlan, tools: Tools, check
     except Exception:  # not a readable ONNX file: model_transform says what is wrong with it
         _run_transform(spec, onnx, plan, tools, check, folder)
         return "transformed"
-    tdir = rebind.template_dir(folder.parent.parent, piece_kind(spec), gkey)
+    tdir = rebind.template_dir(folder.parent.parent, spec.kind, gkey)
     work = folder / "work"
     with folder_lock(tdir):
         t = rebind.load_template(tdir)

@@ -64,7 +64,7 @@ def read_export(folder: Path, flux_type: str | None, tiny_vae: bool | None) -> E
                          f"use --flux-type {dims.flux_type} or export the {flux_type} model")
     if tiny_vae is not None and dims.tiny_vae != tiny_vae:
         have = "the tiny VAE (taef1)" if dims.tiny_vae else "the full VAE"
-        flag = "--tiny-vae" if dims.tiny_vae else "--no-tiny-vae"
+        flag = "--tiny-vae" if dims.tiny_vae else "--full-vae"
         raise FluxcError(f"export in {folder} holds {have}; use {flag} or re-export")
     from fluxc.specs import piece_specs
 

@@ -139,7 +139,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     quantize = normalize_quantize(opts.quantize)
     chip = get_chip(opts.chip).name  # one-line error listing the supported chips (fluxc/compile/chips.py)
     if not 1 <= opts.devices <= MAX_DEVICES:
-        raise FluxcError(f"--devices {opts.devices} is out of range; use 1..{MAX_DEVICES}")
+        raise FluxcError(f"--num-devices {opts.devices} is out of range; use 1..{MAX_DEVICES}")
     if opts.jobs is not None and opts.jobs < 1:
         raise FluxcError(f"--jobs {opts.jobs} is invalid; use 1 or more")
     recipe: Recipe = load_recipe(opts.recipe, chip)
@@ -187,21 +187,19 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
         pending = [("probe", p) for p in probes] + [("piece", p) for p in exp.pieces] + [("size", p) for _, p in extra]
         running: dict[Future, tuple[str, str]] = {}
 
-        from fluxc.export.pieces import piece_kind  # (imports torch; only the kind table is used)
-
         budget = MemoryBudget(jobs)
         seen_kinds: set[tuple[str, str]] = set()
         needs: dict[Future, int] = {}
 
         def need_of(item) -> int:
             what, p = item
-            kind = (what, piece_kind(p.spec))
+            kind = (what, p.spec.kind)
             return MemoryBudget.need(p.weight_bytes, kind not in seen_kinds)
 
         def submit(item) -> None:
             what, p = item
             n = need_of(item)
-            seen_kinds.add((what, piece_kind(p.spec)))
+            seen_kinds.add((what, p.spec.kind))
             label = f"probe {p.spec.name}" if what == "probe" else \
                 f"{p.spec.name} @{extra_of[id(p)].label}" if what == "size" else p.spec.name
             prog.start(label)
@@ -283,8 +281,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
         prs = by_family[fam]
         if fam == "transformer" and quantize == "BF16":
             n = min(opts.devices, len(prs))
-            mems = [PieceMem(r.name, r.memory["weight"] + r.memory["instruct"], r.memory["runtime"]) for r in prs]
-            parts = split_contiguous(mems, n)
+            parts = split_contiguous(_mems(prs, exp), n)
             table = split_table(parts)
             start = 0
             for i, part in enumerate(parts):
@@ -365,7 +362,7 @@ def _device_memory(exp: ExportIn, combined: list[CombinedResult], n_dev: int, ch
         fam = family[c.data["pieces"][0]]
         files.append((placement(fam, seen.get(fam, 0), n_dev), c.info_text))
         seen[fam] = seen.get(fam, 0) + 1
-    per_chip = per_chip_memory(files, {p.spec.net_name: p.spec for p in exp.pieces}, exp.dims.flux_type)
+    per_chip = per_chip_memory(files, {p.spec.net_name: p.spec for p in exp.pieces})
     board = TARGET_BOARD.get(chip)
     budget = BUDGET_MB.get(board) if board else None
     return {"board": board, "budget_mb": budget,
@@ -418,24 +415,28 @@ def _probe_entry(r: PieceResult) -> dict[str, Any]:
             "cache_hit": r.cache_hit, "seconds": round(r.seconds, 2), "build_dir": str(r.folder)}
 
 
+def _mems(results: list[PieceResult], exp) -> list[PieceMem]:
+    """Each compiled piece's device memory (weight + instructions, runtime) with its kind."""
+    spec = {p.spec.name: p.spec for p in exp.pieces}
+    return [PieceMem(r.name, r.memory["weight"] + r.memory["instruct"], r.memory["runtime"],
+                     spec[r.name].kind, spec[r.name].index) for r in results]
+
+
 def _estimate_only_report(opts, exp, ordered, by_family, quantize, chip, recipe, toolchain, build_root, jobs, tools,
                           t0, console, probe_results) -> dict[str, Any]:
     """What a build would take, from every piece compiled for real (bmodels not kept): device
     memory per chip modelled as in the BF16 split (sum of weight + instructions, plus the largest
     runtime area of the nets on that chip; exact on the combined files of every tiny build),
     the cost-model time per step, and the split itself."""
-    def mem(rs):
-        return [PieceMem(r.name, r.memory["weight"] + r.memory["instruct"], r.memory["runtime"]) for r in rs]
-
     tr = by_family["transformer"]
     if quantize == "BF16":
-        parts = split_contiguous(mem(tr), min(opts.devices, len(tr)))
+        parts = split_contiguous(_mems(tr, exp), min(opts.devices, len(tr)))
     else:
-        parts = [mem(tr)]
+        parts = [_mems(tr, exp)]
     # the reference's placement: CLIP and the VAE with the first transformer part, T5 with the last
     chips = [list(p) for p in parts]
-    chips[0] = mem(by_family["clip"]) + chips[0] + mem(by_family["vae"])
-    chips[-1] = chips[-1] + mem(by_family["t5"])
+    chips[0] = _mems(by_family["clip"], exp) + chips[0] + _mems(by_family["vae"], exp)
+    chips[-1] = chips[-1] + _mems(by_family["t5"], exp)
     per_chip = [{"device": i, "pieces": [m.name for m in c], "modeled_mb": round(device_cost(c) / MB, 1)}
                 for i, c in enumerate(chips)]
     estimate = _estimate(exp, {r.name: r for r in ordered})
@@ -492,13 +493,11 @@ def _estimate(exp: ExportIn, results: dict[str, PieceResult]) -> dict[str, Any]:
 def _print_split(console, split: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from fluxc.compile.split import describe_range
-
     t = Table(title=f"BF16 transformer over {split['devices']} device(s)")
     for col in ("device", "pieces", "weight MB", "runtime MB", "total MB", "model_tool MB"):
         t.add_column(col)
     for r in split["split"]:
-        t.add_row(str(r["device"]), describe_range(r["pieces"]), f"{r['weight_mb']:.2f}",
+        t.add_row(str(r["device"]), r["summary"], f"{r['weight_mb']:.2f}",
                   f"{r['runtime_mb']:.2f}", f"{r['total_mb']:.2f}", f"{r.get('measured_mb', 0):.2f}")
     console.print(t)
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from fluxc.specs import KINDS, piece_name
+
 MB = 1024 * 1024
 
 
@@ -26,6 +28,8 @@ class PieceMem:
     name: str
     static: int  # weight + instructions, bytes
     runtime: int  # bytes, shared within one combined bmodel
+    kind: str = ""  # fluxc.specs.KINDS (for summaries)
+    index: int | None = None  # block index within its kind
 
     @property
     def alone(self) -> int:
@@ -80,6 +84,7 @@ def split_table(parts: list[list[PieceMem]]) -> list[dict]:
         rows.append({
             "device": d,
             "pieces": [p.name for p in part],
+            "summary": describe_range(part),
             "weight_mb": round(sum(p.static for p in part) / MB, 3),
             "runtime_mb": round(max(p.runtime for p in part) / MB, 3),
             "total_mb": round(device_cost(part) / MB, 3),
@@ -87,30 +92,27 @@ def split_table(parts: list[list[PieceMem]]) -> list[dict]:
     return rows
 
 
-def describe_range(names: list[str]) -> str:
-    """'head + double 0..12 + single 0..27' style summary of a device's pieces."""
+def describe_range(pieces: Sequence[PieceMem]) -> str:
+    """'head + double 0..12 + single 0..27' style summary of a device's pieces (by their kinds)."""
     out: list[str] = []
     run_kind, run_lo, run_hi = None, None, None
 
     def flush() -> None:
         if run_kind is not None:
-            out.append(f"{run_kind} {run_lo}" if run_lo == run_hi else f"{run_kind} {run_lo}..{run_hi}")
+            label = KINDS[run_kind].label
+            out.append(f"{label} {run_lo}" if run_lo == run_hi else f"{label} {run_lo}..{run_hi}")
 
-    for n in names:
-        if "_single_trans_block_" in n:
-            kind, idx = "single", int(n.rsplit("_", 1)[1])
-        elif "_trans_block_" in n:
-            kind, idx = "double", int(n.rsplit("_", 1)[1])
-        else:
+    for p in pieces:
+        if p.kind not in KINDS or not KINDS[p.kind].repeated:
             flush()
             run_kind = None
-            out.append(n.rsplit("_", 1)[-1] if n.endswith(("_head", "_tail")) else n)
+            out.append(KINDS[p.kind].label if p.kind in KINDS else p.name)
             continue
-        if kind == run_kind and idx == run_hi + 1:
-            run_hi = idx
+        if p.kind == run_kind and p.index == run_hi + 1:
+            run_hi = p.index
         else:
             flush()
-            run_kind, run_lo, run_hi = kind, idx, idx
+            run_kind, run_lo, run_hi = p.kind, p.index, p.index
     flush()
     return " + ".join(out)
 
@@ -138,14 +140,14 @@ def full_size_pieces(flux_type: str = "dev", num_double: int = 19, num_single: i
                      figures: dict[str, float] | None = None) -> list[PieceMem]:
     f = dict(FULL_SIZE_MB, **(figures or {}))
 
-    def pm(name: str, w: float, r: float) -> PieceMem:
-        return PieceMem(name, int(w * MB), int(r * MB))
+    def pm(kind: str, fig: str, i: int | None = None) -> PieceMem:
+        return PieceMem(piece_name(kind, flux_type, i), int(f[f"{fig}_weight"] * MB), int(f[f"{fig}_runtime"] * MB),
+                        kind, i)
 
-    pieces = [pm(f"{flux_type}_head", f["head_weight"], f["head_runtime"])]
-    pieces += [pm(f"{flux_type}_trans_block_{i}", f["double_weight"], f["double_runtime"]) for i in range(num_double)]
-    pieces += [pm(f"{flux_type}_single_trans_block_{i}", f["single_weight"], f["single_runtime"])
-               for i in range(num_single)]
-    pieces.append(pm(f"{flux_type}_tail", f["tail_weight"], f["tail_runtime"]))
+    pieces = [pm("transformer_head", "head")]
+    pieces += [pm("double_block", "double", i) for i in range(num_double)]
+    pieces += [pm("single_block", "single", i) for i in range(num_single)]
+    pieces.append(pm("transformer_tail", "tail"))
     return pieces
 
 
@@ -172,8 +174,8 @@ def full_size_comparison(n_devices: int = 3, flux_type: str = "dev") -> dict:
     ref = reference_split_parts(pieces)
     return {
         "figures_mb": FULL_SIZE_MB,
-        "ours": [dict(r, summary=describe_range(r["pieces"])) for r in split_table(ours)],
-        "reference": [dict(r, summary=describe_range(r["pieces"])) for r in split_table(ref)],
+        "ours": split_table(ours),
+        "reference": split_table(ref),
         "ours_max_mb": round(max(device_cost(p) for p in ours) / MB, 1),
         "reference_max_mb": round(max(device_cost(p) for p in ref) / MB, 1),
     }

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fluxc.errors import FluxcError
+from fluxc.fsutil import write_json_atomic
 from fluxc.specs import FluxDims, PieceSpec
 
 MANIFEST = "manifest.json"
@@ -118,6 +119,25 @@ class Manifest:
     @property
     def scheduler_config_path(self) -> Path:
         return self.export_dir / self.files.get("scheduler_config", "scheduler/scheduler_config.json")
+
+
+def write_manifest(out: Path, *, source: dict, options: dict, versions: dict, dims: FluxDims, files: dict,
+                   pieces: list[dict], probe: dict | None = None, resolutions: list[dict] | None = None) -> None:
+    """Write OUT/manifest.json last, atomically, with "complete": true (left alone when unchanged)."""
+    manifest = {"format": FORMAT, "complete": True, "source": source, "options": options, "versions": versions,
+                "dims": dims.to_dict(), "files": files, "pieces": pieces}
+    if probe is not None:
+        manifest["probe"] = probe
+    if resolutions is not None:
+        manifest["resolutions"] = resolutions
+    if read_manifest_json(out) != manifest:
+        write_json_atomic(out / MANIFEST, manifest)
+
+
+def mark_incomplete(out: Path, old: dict) -> None:
+    """Before the folder changes: the old manifest re-written with "complete": false, so that no
+    later run trusts a half-updated export."""
+    write_json_atomic(out / MANIFEST, {**old, "complete": False})
 
 
 def read_manifest_json(export_dir: Path) -> dict[str, Any] | None:

@@ -2,8 +2,8 @@
 
 Contract with the export driver (fluxc/export/*):
 
-    comp_name = piece_component(spec)        # "text_encoder" | "text_encoder_2" | "transformer" | "vae"
-    prefixes  = piece_parts(spec)            # state-dict prefixes (module naming) the piece needs
+    comp_name = spec.component               # "text_encoder" | "text_encoder_2" | "transformer" | "vae"
+    prefixes  = spec.parts                   # state-dict prefixes (module naming) the piece needs
     # build the component on the meta device, materialise only tensors whose module key starts
     # with one of `prefixes` (checkpoint keys -> module keys: module_key(comp_name, key)), then
     mod = build_piece_module(spec, dims, component)
@@ -20,7 +20,8 @@ submodules (no copy), except the single block's proj_out which is split into two
 Export patches (fluxc.patches) are applied to those submodules when the wrapper is built;
 the Patcher is kept as `mod.fluxc_patcher`.
 
-Per piece kind (names/order from fluxc.specs.piece_specs):
+Per piece kind (fluxc.specs.KINDS; names/order from fluxc.specs.piece_specs; the wrapper of each
+kind is WRAPPERS[kind] below):
 - clip_head: embeddings(input_ids)  (token + position embedding; float32 ids cast to int32)
 - clip_block_i: one CLIPEncoderLayer with the causal mask baked in
 - clip_tail: final_layer_norm, then the row at the eos position: transformers 5.x
@@ -51,59 +52,11 @@ from torch import nn
 
 from fluxc.errors import FluxcError
 from fluxc.patches import Patcher, clip_layer_export, t5_block_export, t5_position_bias
-from fluxc.specs import FluxDims, PieceSpec
-
-COMPONENT_BY_FAMILY = {"clip": "text_encoder", "t5": "text_encoder_2", "transformer": "transformer", "vae": "vae"}
+from fluxc.specs import KINDS, FluxDims, PieceSpec
 
 # Checkpoint key prefixes that the module layout drops (transformers 5.x CLIPTextModel has no
 # `text_model.` level; FLUX's text_encoder/model.safetensors still uses it).
 CHECKPOINT_PREFIX_DROP = {"text_encoder": ("text_model.",)}
-
-
-def piece_kind(spec: PieceSpec) -> str:
-    """One of clip_head, clip_block, clip_tail, t5_head, t5_block, t5_tail, transformer_head,
-    double_block, single_block, transformer_tail, vae."""
-    n = spec.name
-    if spec.family == "vae":
-        return "vae"
-    if spec.family in ("clip", "t5"):
-        for k in ("head", "block", "tail"):
-            if n.startswith(f"{spec.family}_{k}"):
-                return f"{spec.family}_{k}"
-    if spec.family == "transformer":
-        if "_single_trans_block_" in n:
-            return "single_block"
-        if "_trans_block_" in n:
-            return "double_block"
-        if n.endswith("_head"):
-            return "transformer_head"
-        if n.endswith("_tail"):
-            return "transformer_tail"
-    raise FluxcError(f"unknown piece {n!r} (family {spec.family}); regenerate the specs with this fluxc version")
-
-
-def piece_component(spec: PieceSpec) -> str:
-    """Diffusers pipeline subfolder holding the piece's weights."""
-    return COMPONENT_BY_FAMILY[spec.family]
-
-
-def piece_parts(spec: PieceSpec) -> tuple[str, ...]:
-    """State-dict prefixes (module naming) whose tensors the piece needs."""
-    kind, i = piece_kind(spec), spec.index
-    return {
-        "clip_head": lambda: ("embeddings.",),
-        "clip_block": lambda: (f"encoder.layers.{i}.",),
-        "clip_tail": lambda: ("final_layer_norm.",),
-        # T5EncoderModel ties encoder.embed_tokens to shared; checkpoints hold either
-        "t5_head": lambda: ("shared.", "encoder.embed_tokens."),
-        "t5_block": lambda: (f"encoder.block.{i}.", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias."),
-        "t5_tail": lambda: ("encoder.final_layer_norm.",),
-        "transformer_head": lambda: ("x_embedder.", "time_text_embed.", "context_embedder."),
-        "double_block": lambda: (f"transformer_blocks.{i}.",),
-        "single_block": lambda: (f"single_transformer_blocks.{i}.",),
-        "transformer_tail": lambda: ("norm_out.", "proj_out."),
-        "vae": lambda: ("decoder.", "post_quant_conv."),
-    }[kind]()
 
 
 def module_key(component: str, checkpoint_key: str) -> str:
@@ -116,8 +69,8 @@ def module_key(component: str, checkpoint_key: str) -> str:
 
 def needs_tensor(spec: PieceSpec, checkpoint_key: str) -> bool:
     """Whether the checkpoint tensor is needed by this piece."""
-    k = module_key(piece_component(spec), checkpoint_key)
-    return any(k.startswith(p) for p in piece_parts(spec))
+    k = module_key(spec.component, checkpoint_key)
+    return any(k.startswith(p) for p in spec.parts)
 
 
 # --------------------------------------------------------------------------- wrappers
@@ -262,7 +215,7 @@ def _sub(component: Any, dotted: str, spec: PieceSpec):
             mod = mod[int(part)] if part.isdigit() else getattr(mod, part)
         except (AttributeError, IndexError, TypeError):
             raise FluxcError(f"piece {spec.name}: {type(component).__name__} has no '{dotted}'; "
-                             f"pass the {piece_component(spec)} component (diffusers/transformers layout)") from None
+                             f"pass the {spec.component} component (diffusers/transformers layout)") from None
     return mod
 
 
@@ -282,46 +235,74 @@ def build_piece_module(spec: PieceSpec, dims: FluxDims, component: Any, *,
     return mod
 
 
+# --------------------------------------------------------------------------- one wrapper per kind
+def _clip_head(spec, dims, c, p, split):
+    return ClipHead(_sub(c, "embeddings", spec))
+
+
+def _clip_block(spec, dims, c, p, split):
+    i = spec.index
+    return _Tuple(clip_layer_export(_sub(c, f"encoder.layers.{i}", spec), dims.clip_len, p, f"encoder.layers.{i}"))
+
+
+def _clip_tail(spec, dims, c, p, split):
+    return ClipTail(_sub(c, "final_layer_norm", spec), getattr(c.config, "eos_token_id", 2))
+
+
+def _t5_head(spec, dims, c, p, split):
+    embed = getattr(c, "shared", None)
+    return T5Head(embed if embed is not None else _sub(c, "encoder.embed_tokens", spec))
+
+
+def _t5_block(spec, dims, c, p, split):
+    i, blocks = spec.index, _sub(c, "encoder.block", spec)
+    bias = t5_position_bias(_sub(c, "encoder.block.0.layer.0.SelfAttention", spec), dims.t5_len)
+    mod = _Tuple(t5_block_export(blocks[i], bias, p, f"encoder.block.{i}"))
+    p.apply(blocks[i], ("rmsnorm",), f"encoder.block.{i}")
+    return mod
+
+
+def _t5_tail(spec, dims, c, p, split):
+    norm = _sub(c, "encoder.final_layer_norm", spec)
+    p.apply(norm, ("rmsnorm",), "encoder.final_layer_norm")
+    return Single(norm)
+
+
+def _transformer_head(spec, dims, c, p, split):
+    return (TransformerHeadDev if dims.guidance_embeds else TransformerHeadSchnell)(c)
+
+
+def _double_block(spec, dims, c, p, split):
+    block = _sub(c, f"transformer_blocks.{spec.index}", spec)
+    p.apply(block, None, f"transformer_blocks.{spec.index}")
+    return DoubleBlock(block)
+
+
+def _single_block(spec, dims, c, p, split):
+    block = _sub(c, f"single_transformer_blocks.{spec.index}", spec)
+    p.apply(block, None, f"single_transformer_blocks.{spec.index}")
+    return SingleBlock(block, split_proj_out=split)
+
+
+def _transformer_tail(spec, dims, c, p, split):
+    p.apply(c.norm_out, ("adaln",), "norm_out")
+    return TransformerTail(c)
+
+
+def _vae(spec, dims, c, p, split):
+    return VaeDecoder(c)
+
+
+# kind (fluxc.specs.KINDS) -> wrapper builder(spec, dims, component, patcher, split_proj_out)
+WRAPPERS = {"clip_head": _clip_head, "clip_block": _clip_block, "clip_tail": _clip_tail, "t5_head": _t5_head,
+            "t5_block": _t5_block, "t5_tail": _t5_tail, "transformer_head": _transformer_head,
+            "double_block": _double_block, "single_block": _single_block, "transformer_tail": _transformer_tail,
+            "vae": _vae, "tiny_vae": _vae}
+assert set(WRAPPERS) == set(KINDS), "every kind of fluxc.specs.KINDS needs a wrapper"
+
+
 def _build(spec: PieceSpec, dims: FluxDims, component: Any, p: Patcher, split_proj_out: bool) -> nn.Module:
-    kind, i = piece_kind(spec), spec.index
-    if kind == "clip_head":
-        mod: nn.Module = ClipHead(_sub(component, "embeddings", spec))
-    elif kind == "clip_block":
-        layer = _sub(component, f"encoder.layers.{i}", spec)
-        mod = _Tuple(clip_layer_export(layer, dims.clip_len, p, f"encoder.layers.{i}"))
-    elif kind == "clip_tail":
-        mod = ClipTail(_sub(component, "final_layer_norm", spec), getattr(component.config, "eos_token_id", 2))
-    elif kind == "t5_head":
-        embed = getattr(component, "shared", None)
-        if embed is None:
-            embed = _sub(component, "encoder.embed_tokens", spec)
-        mod = T5Head(embed)
-    elif kind == "t5_block":
-        blocks = _sub(component, "encoder.block", spec)
-        bias = t5_position_bias(_sub(component, "encoder.block.0.layer.0.SelfAttention", spec), dims.t5_len)
-        mod = _Tuple(t5_block_export(blocks[i], bias, p, f"encoder.block.{i}"))
-        p.apply(blocks[i], ("rmsnorm",), f"encoder.block.{i}")
-    elif kind == "t5_tail":
-        norm = _sub(component, "encoder.final_layer_norm", spec)
-        p.apply(norm, ("rmsnorm",), "encoder.final_layer_norm")
-        mod = Single(norm)
-    elif kind == "transformer_head":
-        mod = (TransformerHeadDev if dims.guidance_embeds else TransformerHeadSchnell)(component)
-    elif kind == "double_block":
-        block = _sub(component, f"transformer_blocks.{i}", spec)
-        p.apply(block, None, f"transformer_blocks.{i}")
-        mod = DoubleBlock(block)
-    elif kind == "single_block":
-        block = _sub(component, f"single_transformer_blocks.{i}", spec)
-        p.apply(block, None, f"single_transformer_blocks.{i}")
-        mod = SingleBlock(block, split_proj_out=split_proj_out)
-    elif kind == "transformer_tail":
-        mod = TransformerTail(component)
-        p.apply(component.norm_out, ("adaln",), "norm_out")
-    elif kind == "vae":
-        mod = VaeDecoder(component)
-    else:  # pragma: no cover - piece_kind is exhaustive
-        raise AssertionError(kind)
+    mod = WRAPPERS[spec.kind](spec, dims, component, p, split_proj_out)
     if len(spec.outputs) == 1 and not isinstance(mod, _Tuple):
         mod = _Tuple(mod)
     return mod
@@ -343,5 +324,5 @@ def build_all_pieces(specs: list[PieceSpec], dims: FluxDims, components: dict[st
     """Wrappers for every spec whose component is in `components` (by subfolder name).
     Convenience for tests and small models that are fully materialised."""
     p = patcher or Patcher()
-    return {s.name: build_piece_module(s, dims, components[piece_component(s)], patcher=p)
-            for s in specs if piece_component(s) in components}
+    return {s.name: build_piece_module(s, dims, components[s.component], patcher=p)
+            for s in specs if s.component in components}

@@ -19,12 +19,12 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 from full_width_block import full_width_block
+from results_file import write_results
 
 from fluxc.compile.chips import get_chip
 from fluxc.compile.parse import parse_info, parse_profile_ms
@@ -112,14 +112,10 @@ def main() -> None:
                 for c in CHIPS}
         weights = {c: round(N_DOUBLE * by[("double", c)]["weight_mb"] + N_SINGLE * by[("single", c)]["weight_mb"], 1)
                    for c in CHIPS}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    doc = {"benchmark": "bm1688_estimate", "commit": commit, "size": a.size, "t5_len": a.t5_len,
-           "quantize": "W4BF16 (q_group_size 64)", "rows": rows,
-           "blocks_per_step_ms": step, "blocks_weight_mb": weights,
-           "note": "compiler cost model, not a board measurement; 19 double + 38 single blocks, head/tail excluded"}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    write_results(RESULTS, {"size": a.size, "t5_len": a.t5_len, "quantize": "W4BF16 (q_group_size 64)", "rows": rows,
+                            "blocks_per_step_ms": step, "blocks_weight_mb": weights,
+                            "note": "compiler cost model, not a board measurement; 19 double + 38 single blocks, "
+                                    "head/tail excluded"})
     print("\n| block | chip | estimate | implied TFLOPS (peak) | weight | device memory |")
     print("|---|---|---|---|---|---|")
     for r in rows:

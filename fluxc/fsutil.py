@@ -7,7 +7,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextmanager
@@ -40,6 +40,22 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# A cache folder (a compiled piece, a rebind template) is trusted only once this marker,
+# written last, is in it.
+COMPLETE = "COMPLETE"
+
+
+def read_complete_json(folder: Path, name: str) -> Any | None:
+    """The JSON file `name` of a cache folder holding the COMPLETE marker; None when the
+    folder is not complete or the file cannot be read or parsed."""
+    if not (folder / COMPLETE).is_file():
+        return None
+    try:
+        return json.loads((folder / name).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -35,11 +35,10 @@ from fluxc.compile.parse import deploy_similarities, f32_ops_from_inputs, parse_
 from fluxc.compile.recipe import PiecePlan, deploy_args, transform_args
 from fluxc.compile.tools import Tools
 from fluxc.errors import FluxcError
-from fluxc.fsutil import sha256_json, write_json_atomic, write_text_atomic
+from fluxc.fsutil import COMPLETE, read_complete_json, sha256_json, write_json_atomic, write_text_atomic
 from fluxc.specs import PieceSpec
 
 BUILD_FORMAT = 1
-COMPLETE = "COMPLETE"
 
 
 def piece_key(spec: PieceSpec, onnx_sha: str, plan: PiecePlan, chip: str, toolchain: str) -> str:
@@ -95,11 +94,8 @@ def _check_passes(data: dict[str, Any], tolerance: tuple[float, float]) -> bool:
 def load_cached(folder: Path, check: bool, tolerance: tuple[float, float], keep: bool = True) -> dict[str, Any] | None:
     """The cached result if the folder is complete (and checked enough when asked). Without
     `keep` (an estimate-only build) a result whose bmodel was not kept is enough."""
-    if not (folder / COMPLETE).is_file():
-        return None
-    try:
-        data = json.loads((folder / "result.json").read_text())
-    except (OSError, ValueError):
+    data = read_complete_json(folder, "result.json")
+    if data is None:
         return None
     if keep and not (folder / data.get("bmodel", "?")).is_file():
         return None

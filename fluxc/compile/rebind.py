@@ -26,7 +26,6 @@ after a W4BF16 one runs no model_transform at all.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -34,10 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from fluxc.errors import FluxcError
-from fluxc.fsutil import sha256_json, write_json_atomic, write_text_atomic
+from fluxc.fsutil import COMPLETE, read_complete_json, sha256_json, write_json_atomic, write_text_atomic
 
 FORMAT = 1
-COMPLETE = "COMPLETE"
 
 
 def weight_npz_name(net: str) -> str:
@@ -88,11 +86,8 @@ def template_dir(build_root: Path, kind: str, gkey: str) -> Path:
 
 
 def load_template(folder: Path) -> Template | None:
-    if not (folder / COMPLETE).is_file():
-        return None
-    try:
-        d = json.loads((folder / "template.json").read_text())
-    except (OSError, ValueError):
+    d = read_complete_json(folder, "template.json")
+    if d is None:
         return None
     t = Template(folder, d["net"], bool(d["rebindable"]), d.get("reason", ""), d.get("mapping", {}))
     if t.rebindable and not (t.mlir.is_file() and t.npz.is_file() and t.replay.is_file()):

@@ -9,10 +9,10 @@ import subprocess
 from pathlib import Path
 
 
-def git_commit() -> str:
-    """The short commit the benchmarks folder is at ("" outside a git checkout)."""
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent).stdout.strip()
+def git_commit(short: bool = True) -> str:
+    """The commit the benchmarks folder is at, short or full ("" outside a git checkout)."""
+    return subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], capture_output=True,
+                          text=True, cwd=Path(__file__).parent).stdout.strip()
 
 
 def write_results(path: Path, doc: dict) -> None:

@@ -7,7 +7,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 
 @contextmanager
@@ -42,22 +42,6 @@ def write_json_atomic(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-# A cache folder (a compiled piece, a rebind template) is trusted only once this marker,
-# written last, is in it.
-COMPLETE = "COMPLETE"
-
-
-def read_complete_json(folder: Path, name: str) -> Any | None:
-    """The JSON file `name` of a cache folder holding the COMPLETE marker; None when the
-    folder is not complete or the file cannot be read or parsed."""
-    if not (folder / COMPLETE).is_file():
-        return None
-    try:
-        return json.loads((folder / name).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -71,3 +55,18 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+# A cache folder's marker, written last: only then is the folder trusted.
+COMPLETE = "COMPLETE"
+
+
+def read_complete_json(folder: Path, name: str) -> dict | None:
+    """FOLDER/NAME parsed, if FOLDER is complete (its COMPLETE marker exists) and NAME reads;
+    else None (the folder is then rebuilt)."""
+    if not (Path(folder) / COMPLETE).is_file():
+        return None
+    try:
+        return json.loads((Path(folder) / name).read_text())
+    except (OSError, ValueError):
+        return None

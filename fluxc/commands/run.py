@@ -88,8 +88,8 @@ def pick_size(sizes: list[tuple[int, int]], height: int | None, width: int | Non
             return h, w
     ask = f"{width or '*'}x{height or '*'}"
     raise FluxcError(f"{what} has no {ask} (width x height); it holds {', '.join(f'{w}x{h}' for h, w in sizes)}: "
-                     f"run with one of those (--width W --height H), or export and compile that size "
-                     f"(fluxc export --resolution {width or 1024}x{height or 1024})")
+                     f"run with one of those (--width W --height H), or re-export with that size "
+                     f"(fluxc export --resolution {width or 1024}x{height or 1024}) and compile")
 
 
 # ---- sail backends (sophon.sail on the chip; sail-sim: its stand-in on the simulator) ----

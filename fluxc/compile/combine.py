@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from fluxc.compile.build import PieceResult, folder_lock
+from fluxc.fsutil import COMPLETE
 from fluxc.compile.parse import parse_info
 from fluxc.compile.tools import Tools
-from fluxc.fsutil import COMPLETE, sha256_json, write_json_atomic, write_text_atomic
+from fluxc.fsutil import sha256_json, write_json_atomic, write_text_atomic
 
 
 @dataclass

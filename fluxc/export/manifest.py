@@ -28,6 +28,10 @@ from fluxc.fsutil import write_json_atomic
 from fluxc.specs import FluxDims, PieceSpec
 
 MANIFEST = "manifest.json"
+# The export's side files (key in the manifest's "files" -> path in the export folder)
+SIDE_FILES = {"tokenizer": "tokenizer", "tokenizer_2": "tokenizer_2", "rotary_emb": "rotary_emb.npy",
+              "vae_config": "vae_config.json", "scheduler_config": "scheduler/scheduler_config.json",
+              "tiny_vae_config": "tiny_vae_config.json"}
 FORMAT = 1
 
 
@@ -100,25 +104,15 @@ class Manifest:
     def sha256(self, piece: str) -> str:
         return self.entries[piece]["sha256"]
 
-    @property
-    def rotary_path(self) -> Path:
-        return self.export_dir / self.files.get("rotary_emb", "rotary_emb.npy")
+    def side_file(self, key: str) -> Path:
+        """Where one of the export's side files (SIDE_FILES) is."""
+        return self.export_dir / self.files.get(key, SIDE_FILES[key])
 
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.export_dir / self.files.get("tokenizer", "tokenizer")
-
-    @property
-    def tokenizer_2_dir(self) -> Path:
-        return self.export_dir / self.files.get("tokenizer_2", "tokenizer_2")
-
-    @property
-    def vae_config_path(self) -> Path:
-        return self.export_dir / self.files.get("vae_config", "vae_config.json")
-
-    @property
-    def scheduler_config_path(self) -> Path:
-        return self.export_dir / self.files.get("scheduler_config", "scheduler/scheduler_config.json")
+    rotary_path = property(lambda self: self.side_file("rotary_emb"))
+    tokenizer_dir = property(lambda self: self.side_file("tokenizer"))
+    tokenizer_2_dir = property(lambda self: self.side_file("tokenizer_2"))
+    vae_config_path = property(lambda self: self.side_file("vae_config"))
+    scheduler_config_path = property(lambda self: self.side_file("scheduler_config"))
 
 
 def write_manifest(out: Path, *, source: dict, options: dict, versions: dict, dims: FluxDims, files: dict,

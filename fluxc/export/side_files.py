@@ -11,6 +11,7 @@ import numpy as np
 
 from fluxc.errors import FluxcError
 from fluxc.export.checkpoint import Checkpoint
+from fluxc.export.manifest import SIDE_FILES
 from fluxc.fsutil import atomic_path
 from fluxc.specs import FluxDims
 
@@ -49,14 +50,13 @@ def rotary_bytes(dims: FluxDims, transformer_cfg: dict[str, Any]) -> bytes:
 
 def sync_side_files(ckpt: Checkpoint, dims: FluxDims, out: Path) -> dict[str, str]:
     folder = ckpt.folder
-    files = {"tokenizer": "tokenizer", "tokenizer_2": "tokenizer_2", "rotary_emb": "rotary_emb.npy",
-             "vae_config": "vae_config.json", "scheduler_config": "scheduler/scheduler_config.json"}
+    files = {k: v for k, v in SIDE_FILES.items() if k != "tiny_vae_config"}
     for tok in ("tokenizer", "tokenizer_2"):
         sync_tree(folder / tok, out / tok)
     write_bytes_if_changed(out / files["rotary_emb"], rotary_bytes(dims, ckpt.configs["transformer"]))
     write_bytes_if_changed(out / files["vae_config"], (folder / "vae" / "config.json").read_bytes())
     if "tiny_vae" in ckpt.configs:
-        files["tiny_vae_config"] = "tiny_vae_config.json"
+        files["tiny_vae_config"] = SIDE_FILES["tiny_vae_config"]
         write_bytes_if_changed(out / files["tiny_vae_config"],
                                 (ckpt.component_folders["tiny_vae"] / "config.json").read_bytes())
     sched = folder / "scheduler" / "scheduler_config.json"

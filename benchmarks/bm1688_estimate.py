@@ -19,10 +19,16 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from full_width_block import full_width_block
+from results_file import write_results
+
+from fluxc.compile.chips import get_chip
+from fluxc.compile.parse import parse_info, parse_profile_ms
+from fluxc.toolchain import run_tool
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bm1688_estimate.json"
 CHIPS = ("bm1684x", "bm1688")
@@ -31,25 +37,13 @@ N_DOUBLE, N_SINGLE = 19, 38
 
 def export_block(kind: str, size: int, t5_len: int, wd: Path) -> str:
     """ONNX of one full-width block through fluxc's wrappers; returns model_transform's shapes."""
+    # deferred: torch (and the export wrappers, which import it) are heavy; --help should not load them
     import torch
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
     from fluxc.export.pieces import DoubleBlock, SingleBlock
-    from fluxc.patches import Patcher, rotary_table
+    from fluxc.patches import Patcher
 
-    n = (size // 16) ** 2
-    j = t5_len + n
-    torch.manual_seed(0)
-    table = torch.from_numpy(rotary_table(t5_len, size, size, axes_dims=(16, 56, 56)))
-    if kind == "single":
-        blk = FluxSingleTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128).eval()
-        args = (torch.randn(1, j, 3072), torch.randn(1, 3072), table)
-        names, shapes = ["hidden_states", "temb", "rotary_emb"], f"[[1,{j},3072],[1,3072],[1,{j},1,64,2,2]]"
-    else:
-        blk = FluxTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128).eval()
-        args = (torch.randn(1, n, 3072), torch.randn(1, t5_len, 3072), torch.randn(1, 3072), table)
-        names = ["hidden_states", "encoder_hidden_states", "temb", "rotary_emb"]
-        shapes = f"[[1,{n},3072],[1,{t5_len},3072],[1,3072],[1,{j},1,64,2,2]]"
+    blk, args, names, shapes = full_width_block(kind, size, t5_len)
     with Patcher() as p:
         p.apply(blk)
         m = SingleBlock(blk) if kind == "single" else DoubleBlock(blk)
@@ -60,10 +54,6 @@ def export_block(kind: str, size: int, t5_len: int, wd: Path) -> str:
 
 
 def main() -> None:
-    from fluxc.compile.chips import get_chip
-    from fluxc.compile.parse import parse_info, parse_profile_ms
-    from fluxc.toolchain import run_tool
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--t5-len", type=int, default=256)
@@ -122,14 +112,10 @@ def main() -> None:
                 for c in CHIPS}
         weights = {c: round(N_DOUBLE * by[("double", c)]["weight_mb"] + N_SINGLE * by[("single", c)]["weight_mb"], 1)
                    for c in CHIPS}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    doc = {"benchmark": "bm1688_estimate", "commit": commit, "size": a.size, "t5_len": a.t5_len,
-           "quantize": "W4BF16 (q_group_size 64)", "rows": rows,
-           "blocks_per_step_ms": step, "blocks_weight_mb": weights,
-           "note": "compiler cost model, not a board measurement; 19 double + 38 single blocks, head/tail excluded"}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    write_results(RESULTS, {"size": a.size, "t5_len": a.t5_len, "quantize": "W4BF16 (q_group_size 64)", "rows": rows,
+                            "blocks_per_step_ms": step, "blocks_weight_mb": weights,
+                            "note": "compiler cost model, not a board measurement; 19 double + 38 single blocks, "
+                                    "head/tail excluded"})
     print("\n| block | chip | estimate | implied TFLOPS (peak) | weight | device memory |")
     print("|---|---|---|---|---|---|")
     for r in rows:

@@ -45,6 +45,11 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
+from fluxc.export.manifest import load_manifest
+from fluxc.runtime.device_memory import io_bytes_per_device
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "full_size.json"
 FULL_SIZE = {"height": 1024, "width": 1024, "t5_seq_len": 512}
@@ -73,8 +78,6 @@ class Sampler(threading.Thread):
         self._done = threading.Event()
 
     def run(self) -> None:
-        import psutil
-
         try:
             root = psutil.Process(self.pid)
         except psutil.NoSuchProcess:
@@ -199,9 +202,6 @@ def device_mem_mb(report: dict, export_dir: Path | None = None) -> tuple[list[fl
                 "compile_report.json device_memory: model_tool --info of the combined bmodels (weight + "
                 "instructions + runtime) plus the I/O tensors the sail runtime allocates")
     if isinstance(dm, list) and dm and export_dir is not None:  # --estimate-only: per-piece model_tool
-        from fluxc.export.manifest import load_manifest
-        from fluxc.runtime.device_memory import io_bytes_per_device
-
         man = load_manifest(export_dir)
         by_piece = {s.name: s for s in man.specs}
         where = {by_piece[p].net_name: c["device"] for c in dm for p in c["pieces"]}
@@ -223,8 +223,6 @@ def git_commit() -> dict:
 
 
 def machine() -> dict:
-    import psutil
-
     return {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "mem_gb": round(psutil.virtual_memory().total / GB, 1), "platform": platform.platform(),
             "python": platform.python_version(), "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
@@ -318,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                          "no bmodel kept), e.g. bf16 when the disk cannot hold both builds")
     ap.add_argument("--reference-forms", default="",
                     help="after the builds, also compile one full-size block of these kinds (single,double) in the "
-                         "reference's graph form (strided-slice rotary; patches/graph_forms.py, BF16) for its "
+                         "reference's graph form (strided-slice rotary; benchmarks/graph_forms.py, BF16) for its "
                          "estimated step time")
     ap.add_argument("--render", action="store_true",
                     help="only rewrite BENCHMARKS.md's Full size section from the results JSON")
@@ -473,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         if forms.get(block, {}).get("estimate_ms") is not None:
             print(f"reference form, {block} block: recorded, skipped", flush=True)
             continue
-        cmd = [sys.executable, "-m", "fluxc.patches.graph_forms", "--block", block, "--forms", "slices",
+        cmd = [sys.executable, str(REPO / "benchmarks" / "graph_forms.py"), "--block", block, "--forms", "slices",
                "--t5-len", str(size["t5_seq_len"]), "--size", str(size["height"])]
         print(f"reference form, {block} block: {' '.join(cmd[1:])}", flush=True)
         start = log.stat().st_size if log.exists() else 0
@@ -648,7 +646,7 @@ def render_benchmarks_md(res: dict, path: Path = BENCHMARKS) -> None:
             L.append("")
     rf = st.get("reference_forms") or {}
     if rf:
-        L += ["The reference's graph form, one full-size block each (patches/graph_forms.py, BF16, 4608 tokens):", "",
+        L += ["The reference's graph form, one full-size block each (benchmarks/graph_forms.py, BF16, 4608 tokens):", "",
               "| block | estimate | wall | peak RSS |", "|---|---|---|---|"]
         for k, v in rf.items():
             L.append(f"| {k} | {_f(v.get('estimate_ms'), '{:.1f} ms')} | {_f(v.get('wall_s'), '{:.0f} s')} | "

@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from export_memory import CASES, EXPORT_ARGS, build, folder_bytes  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lora_memory.json"
 
@@ -88,12 +89,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     for r in rows:
         r["peak_vs_no_lora"] = round(r["peak_rss_bytes"] / base["peak_rss_bytes"], 4)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    doc = {"benchmark": "lora_memory", "commit": commit, "checkpoint": "small real-width (export_memory.py)",
-           "checkpoint_bytes": folder_bytes(ckpt), "export_args": EXPORT_ARGS, "rows": rows}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(doc, indent=2) + "\n")
+    write_results(RESULTS, {"checkpoint": "small real-width (export_memory.py)", "checkpoint_bytes": folder_bytes(ckpt),
+                            "export_args": EXPORT_ARGS, "rows": rows})
     print("\n| case | LoRA file (bf16) | adapted layers | export wall | peak RSS | vs no LoRA |")
     print("|---|---|---|---|---|---|")
     for r in rows:

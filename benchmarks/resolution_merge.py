@@ -31,9 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
+
+import results_file
 
 RESULTS = Path(__file__).resolve().parent / "results" / "resolution_merge.json"
 RESULTS_FULL_WIDTH = RESULTS.with_name("resolution_merge_fullwidth.json")
@@ -78,12 +79,7 @@ def combine(files: list[Path], md: Path) -> dict:
 
 
 def write_results(path: Path, rows: dict, **head) -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"benchmark": path.stem, "commit": commit, **head, "rows": rows}, indent=2) + "\n")
-    tmp.replace(path)
+    results_file.write_results(path, {**head, "rows": rows})
     print("\n| file | nets (stages) | weight | instruct | runtime | device memory | estimate |")
     print("|---|---|---|---|---|---|---|")
     for k, r in rows.items():

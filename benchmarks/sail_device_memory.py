@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from results_file import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -68,7 +69,7 @@ def main() -> None:
     chip = per_chip[0]
     io_rows = sorted(((t.role, list(t.shape), t.dtype, round(t.nbytes / MB, 2)) for t in tensors), key=lambda r: -r[3])
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        commit = git_commit(short=False)
     except OSError:
         commit = ""
     res = {

@@ -12,12 +12,12 @@ Usage: .venv/bin/python benchmarks/token_id_dtype.py
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from results_file import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -75,7 +75,7 @@ def main() -> None:
         for dt in ("int32", "float32"):
             res[dt] = run_variant(Path(td), table, ids, dt)
             print(dt, res[dt], flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    commit = git_commit(short=False)
     out = REPO / "benchmarks" / "results" / "token_id_dtype.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"what": "embedding lookup vocab 49408, F16, BM1684X simulator: rows exactly right",

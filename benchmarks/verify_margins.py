@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_file import git_commit
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -178,7 +180,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "verify_margins.json")
     a = ap.parse_args()
     scales = [float(x) for x in a.scales.split(",")]
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    commit = git_commit(short=False)
     res = {"commit": commit, "size": "tiny models (fluxc tiny), as exported by the workspaces", "builds": []}
     with tempfile.TemporaryDirectory(prefix="fluxc-margins-") as td:
         for ws in (a.schnell, a.dev):

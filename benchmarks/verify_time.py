@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from results_file import git_commit
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "verify_time.json"
 
@@ -64,7 +66,7 @@ def main() -> int:
             return 1
     runs = {"default (4-step end to end)": timed(fluxc("verify", "--models", str(models)), work),
             "--steps 1 (as scripts/demo.sh)": timed(fluxc("verify", "--models", str(models), "--steps", "1"), work)}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    commit = git_commit(short=False)
     res = {"commit": commit, "size": "tiny schnell, 64x64, T5 32, W4BF16, tiny VAE (the demo build)",
            "cpus": len(os.sched_getaffinity(0)), "runs": runs}
     from fluxc.fsutil import write_json_atomic

@@ -218,6 +218,18 @@ class FluxDims:
         if self.flux_type not in FLUX_TYPES:
             raise ValueError(f"unknown flux type {self.flux_type!r}; use one of {FLUX_TYPES}")
 
+    def check_asked(self, flux_type: str | None, tiny_vae: bool | None, where: str) -> None:
+        """One-line errors when --flux-type / --tiny-vae/--full-vae ask for another model than
+        the one `where` holds (compile, verify and run all check this way)."""
+        from fluxc.errors import FluxcError
+
+        if flux_type is not None and flux_type != self.flux_type:
+            raise FluxcError(f"--flux-type {flux_type} does not match {where}: it is FLUX.1-{self.flux_type}, "
+                             f"not {flux_type}; use --flux-type {self.flux_type} or export the {flux_type} model")
+        if tiny_vae is not None and tiny_vae != self.tiny_vae:
+            have, flag = ("the tiny VAE (taef1)", "--tiny-vae") if self.tiny_vae else ("the full VAE", "--full-vae")
+            raise FluxcError(f"{where} holds {have}; use {flag} or re-export")
+
     @property
     def latent_h(self) -> int:
         return self.height // self.vae_scale

@@ -21,7 +21,7 @@ Helpers that build new modules instead of swapping attributes:
 - t5_position_bias(block0_attn, S) + t5_block_export(block, bias): one T5 block, constants baked
 - clip_causal_mask(L) + clip_layer_export(layer, L): one CLIP layer, causal mask baked
 
-Measurement: `python -m fluxc.patches.graph_forms` compiles one full-width block in each
+Measurement: `python benchmarks/graph_forms.py` compiles one full-width block in each
 graph form with TPU-MLIR and prints the compiler's on-chip estimate (the numbers quoted in
 flux_attention.py / rotary.py / fluxc/export/pieces.py).
 

@@ -13,7 +13,7 @@ TorchScript ONNX exporter and TPU-MLIR:
 - attention as explicit MatMul + Softmax + MatMul rather than SDPA. TorchScript lowers
   aten::scaled_dot_product_attention (opset 14+) to MatMul/Softmax anyway, and TPU-MLIR's
   estimate is identical for both forms (34.45 ms vs 34.45 ms for a full-width single block
-  at 1280 tokens, BF16; `python -m fluxc.patches.graph_forms`); the explicit form keeps the
+  at 1280 tokens, BF16; `python benchmarks/graph_forms.py`); the explicit form keeps the
   graph under our control: the scale folded into the q norm and exactly one transpose per
   operand (q, v [B,S,H,D]->[B,H,S,D]; k [B,S,H,D]->[B,H,D,S] so the first MatMul needs no
   transpose of its own; the output back to [B,S,H,D]): 4 Transposes per attention.

@@ -108,7 +108,7 @@ def apply_rotary_table(x, table, cos_sin=None):
     apply_rotary_table_slices) TPU-MLIR spends ~77 M GDMA cycles on the four strided Slices
     of q/k and estimates a full-width single block at 115.4 ms (BM1684X BF16, 1280 tokens);
     in this form the estimate is 34.4 ms (double block: 123.2 -> 42.2 ms;
-    `python -m fluxc.patches.graph_forms [--block double]`). The extra
+    `python benchmarks/graph_forms.py [--block double]`). The extra
     [D, D] MatMuls are ~0.7% of the block's FLOPs.
     Pass cos_sin=rotary_cos_sin(table, D) to share it between q and k."""
     d = x.shape[-1]

@@ -22,13 +22,18 @@ Budgets (MB = 2**20 bytes, as model_tool and the board's memory tools count):
 """
 from __future__ import annotations
 
-import re
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+
+from fluxc.build_record import placement as place_family
+from fluxc.compile.parse import device_mem_rows, parse_info
+from fluxc.errors import FluxcError
+from fluxc.runtime.models import bmodel_files
+from fluxc.toolchain import run_tool
 
 MB = 2**20
 BUDGET_MB = {"SE7-32": 7615 + 2360 + 2360, "SC7": 12 * 1024}
-
-_MEM = re.compile(r"device mem size:\s*(\d+)\s*\(weight:\s*(\d+),\s*instruct:\s*(\d+),\s*runtime:\s*(\d+)\)")
 
 _NBYTES = {"float32": 4, "int32": 4, "uint32": 4, "float16": 2, "bfloat16": 2, "int16": 2, "uint16": 2,
            "int8": 1, "uint8": 1}
@@ -45,7 +50,7 @@ def bmodel_memory_from_info(text: str) -> dict:
     """weight / instruct / runtime / total bytes from `model_tool --info` text. A file with
     several `device mem size` lines (one per net) shares one runtime area: weights and
     instructions add up, runtime is the largest."""
-    rows = [tuple(int(x) for x in m.groups()) for m in _MEM.finditer(text)]
+    rows = device_mem_rows(text)
     if not rows:
         raise ValueError("no 'device mem size' line: not model_tool --info output")
     if len(rows) == 1:
@@ -108,24 +113,17 @@ def placement(files: dict[str, list], n_devices: int) -> list[tuple[object, int]
     """(file, device index) for the files of a build by family, by the build record's rule
     (fluxc.build_record.placement: CLIP and VAE on the first chip, T5 on the last,
     transformer part i on chip i)."""
-    from fluxc.build_record import placement as where
-
     n = max(1, n_devices)
-    return [(f, where(fam, i, n)) for fam in ("clip", "t5", "transformer", "vae") for i, f in enumerate(files[fam])]
+    return [(f, place_family(fam, i, n)) for fam in ("clip", "t5", "transformer", "vae") for i, f in enumerate(files[fam])]
 
 
 def read_info(bmodel) -> str:
     """`model_tool --info` text of a bmodel: the `<file>.bmodel.info.txt` fluxc compile leaves
     next to it, else a fresh model_tool run."""
-    import tempfile
-    from pathlib import Path
-
     p = Path(bmodel)
     side = p.with_name(p.name + ".info.txt")
     if side.is_file() and side.stat().st_mtime >= p.stat().st_mtime:
         return side.read_text(errors="replace")
-    from fluxc.toolchain import run_tool
-
     with tempfile.TemporaryDirectory(prefix="fluxc-info-") as td:
         log = Path(td) / "info.log"
         run_tool("model_tool", ["--info", str(p.resolve())], cwd=Path(td), log=log, timeout=300)
@@ -134,7 +132,7 @@ def read_info(bmodel) -> str:
 
 def io_bytes_per_device(specs: dict, where: dict[str, int]) -> dict[int, int]:
     """Bytes of the I/O tensors the sail runtime allocates on each chip, for nets placed `where`."""
-    from fluxc.runtime.sail_flux import io_plan, kinds_of
+    from fluxc.runtime.sail_flux import io_plan, kinds_of  # deferred: sail_flux imports PlannedTensor from here
 
     tensors, _ = io_plan(specs, where, kinds_of(specs))
     out: dict[int, int] = {}
@@ -148,8 +146,7 @@ def per_chip_memory(files: list[tuple[int, str]], specs: dict) -> dict[int, dict
     chip (`files`: (device, info text)), plus the runtime's I/O tensors. `specs`: net name ->
     piece spec. The one computation behind `fluxc compile`'s report, the stand-in's check and
     `fluxc verify`."""
-    from fluxc.compile.parse import parse_info
-    from fluxc.runtime.sail_flux import io_plan, kinds_of
+    from fluxc.runtime.sail_flux import io_plan, kinds_of  # deferred: sail_flux imports PlannedTensor from here
 
     where, mems = {}, []
     for dev, text in files:
@@ -158,8 +155,6 @@ def per_chip_memory(files: list[tuple[int, str]], specs: dict) -> dict[int, dict
             where[net.name] = dev
     missing = [n for n in specs if n not in where]
     if missing:
-        from fluxc.errors import FluxcError
-
         raise FluxcError(f"no bmodel of the build holds net {missing[0]!r}; rebuild with fluxc compile")
     tensors, _ = io_plan(specs, where, kinds_of(specs))
     return build_device_memory(mems, tensors)
@@ -168,10 +163,6 @@ def per_chip_memory(files: list[tuple[int, str]], specs: dict) -> dict[int, dict
 def device_memory_for_build(chip_dir, manifest, quantize: str) -> dict[int, dict]:
     """Per chip (index) device memory of a compiled build: its bmodels' model_tool figures
     + the I/O tensors the sail runtime allocates for it (per_chip_memory)."""
-    from pathlib import Path
-
-    from fluxc.runtime.models import bmodel_files
-
     d = manifest.dims
     files = bmodel_files(Path(chip_dir), d.flux_type, quantize, d.tiny_vae)
     plan = placement(files, len(files["transformer"]))

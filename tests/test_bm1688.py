@@ -63,7 +63,7 @@ def test_bm1688_layout_checks_and_estimate(bm1688_ws):
 def test_bm1688_pipeline_on_its_simulator_matches_onnx(bm1688_ws, tmp_path, record_property):
     from PIL import Image
 
-    from fluxc.validation.metrics import cosine, psnr
+    from fluxc.metrics import cosine, psnr
 
     res = {}
     for backend in ("onnx", "cmodel"):

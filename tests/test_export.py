@@ -12,7 +12,7 @@ import pytest
 
 from fluxc.errors import FluxcError
 from fluxc.export.manifest import load_manifest
-from fluxc.validation.metrics import cosine, max_abs_err
+from fluxc.metrics import cosine, max_abs_err
 from tests.fixtures_export import EXPORT_HEIGHT, EXPORT_T5_LEN, EXPORT_WIDTH
 
 COS_MIN = 0.99999

@@ -149,7 +149,7 @@ def lora_export(tiny_schnell, lora_files, tmp_path_factory):
 
 def test_lora_export_matches_diffusers_fused(tiny_schnell, lora_files, lora_export, onnx_run, tmp_path,
                                              record_property):
-    from fluxc.validation.metrics import psnr
+    from fluxc.metrics import psnr
 
     ws, _ = lora_export
     ours, output = _run_onnx(ws, tmp_path / "lora.png")

@@ -63,7 +63,7 @@ def _run(models: Path, out: Path, backend: str) -> dict:
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> tuple[bool, float]:
-    from fluxc.validation.metrics import psnr
+    from fluxc.metrics import psnr
 
     same = np.array_equal(a, b)
     return same, float("inf") if same else float(psnr(a, b))

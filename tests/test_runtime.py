@@ -104,7 +104,7 @@ def test_tokenizers_match_transformers_and_truncate(export_schnell_tinyvae, tiny
 
 @pytest.mark.parametrize("flux_type", ["schnell", "dev"])
 def test_onnx_backend_matches_diffusers(flux_type, onnx_run, diffusers_reference, record_property):
-    from fluxc.validation.metrics import cosine, psnr
+    from fluxc.metrics import cosine, psnr
 
     ours, ref = onnx_run(flux_type), diffusers_reference(flux_type)
     assert ours["image"].shape == ref["image"].shape
@@ -125,7 +125,7 @@ def test_onnx_backend_matches_diffusers(flux_type, onnx_run, diffusers_reference
 @pytest.mark.parametrize("quant", ["BF16", "W4BF16"])
 def test_cmodel_backend_close_to_onnx(quant, bmodel_run, onnx_run, record_property):
     from fluxc.export.manifest import load_manifest
-    from fluxc.validation.metrics import cosine, psnr
+    from fluxc.metrics import cosine, psnr
 
     run = bmodel_run("cmodel", quant)  # cached: test_sail.py compares the sail runtime with it
     ws, r = run["ws"], run
@@ -146,9 +146,9 @@ def test_cmodel_engine_lists_nets_and_keeps_model_loaded(compiled_schnell_w4):
     import time
 
     from fluxc.export.manifest import load_manifest
+    from fluxc.metrics import cosine
     from fluxc.runtime.cmodel_engine import CmodelEngine
     from fluxc.runtime.onnx_engine import OnnxEngine
-    from fluxc.validation.metrics import cosine
 
     ws = Path(compiled_schnell_w4)
     man = load_manifest(ws / "onnx")

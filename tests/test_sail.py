@@ -32,7 +32,7 @@ def _net_io_count(ws: Path) -> int:
 @pytest.mark.parametrize("quant", ["W4BF16", "BF16"])
 def test_sail_sim_same_image_as_cmodel(quant, bmodel_run, record_property):
     from fluxc.export.manifest import load_manifest
-    from fluxc.validation.metrics import psnr
+    from fluxc.metrics import psnr
 
     sim, ref = bmodel_run("sail-sim", quant), bmodel_run("cmodel", quant)
     same = np.array_equal(sim["image"], ref["image"])

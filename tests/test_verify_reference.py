@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fluxc.validation.metrics import compare, cosine, rel_err
+from fluxc.metrics import cosine, rel_err
+from fluxc.validation.metrics import compare
 
 
 def test_metrics_fail_dead_and_noop_outputs():

@@ -24,17 +24,30 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import re
+import logging
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from fluxc.errors import FluxcError
-from fluxc.runtime.device_memory import BUDGET_MB, io_bytes_per_device
-from fluxc.validation.metrics import compare, cosine, psnr, rounded
+from fluxc import workspace
+from fluxc.build_record import RECOMPILE
+from fluxc.errors import FluxcError, ToolError
+from fluxc.export.manifest import load_manifest
+from fluxc.runtime.device_memory import BUDGET_MB, bmodel_memory_from_info, io_bytes_per_device
+from fluxc.runtime.cmodel_engine import CmodelEngine
+from fluxc.runtime.models import ModelSet, open_onnx, read_build
+from fluxc.runtime.pipeline import FluxPipeline, initial_latents, unpack_latents
+from fluxc.runtime.scheduler import FlowMatchEulerScheduler
+from fluxc.specs import DEFAULT_STEPS, piece_name
+from fluxc.toolchain import run_tool
+from fluxc.metrics import cosine, psnr, rel_err
+from fluxc.validation.metrics import compare, rounded
+from fluxc.validation.reference import (Reference, ReferenceModels, check_available, diffusers_generate,
+                                        diffusers_schedule, find_source, rotary_from_table)
 
 # Device memory budget per chip: the SE7-32's (runtime/device_memory.py BUDGET_MB has the
 # boards and where their figures come from). The board run measured 11419 MB.
@@ -94,14 +107,8 @@ class Report:
                 "info": self.info, "checks": [asdict(c) for c in self.checks]}
 
 
-_MEM_RE = re.compile(r"device mem size:\s*(\d+)\s*\(weight:\s*(\d+),\s*instruct:\s*(\d+),\s*runtime:\s*(\d+)\)")
-
-
 def bmodel_memory(path: Path) -> dict | None:
-    """Device memory of a bmodel from `model_tool --info` (bytes), None if unreadable."""
-    from fluxc.errors import ToolError
-    from fluxc.toolchain import run_tool
-
+    """Device memory of a bmodel from a fresh `model_tool --info` (bytes), None if unreadable."""
     with tempfile.TemporaryDirectory(prefix="fluxc-verify-") as td:
         log = Path(td) / "info.log"
         try:
@@ -109,14 +116,10 @@ def bmodel_memory(path: Path) -> dict | None:
         except ToolError:
             return None
         text = log.read_text(errors="replace")
-    rows = [tuple(int(x) for x in m.groups()) for m in _MEM_RE.finditer(text)]
-    if not rows:
+    try:
+        return bmodel_memory_from_info(text)
+    except ValueError:  # no `device mem size` line
         return None
-    total, weight, instruct, runtime = rows[-1] if len(rows) == 1 else (
-        None, sum(r[1] for r in rows), sum(r[2] for r in rows), max(r[3] for r in rows))
-    if total is None:
-        total = weight + instruct + runtime
-    return {"total": total, "weight": weight, "instruct": instruct, "runtime": runtime}
 
 
 def _name_ok(got: str, want: str) -> bool:
@@ -174,13 +177,11 @@ def piece_chain(models, man, prompt: str, seed: int, guidance: float, on_piece=N
     """Run every piece once on real activations through `models` (any engine set):
     prompt -> CLIP, T5 -> one transformer call at the first timestep -> VAE on the latents
     that call predicts. Returns {"calls": piece -> (inputs, outputs), "t": ..., ...}."""
-    from fluxc.runtime.pipeline import FluxPipeline, initial_latents, unpack_latents
-
     rec = Recorder(models, man.specs, on_piece)
     pipe = FluxPipeline(rec, man)
     pooled, t5 = pipe.encode_prompt(prompt)
     lat, _ = initial_latents(man.dims, seed)
-    pipe.scheduler.set_timesteps(4 if man.dims.flux_type == "schnell" else 28, lat.shape[1])
+    pipe.scheduler.set_timesteps(DEFAULT_STEPS[man.dims.flux_type], lat.shape[1])
     t0, s0 = float(pipe.scheduler.timesteps[0]), float(pipe.scheduler.sigmas[0])
     noise = pipe.transformer(lat, t0, guidance, pooled, t5)
     x0 = lat - s0 * noise  # the clean latents this call predicts
@@ -196,7 +197,7 @@ def torch_reference(R, man, chip: dict, guidance: float) -> tuple[dict, dict]:
     ins = {k: v[0] for k, v in calls.items()}
     p = man.dims.flux_type
     head = ins[f"{p}_head"]
-    vae = "tiny_vae_decoder" if man.dims.tiny_vae else "vae_decoder"
+    vae = piece_name("tiny_vae" if man.dims.tiny_vae else "vae")
     hop: dict = {}
     hop.update(R.clip(ins["clip_head"]["input_ids"], ins))
     hop.update(R.t5(ins["t5_head"]["input_ids"], ins))
@@ -210,8 +211,6 @@ def torch_reference(R, man, chip: dict, guidance: float) -> tuple[dict, dict]:
                                clean["t5_tail"]["encoder_hidden_states"]))
     noise = clean[f"{p}_tail"]["noise_pred"]
     x0 = head["hidden_states"] - chip["sigma"] * noise
-    from fluxc.runtime.pipeline import unpack_latents
-
     d = man.dims
     clean.update(R.vae(unpack_latents(x0, 2 * (d.height // (d.vae_scale * 2)), 2 * (d.width // (d.vae_scale * 2)))))
     return hop, clean
@@ -219,8 +218,6 @@ def torch_reference(R, man, chip: dict, guidance: float) -> tuple[dict, dict]:
 
 def onnx_reference(man, chip: dict, guidance: float, seed: int, prompt: str) -> tuple[dict, dict]:
     """The same two references from the exported ONNX pieces (when the source is not at hand)."""
-    from fluxc.runtime.models import open_onnx
-
     ms = open_onnx(man)
     hop = {}
     for s in man.specs:
@@ -283,25 +280,12 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
                      prompt: str = "a photo of an astronaut riding a horse on the moon",
                      pieces: str | None = None, guidance: float = 3.5, reference: str = "auto",
                      say=print) -> Report:
-    from fluxc import workspace
-    from fluxc.build_record import RECOMPILE
-    from fluxc.export.manifest import load_manifest
-    from fluxc.runtime.cmodel_engine import CmodelEngine
-    from fluxc.runtime.models import ModelSet, read_build
-
     t_start = time.perf_counter()
     models = Path(models)
-    if not models.is_dir():
-        raise FluxcError(f"models folder {models} does not exist; run fluxc export and fluxc compile first")
-    exp = Path(export) if export else workspace.export_dir(models)
-    man = load_manifest(exp)
+    exp, man, rec = open_build(models, export, quantize, flux_type)
     d = man.dims
-    if flux_type and flux_type != d.flux_type:
-        raise FluxcError(f"--flux-type {flux_type} does not match the export in {exp} ({d.flux_type})")
-    chip = workspace.chip_dir(models)
-    rec = read_build(chip, d, quantize, check_files=False)  # one-line error: missing/truncated/other build
     q = rec.quantize
-    n_steps = steps or (4 if d.flux_type == "schnell" else 28)
+    n_steps = steps or DEFAULT_STEPS[d.flux_type]
     rep = Report()
     rep.info.update({"models": str(models), "export": str(exp), "record": str(rec.path), "flux_type": d.flux_type,
                      "quantize": q, "tiny_vae": d.tiny_vae, "resolution": [d.height, d.width],
@@ -313,9 +297,56 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
                                     "delta_cosine": DELTA_COSINE, "delta_rel_err": DELTA_REL_ERR,
                                     "e2e_latent_cosine": E2E_LATENT_COSINE, "e2e_psnr_db": E2E_PSNR_DB}})
     specs = man.specs
-    spec_of = {s.name: s for s in specs}
 
     # ---- 1. record vs files
+    bad = check_record(rep, rec, exp, say)
+    # ---- 2. structure and device memory
+    ms, engines = load_on_simulator(rep, rec, specs, say)
+    check_device_memory(rep, rec, bad, budget_mb, say)
+    if len(engines) < len(specs) or any(c.section in ("record", "structure") and not c.ok for c in rep.checks):
+        # figures from files that are not what was built would mean nothing
+        rep.add("piece", "all pieces", False, "skipped: the files do not match the build record or the export "
+                "(see record/structure)")
+        ms.close()
+        return rep
+
+    # ---- 3. reference
+    src, R = open_reference(rep, man, reference, say)
+    if R is not None:
+        check_rotary_table(rep, R, man)
+    check_schedule(rep, man, src, n_steps)
+
+    # ---- 4. pieces on real activations, chained on the chip
+    check_pieces_on_chip(rep, ms, man, rec, R, prompt, seed, guidance, pieces, say)
+
+    # ---- 5. end to end
+    if e2e:
+        if rep.failures:
+            rep.add("e2e", f"{n_steps}-step generation", False, "skipped: earlier checks failed")
+        else:
+            end_to_end(rep, man, ms, R, q, n_steps, seed, prompt, guidance, say)
+    ms.close()
+    rep.info["seconds"] = round(time.perf_counter() - t_start, 1)
+    return rep
+
+
+def open_build(models: Path, export: Path | None, quantize: str | None, flux_type: str | None):
+    """(export folder, its manifest, the build record) of a workspace; one-line errors for a
+    missing folder, another flux type, or a missing/truncated/other build."""
+    if not models.is_dir():
+        raise FluxcError(f"models folder {models} does not exist; run fluxc export and fluxc compile first")
+    loc = workspace.locate(models)  # a workspace or a bmodel folder (fluxc compile --out)
+    exp = Path(export) if export else loc.export
+    man = load_manifest(exp)
+    d = man.dims
+    d.check_asked(flux_type, None, f"the export in {exp}")
+    rec = read_build(loc.chip, d, quantize, check_files=False)  # one-line error: missing/truncated/other build
+    return exp, man, rec
+
+
+def check_record(rep: Report, rec, exp: Path, say) -> dict[str, str]:
+    """1. Every file of the build record against its recorded size and sha256, and the record
+    against the export's manifest. Returns {file name: why} for the files that do not match."""
     say(f"record: {rec.path.name}: {len(rec.files)} file(s), {len(rec.pieces)} pieces; hashing the files")
     bad = {f.path.name: why for f, why in rec.mismatched_files()}
     for f in rec.files:
@@ -328,9 +359,15 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
         rep.add("record", "export manifest.json", True, "the export the build was compiled from")
     except FluxcError as e:
         rep.add("record", "export manifest.json", False, str(e))
+    return bad
 
-    # ---- 2. structure
+
+def load_on_simulator(rep: Report, rec, specs, say) -> tuple[ModelSet, dict[str, CmodelEngine]]:
+    """2. Every file of the record loaded on the chip simulator: it holds exactly its recorded
+    nets, each with its piece spec's inputs and outputs (check_net). Returns the model set and,
+    per piece whose net passed, the engine holding it."""
     say("structure: loading every bmodel of the record on the chip simulator")
+    spec_of = {s.name: s for s in specs}
     ms = ModelSet("cmodel")
     engines: dict[str, CmodelEngine] = {}
     for f in rec.files:
@@ -353,7 +390,11 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
     for s in specs:
         if s.name not in engines and not any(c.name == s.name for c in rep.checks):
             rep.add("structure", s.name, False, f"net {s.net_name!r} not loaded from {rec.piece(s.name).file}")
+    return ms, engines
 
+
+def check_device_memory(rep: Report, rec, bad: dict[str, str], budget_mb: float, say) -> None:
+    """2. Device memory per chip, as the record places the files, within `budget_mb`."""
     say("memory: per device as the build record places the files (model_tool --info figures of the record "
         "for files whose sha256 matches, measured again otherwise) plus the I/O tensors the sail runtime "
         "allocates there")
@@ -379,17 +420,11 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
         rep.add("memory", f"device {dev}", not unread and mb <= budget_mb, detail, device_mb=round(mb, 3),
                 budget_mb=budget_mb)
 
-    if len(engines) < len(specs) or any(c.section in ("record", "structure") and not c.ok for c in rep.checks):
-        # figures from files that are not what was built would mean nothing
-        rep.add("piece", "all pieces", False, "skipped: the files do not match the build record or the export "
-                "(see record/structure)")
-        ms.close()
-        return rep
 
-    # ---- 3. reference
-    from fluxc.validation.reference import (Reference, ReferenceModels, check_available, diffusers_schedule,
-                                            find_source, rotary_from_table)
-
+def open_reference(rep: Report, man, reference: str, say):
+    """3. The independent reference: (source, Reference of the original diffusers/transformers
+    models) when the source checkpoint is at hand, else (None, None): the exported ONNX stands
+    in, and the report says so."""
     src, why = (None, "--reference onnx") if reference == "onnx" else find_source(man)
     if src is not None and check_available():
         src, why = None, check_available()
@@ -398,26 +433,33 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
         say(msg)
         rep.info["reference"] = {"kind": "onnx", "why": why}
         rep.add("reference", "source checkpoint", True, f"not at hand ({why}); checked against the ONNX only")
-        R = None
-    else:
-        say(f"reference: the original models from {src.folder} (diffusers/transformers, unpatched)")
-        rep.info["reference"] = {"kind": "source", "folder": str(src.folder),
-                                 "tiny_vae": str(src.tiny_vae) if src.tiny_vae else None}
-        _quiet_libraries()
-        R = Reference(ReferenceModels(src, say=say), d)
-        table = np.load(man.rotary_path)
-        c_ref, s_ref = R.rotary()
-        if table.shape != tuple(d.rotary_shape):
-            rep.add("reference", "rotary_emb.npy", False, f"shape {table.shape}, expected {d.rotary_shape}")
-        else:
-            c, s = rotary_from_table(table)
-            err = max(float(np.abs(c - c_ref).max()), float(np.abs(s - s_ref).max()))
-            rep.add("reference", "rotary_emb.npy", err <= ROTARY_MAX_ERR,
-                    f"max |table - FluxPosEmbed| {err:.2e} (<= {ROTARY_MAX_ERR}) at {d.width}x{d.height}",
-                    max_abs_err=err)
-    # scheduler: runtime (export's config) vs diffusers (the source's config if at hand)
-    from fluxc.runtime.scheduler import FlowMatchEulerScheduler
+        return None, None
+    say(f"reference: the original models from {src.folder} (diffusers/transformers, unpatched)")
+    rep.info["reference"] = {"kind": "source", "folder": str(src.folder),
+                             "tiny_vae": str(src.tiny_vae) if src.tiny_vae else None}
+    _quiet_libraries()
+    return src, Reference(ReferenceModels(src, say=say), man.dims)
 
+
+def check_rotary_table(rep: Report, R, man) -> None:
+    """3. The export's rotary table against diffusers' FluxPosEmbed at the export's resolution."""
+    d = man.dims
+    table = np.load(man.rotary_path)
+    c_ref, s_ref = R.rotary()
+    if table.shape != tuple(d.rotary_shape):
+        rep.add("reference", "rotary_emb.npy", False, f"shape {table.shape}, expected {d.rotary_shape}")
+    else:
+        c, s = rotary_from_table(table)
+        err = max(float(np.abs(c - c_ref).max()), float(np.abs(s - s_ref).max()))
+        rep.add("reference", "rotary_emb.npy", err <= ROTARY_MAX_ERR,
+                f"max |table - FluxPosEmbed| {err:.2e} (<= {ROTARY_MAX_ERR}) at {d.width}x{d.height}",
+                max_abs_err=err)
+
+
+def check_schedule(rep: Report, man, src, n_steps: int) -> None:
+    """3. The runtime's timesteps and sigmas (the export's scheduler config) against diffusers'
+    FlowMatchEulerDiscreteScheduler (the source's config when at hand)."""
+    d = man.dims
     sched_cfg_path = (src.folder / "scheduler" / "scheduler_config.json") if src else man.scheduler_config_path
     ours = FlowMatchEulerScheduler.from_file(man.scheduler_config_path)
     ours.set_timesteps(n_steps, d.image_tokens)
@@ -434,7 +476,13 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
     except ImportError as e:
         rep.add("reference", "scheduler", True, f"not checked: {e.name} not installed")
 
-    # ---- 4. pieces on real activations, chained on the chip
+
+def check_pieces_on_chip(rep: Report, ms, man, rec, R, prompt: str, seed: int, guidance: float,
+                         pieces: str | None, say) -> None:
+    """4. Every piece (those matching `pieces` if given) on real activations chained on the chip
+    against the reference fed the same inputs (check_piece); the drift along the chain goes
+    to the report's info."""
+    specs = man.specs
     say(f"pieces: {len(specs)} pieces chained on the chip simulator (prompt -> text encoders -> one "
         f"transformer call -> VAE)")
     t0 = time.perf_counter()
@@ -453,33 +501,25 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
         c = check_piece(rep, s, built[s.name], chip_run["calls"][s.name], hop_ref[s.name], clean_ref[s.name])
         say(f"  {s.name:<28} {'ok  ' if c.ok else 'FAIL'} {c.detail}")
     # drift along the chain (reported; the per-hop checks above decide)
+    rep.info["drift_cosine"] = chain_drift(specs, chip_run, clean_ref)
+    if pieces:
+        rep.info["pieces_only"] = pieces
+
+
+def chain_drift(specs, chip_run: dict, clean_ref: dict) -> dict[str, float]:
+    """Per piece: cosine of its last output on the chip chain against the clean reference chain."""
     drift = {}
     for s in specs:
         o = s.outputs[-1].name
         drift[s.name] = round(cosine(clean_ref[s.name][o], chip_run["calls"][s.name][1][o]), 6)
-    rep.info["drift_cosine"] = drift
-    if pieces:
-        rep.info["pieces_only"] = pieces
-
-    # ---- 5. end to end
-    if e2e:
-        if rep.failures:
-            rep.add("e2e", f"{n_steps}-step generation", False, "skipped: earlier checks failed")
-        else:
-            end_to_end(rep, man, ms, R, q, n_steps, seed, prompt, guidance, say)
-    ms.close()
-    rep.info["seconds"] = round(time.perf_counter() - t_start, 1)
-    return rep
+    return drift
 
 
 def _quiet_libraries() -> None:
-    import logging
-    import warnings
-
     warnings.filterwarnings("ignore", module="diffusers")
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
+    try:  # deferred: transformers and diffusers are heavy, and only a source-checkpoint reference needs them
         from transformers.utils import logging as tl
 
         tl.set_verbosity_error()
@@ -496,22 +536,16 @@ def _quiet_libraries() -> None:
 
 
 def end_to_end(rep: Report, man, ms, R, q: str, steps: int, seed: int, prompt: str, guidance: float, say) -> None:
-    from fluxc.runtime.pipeline import FluxPipeline
-
     say(f"end to end: {steps} steps on the chip simulator ...")
     t0 = time.perf_counter()
     got = FluxPipeline(ms, man)(prompt, None, steps, guidance, seed,
                                 on_step=lambda i, n: say(f"  chip step {i}/{n}"))
     t1 = time.perf_counter()
     if R is not None:
-        from fluxc.validation.reference import diffusers_generate
-
         say(f"end to end: {steps} steps of diffusers' FluxPipeline (torch, float32) ...")
         lat, img = diffusers_generate(R.models, man.dims, prompt, steps, guidance, seed)
         what = "diffusers FluxPipeline"
     else:
-        from fluxc.runtime.models import open_onnx
-
         say(f"end to end: {steps} steps on the ONNX pieces (source checkpoint not at hand) ...")
         ox = open_onnx(man)
         r = FluxPipeline(ox, man)(prompt, None, steps, guidance, seed)
@@ -520,8 +554,6 @@ def end_to_end(rep: Report, man, ms, R, q: str, steps: int, seed: int, prompt: s
         what = "ONNX pieces"
     t2 = time.perf_counter()
     lat_cos = cosine(lat, got.latents)
-    from fluxc.validation.metrics import rel_err
-
     lat_rel = rel_err(lat, got.latents)
     p = psnr(img, got.image)
     ok = lat_cos >= E2E_LATENT_COSINE[q] and p >= E2E_PSNR_DB[q]

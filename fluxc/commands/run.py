@@ -45,13 +45,7 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
                          "tokenizer/, tokenizer_2/); point --models at one")
     man = load_manifest(exp)
     d = man.dims
-    if flux_type and flux_type != d.flux_type:
-        raise FluxcError(f"--flux-type {flux_type} does not match the export in {exp} ({d.flux_type}); "
-                         f"re-export or drop --flux-type")
-    if tiny_vae is not None and tiny_vae != d.tiny_vae:
-        have = "the tiny VAE" if d.tiny_vae else "the full VAE"
-        raise FluxcError(f"the export in {exp} was made with {have}; re-export with"
-                         f"{'' if tiny_vae else 'out'} --tiny-vae or drop the option")
+    d.check_asked(flux_type, tiny_vae, f"the export in {exp}")
     if backend in SAIL_BACKENDS:
         if (height and height != d.height) or (width and width != d.width) or len(man.sizes) > 1:
             raise FluxcError(f"the sail backends run one-size builds at their size for now (this export holds "

@@ -9,7 +9,7 @@ import typer
 
 
 def verify(
-    models: Optional[Path] = typer.Option(None, "--models", help="Workspace folder (default: FLUXC_MODELS or ./models)."),
+    models: Optional[Path] = typer.Option(None, "--models", help="Workspace or bmodel folder (fluxc compile --out) (default: FLUXC_MODELS or ./models)."),
     export: Optional[Path] = typer.Option(None, "--export", help="Export folder (default: MODELS/onnx)."),
     report: Optional[Path] = typer.Option(None, "--report", help="JSON report (default: MODELS/BM1684X/verify_report.json)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Expect this transformer quantisation (default: what the build record says)."),
@@ -59,7 +59,7 @@ def verify(
     for c in rep.checks:
         table.add_row(c.section, c.name, "[green]ok[/green]" if c.ok else "[red]FAIL[/red]", c.detail)
     con.print(table)
-    out = Path(report) if report else workspace.chip_dir(m) / "verify_report.json"
+    out = Path(report) if report else workspace.locate(m).chip / "verify_report.json"
     write_json_atomic(out, rep.to_dict())
     ref = rep.info.get("reference", {})
     if ref.get("kind") == "onnx":

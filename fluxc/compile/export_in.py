@@ -59,13 +59,7 @@ def read_export(folder: Path, flux_type: str | None, tiny_vae: bool | None) -> E
             + (f"+w{e['weights_sha256']}" if e.get("weights_sha256") else "")
         onnx_bytes = m.path(s.name).stat().st_size if m.path(s.name).is_file() else 0
         pieces.append(ExportPiece(s, m.path(s.name), sha, 4 * int(e.get("weight_numel", 0)) + onnx_bytes))
-    if flux_type is not None and dims.flux_type != flux_type:
-        raise FluxcError(f"export in {folder} is FLUX.1-{dims.flux_type}, not {flux_type}; "
-                         f"use --flux-type {dims.flux_type} or export the {flux_type} model")
-    if tiny_vae is not None and dims.tiny_vae != tiny_vae:
-        have = "the tiny VAE (taef1)" if dims.tiny_vae else "the full VAE"
-        flag = "--tiny-vae" if dims.tiny_vae else "--full-vae"
-        raise FluxcError(f"export in {folder} holds {have}; use {flag} or re-export")
+    dims.check_asked(flux_type, tiny_vae, f"the export in {folder}")
     from fluxc.specs import piece_specs
 
     expected = [s.name for s in piece_specs(dims)]

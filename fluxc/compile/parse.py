@@ -8,6 +8,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from fluxc.metrics import cosine
+
 
 @dataclass
 class NetIO:
@@ -36,7 +40,14 @@ class BmodelInfo:
 
 _NET = re.compile(r"^net \d+: \[(?P<name>[^\]]+)\]")
 _IO = re.compile(r"^(?P<kind>input|output): (?P<name>[^,]+), \[(?P<shape>[^\]]*)\], (?P<dtype>\w+)")
-_MEM = re.compile(r"device mem size: (\d+) \(weight: (\d+), instruct: (\d+), runtime: (\d+)\)")
+# One `device mem size` line per net of a bmodel: total, weight, instruct, runtime (bytes).
+DEVICE_MEM = re.compile(r"device mem size:\s*(\d+)\s*\(weight:\s*(\d+),\s*instruct:\s*(\d+),\s*runtime:\s*(\d+)\)")
+
+
+def device_mem_rows(text: str) -> list[tuple[int, int, int, int]]:
+    """(total, weight, instruct, runtime) bytes of every `device mem size` line of
+    `model_tool --info` text, in order (one per net)."""
+    return [tuple(int(x) for x in m.groups()) for m in DEVICE_MEM.finditer(text)]
 
 
 def parse_info(text: str) -> BmodelInfo:
@@ -66,7 +77,7 @@ def parse_info(text: str) -> BmodelInfo:
             stage["inputs" if m.group("kind") == "input" else "outputs"].append(
                 NetIO(m.group("name").strip(), shape, m.group("dtype")))
             continue
-        m = _MEM.search(line)
+        m = DEVICE_MEM.search(line)
         if m:
             mem = tuple(int(x) for x in m.groups())
     if not nets or mem is None:
@@ -87,11 +98,9 @@ class Similarity:
     def between(cls, a, b) -> "Similarity":
         """fluxc's own figures for two arrays (where no TPU-MLIR log gives them): cosine,
         1 - |a-b| / mean(|a|, |b|), and the signal-to-error ratio of a in dB."""
-        import numpy as np
-
         a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
         na, nb, nd = np.linalg.norm(a), np.linalg.norm(b), np.linalg.norm(a - b)
-        cos = float(a @ b / (na * nb)) if na > 0 and nb > 0 else (1.0 if nd == 0 else 0.0)
+        cos = cosine(a, b)
         euc = 1.0 - float(nd / ((na + nb) / 2)) if na + nb > 0 else 1.0
         sqnr = float(20 * np.log10(na / nd)) if nd > 0 and na > 0 else float("inf")
         return cls(cos, euc, sqnr)

@@ -8,8 +8,11 @@ that piece's cache key.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from fluxc.compile.chips import CHIPS  # the supported chips (fluxc/compile/chips.py)
 from fluxc.errors import FluxcError
@@ -33,14 +36,10 @@ class Recipe:
 
 
 def default_recipe_path(chip: str = "bm1684x") -> Path:
-    from importlib import resources
-
     return Path(str(resources.files("fluxc.recipes").joinpath(f"{chip}.yaml")))
 
 
 def load_recipe(path: Path | None = None, chip: str = "bm1684x") -> Recipe:
-    import yaml
-
     p = Path(path) if path is not None else default_recipe_path(chip)
     if not p.is_file():
         raise FluxcError(f"recipe {p} not found; pass an existing YAML file to --recipe")
@@ -145,9 +144,6 @@ class PiecePlan:
     quantize: str
     options: dict[str, Any]  # recipe options of the group, without `quantize`
     tolerance: tuple[float, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"quantize": self.quantize, "options": self.options, "tolerance": list(self.tolerance)}
 
 
 def piece_plan(recipe: Recipe, spec: PieceSpec, cli_quantize: str) -> PiecePlan:

@@ -117,8 +117,9 @@ def describe_range(pieces: Sequence[PieceMem]) -> str:
     return " + ".join(out)
 
 
-# Full-size FLUX.1 figures (BF16, 1024x1024, BM1684X). Measured: single block weight 283 MB,
-# device 660 MB; double block weight 680 MB (/work/shared/reference/tpu-mlir-facts.md).
+# Full-size FLUX.1 figures (BF16, 1024x1024, BM1684X). Measured (`model_tool --info` of
+# full-size blocks compiled with TPU-MLIR; BENCHMARKS.md, "Device split of the BF16
+# transformer"): single block weight 283 MB, device 660 MB; double block weight 680 MB.
 # Extrapolated: the double block's runtime (it moves the same 4608 tokens as a single block,
 # so its non-weight memory is taken equal to the single block's 660-283 = 377 MB); the head
 # and tail weights from their parameter counts (head: x_embedder 64x3072, time/guidance/text

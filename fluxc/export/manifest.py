@@ -95,10 +95,6 @@ class Manifest:
             raise FluxcError(f"piece {piece!r} is not in the export {self.export_dir}; "
                              f"re-run `fluxc export`") from None
 
-    @property
-    def paths(self) -> dict[str, Path]:
-        return {s.name: self.path(s.name) for s in self.specs}
-
     def spec(self, piece: str) -> PieceSpec:
         for s in self.specs:
             if s.name == piece:

@@ -2,7 +2,7 @@
 
 `run_onnx(path, spec, inputs)` runs one exported piece; `compare_piece` feeds the same
 `PieceSpec.sample_inputs` to the torch module and to ONNX Runtime and reports, per output,
-the cosine similarity and the max abs error (fluxc.validation.metrics).
+the cosine similarity and the max abs error (fluxc/metrics.py).
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fluxc.metrics import cosine, max_abs_err
 from fluxc.specs import PieceSpec
-from fluxc.validation.metrics import cosine, max_abs_err
 
 
 @dataclass
@@ -29,7 +29,7 @@ class OutputParity:
 
 
 def ort_session(path: Path):
-    import onnxruntime as ort
+    import onnxruntime as ort  # deferred: heavy, and only a parity check needs it
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -45,7 +45,7 @@ def run_onnx(path_or_session, spec: PieceSpec, inputs: dict[str, np.ndarray]) ->
 
 
 def run_torch(module, spec: PieceSpec, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
-    import torch
+    import torch  # deferred: heavy, and only a parity check needs it
 
     with torch.no_grad():
         out = module(*[torch.from_numpy(np.ascontiguousarray(inputs[t.name], dtype=t.dtype)) for t in spec.inputs])

@@ -36,7 +36,7 @@ kind is WRAPPERS[kind] below):
   [text; image] sequence (no split/re-concat); proj_out(cat[attn, mlp]) is computed as
   attn @ Wa^T + mlp @ Wm^T + b so the [S, 5D] concatenation never exists (TPU-MLIR estimate
   for a full-width block at 1280 tokens, BF16: 34.45 ms split vs 42.50 ms concat;
-  `python -m fluxc.patches.graph_forms`).
+  `python benchmarks/graph_forms.py`).
 - {type}_tail: norm_out(hidden, temb) then proj_out.
 - vae_decoder / tiny_vae_decoder: image = decoder(latents / scaling_factor + shift_factor)
   with the VAE's own config values, as FluxPipeline does before vae.decode (for

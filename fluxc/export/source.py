@@ -45,9 +45,6 @@ class Source:
     kind: str  # "local" or "hub"
     revision: str | None = None  # Hub commit if known
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "kind": self.kind, "revision": self.revision}
-
 
 def looks_like_hub_id(model: str) -> bool:
     return bool(_HUB_ID.match(model)) and not model.startswith((".", "/", "~"))
@@ -69,7 +66,7 @@ def _download(repo_id: str, what: str, patterns: list[str]) -> Source:
     """snapshot_download with every failure turned into a one-line FluxcError saying what to do.
     Offline (HF_HUB_OFFLINE=1) a repo is served from the cache (HF_HUB_CACHE, or HF_HOME/hub)
     or raises LocalEntryNotFoundError; online the Hub answers gated / not found itself."""
-    try:
+    try:  # deferred: only a Hub id needs it; local folders never load it
         from huggingface_hub import constants, snapshot_download
         from huggingface_hub import errors as hf_errors
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
@@ -255,7 +252,7 @@ class WeightStore:
 
         Plain positioned reads, one tensor at a time (no memory map), so the only memory
         used is the result plus one tensor in its stored dtype."""
-        import torch
+        import torch  # deferred: heavy; reading the index and hashing do not need it
 
         dtype = dtype or torch.float32
         by_file: dict[Path, list[str]] = {}

@@ -1,10 +1,10 @@
 """Measure how the graph form of a FLUX single block changes TPU-MLIR's on-chip estimate.
 
-    python -m fluxc.patches.graph_forms [--block single|double] [--t5-len 256] [--size 512]
-                                        [--forms default,slices,sdpa,concat]
-    Example: python -m fluxc.patches.graph_forms --t5-len 256 --size 512 --forms default,slices
+    .venv/bin/python benchmarks/graph_forms.py [--block single|double] [--t5-len 256] [--size 512]
+                                               [--forms default,slices,sdpa,concat]
+    Example: .venv/bin/python benchmarks/graph_forms.py --t5-len 256 --size 512 --forms default,slices
 
-Builds one full-width FLUX single block (dim 3072, 24 heads x 128, random weights), wraps it
+Builds one full-width FLUX single block (full_width_block.py: dim 3072, 24 heads x 128, random weights), wraps it
 with fluxc.export.pieces.SingleBlock in each form, exports it (TorchScript, opset 17),
 compiles it with model_transform + model_deploy (BF16, bm1684x; needs `fluxc toolchain
 install`) and prints the last line of compiler_profile_0.txt (the compiler's estimate).
@@ -28,30 +28,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from full_width_block import full_width_block
+
+from fluxc.toolchain import run_tool
+
 
 def measure(form: str, t5_len: int, size: int, work: Path, block: str = "single") -> str:
+    # deferred: torch (and the export wrappers, which import it) are heavy; --help should not load them
     import torch
-    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
     from fluxc.export.pieces import DoubleBlock, SingleBlock
-    from fluxc.patches import FluxAttnExportProcessor, Patcher, rotary_table
-    from fluxc.toolchain import run_tool
+    from fluxc.patches import FluxAttnExportProcessor, Patcher
 
-    N = (size // 16) ** 2
-    J = t5_len + N
-    torch.manual_seed(0)
-    table = torch.from_numpy(rotary_table(t5_len, size, size, axes_dims=(16, 56, 56)))
-    if block == "single":
-        blk = FluxSingleTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128).eval()
-        args = (torch.randn(1, J, 3072), torch.randn(1, 3072), table)
-        names, shapes = ["hidden_states", "temb", "rotary_emb"], f"[[1,{J},3072],[1,3072],[1,{J},1,64,2,2]]"
-    else:
-        if form == "concat":
-            raise SystemExit("the concat form only exists for single blocks")
-        blk = FluxTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128).eval()
-        args = (torch.randn(1, N, 3072), torch.randn(1, t5_len, 3072), torch.randn(1, 3072), table)
-        names = ["hidden_states", "encoder_hidden_states", "temb", "rotary_emb"]
-        shapes = f"[[1,{N},3072],[1,{t5_len},3072],[1,3072],[1,{J},1,64,2,2]]"
+    if block != "single" and form == "concat":
+        raise SystemExit("the concat form only exists for single blocks")
+    J = t5_len + (size // 16) ** 2
+    blk, args, names, shapes = full_width_block(block, size, t5_len)
     wd = work / f"{block}_{form}"
     wd.mkdir(parents=True, exist_ok=True)
     with Patcher() as p:
@@ -77,7 +69,8 @@ def measure(form: str, t5_len: int, size: int, work: Path, block: str = "single"
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="example: python benchmarks/graph_forms.py "
+                                 "--t5-len 256 --size 512 --forms default,slices")
     ap.add_argument("--t5-len", type=int, default=256)
     ap.add_argument("--size", type=int, default=512, help="square image size in pixels")
     ap.add_argument("--forms", default="default,slices,sdpa,concat")

@@ -1,0 +1,23 @@
+"""Where a benchmark's figures go: benchmarks/results/<name>.json, headed by the benchmark's
+name and the commit it ran at, written under a temporary name and then renamed (a killed
+run never leaves a half-written file). Import it from a script in benchmarks/ (the
+script's folder is on sys.path)."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+
+def git_commit(short: bool = True) -> str:
+    """The commit the benchmarks folder is at, short or full ("" outside a git checkout)."""
+    return subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], capture_output=True,
+                          text=True, cwd=Path(__file__).parent).stdout.strip()
+
+
+def write_results(path: Path, doc: dict) -> None:
+    """{"benchmark": path's stem, "commit": ..., **doc} as JSON at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"benchmark": path.stem, "commit": git_commit(), **doc}, indent=2) + "\n")
+    tmp.replace(path)

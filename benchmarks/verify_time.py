@@ -12,7 +12,6 @@ each run to benchmarks/results/verify_time.json with the commit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import subprocess

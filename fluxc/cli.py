@@ -7,6 +7,12 @@ import sys
 
 import typer
 
+from fluxc.commands import compile as compile_cmd
+from fluxc.commands import export as export_cmd
+from fluxc.commands import run as run_cmd
+from fluxc.commands import tiny as tiny_cmd
+from fluxc.commands import toolchain as toolchain_cmd
+from fluxc.commands import verify as verify_cmd
 from fluxc.errors import FluxcError
 
 app = typer.Typer(
@@ -20,13 +26,6 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from fluxc.commands import compile as compile_cmd
-    from fluxc.commands import export as export_cmd
-    from fluxc.commands import run as run_cmd
-    from fluxc.commands import tiny as tiny_cmd
-    from fluxc.commands import toolchain as toolchain_cmd
-    from fluxc.commands import verify as verify_cmd
-
     app.command("export")(export_cmd.export)
     app.command("compile")(compile_cmd.compile)
     app.command("verify")(verify_cmd.verify)

@@ -9,10 +9,13 @@ Piece names, input order and output order follow the sophon-demo runtime contrac
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+
+from fluxc.errors import FluxcError
 
 FLUX_TYPES = ("dev", "schnell")
 # Denoising steps when none are asked for: what each model card recommends.
@@ -177,8 +180,6 @@ class PieceSpec:
 
 
 def _stable_hash(s: str) -> int:
-    import zlib
-
     return zlib.crc32(s.encode())
 
 
@@ -221,8 +222,6 @@ class FluxDims:
     def check_asked(self, flux_type: str | None, tiny_vae: bool | None, where: str) -> None:
         """One-line errors when --flux-type / --tiny-vae/--full-vae ask for another model than
         the one `where` holds (compile, verify and run all check this way)."""
-        from fluxc.errors import FluxcError
-
         if flux_type is not None and flux_type != self.flux_type:
             raise FluxcError(f"--flux-type {flux_type} does not match {where}: it is FLUX.1-{self.flux_type}, "
                              f"not {flux_type}; use --flux-type {self.flux_type} or export the {flux_type} model")

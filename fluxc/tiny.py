@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fluxc.errors import FluxcError
+from fluxc.tokenizers_offline import write_tokenizers
 
 FLUX_TYPES = ("schnell", "dev")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -521,8 +522,6 @@ def _build_into(tmp: Path, flux_type: str, seed: int, cfg: dict, progress: Progr
     import transformers
     from diffusers import AutoencoderKL, AutoencoderTiny, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
-    from fluxc.tokenizers_offline import write_tokenizers
 
     dtype = cfg["dtype"]
     sizes: dict[str, int] = {}

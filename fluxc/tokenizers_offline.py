@@ -13,10 +13,16 @@ Nothing is downloaded. Heavy imports stay inside functions.
 """
 from __future__ import annotations
 
+import io
 import itertools
+import json
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
+
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as pb
 
 CLIP_MAX_LENGTH = 77
 T5_MAX_LENGTH = 512
@@ -199,10 +205,6 @@ def make_clip_tokenizer(vocab: dict[str, int] | None = None, merges: list[str] |
 def train_t5_spm(out_file: Path, lines: list[str] | None = None, vocab_size: int = T5_VOCAB_SIZE) -> Path:
     """Train a sentencepiece unigram model into out_file (deterministic: one thread, no
     sampling or shuffling, and trained from memory so no file path ends up in the model)."""
-    import io
-
-    import sentencepiece as spm
-
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines if lines is not None else corpus_lines()),
@@ -233,7 +235,6 @@ def train_t5_spm(out_file: Path, lines: list[str] | None = None, vocab_size: int
 def make_t5_tokenizer(spm_model: Path):
     """transformers' T5 tokenizer (tokenizers-backed) built from a sentencepiece model file:
     the model's pieces and scores, its normalizer charsmap, then 100 sentinels."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
     from transformers import T5TokenizerFast
 
     proto = pb.ModelProto()
@@ -253,10 +254,6 @@ def make_t5_tokenizer(spm_model: Path):
 
 def write_tokenizers(clip_dir: Path, t5_dir: Path, work: Path) -> tuple[int, int]:
     """Write both tokenizer folders; returns (clip vocab size, t5 vocab size)."""
-    import shutil
-
-    import json
-
     vocab, merges = learn_clip_bpe(corpus_lines())
     clip = make_clip_tokenizer(vocab=vocab, merges=merges)
     clip.save_pretrained(str(clip_dir))

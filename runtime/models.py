@@ -10,17 +10,18 @@ record BM1684X/fluxc_build.json (fluxc/build_record.py). The file names follow s
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fluxc.build_record import RECOMPILE, load_record
 from fluxc.errors import FluxcError
 from fluxc.runtime.backends import open_engine
 from fluxc.runtime.engine import Engine
 from fluxc.runtime.onnx_engine import OnnxEngine
+from fluxc.specs import piece_specs
 
 QUANTIZE = ("W4BF16", "BF16")
 BACKENDS = ("cmodel", "onnx", "sail")
@@ -29,8 +30,6 @@ BACKENDS = ("cmodel", "onnx", "sail")
 def read_build(chip_dir: Path, dims=None, quantize: str | None = None, check_files: bool = True):
     """The build record of chip_dir (fluxc/build_record.py), checked against the export's
     dims and the quantisation asked for. One-line FluxcError otherwise."""
-    from fluxc.build_record import RECOMPILE, load_record
-
     try:
         rec = load_record(Path(chip_dir), check_files=check_files)
     except FluxcError as e:
@@ -61,8 +60,6 @@ def bmodel_files(chip_dir: Path, flux_type: str | None = None, quantize: str | N
                  tiny_vae: bool | None = None) -> dict[str, list[Path]]:
     """family -> the build's files, in device order, from its record (no globbing); for callers
     of the former helper of the same name (runtime/device_memory.py)."""
-    from fluxc.build_record import RECOMPILE
-
     rec = read_build(Path(chip_dir), None, quantize, check_files=False)
     if (flux_type and flux_type != rec.flux_type) or (tiny_vae is not None and bool(tiny_vae) != rec.tiny_vae):
         raise FluxcError(f"{rec.path} is a {rec.flux_type} build{' (tiny VAE)' if rec.tiny_vae else ''}, not "
@@ -72,8 +69,6 @@ def bmodel_files(chip_dir: Path, flux_type: str | None = None, quantize: str | N
 
 
 def _piece_specs(dims):
-    from fluxc.specs import piece_specs
-
     return piece_specs(dims)
 
 

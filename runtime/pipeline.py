@@ -15,8 +15,10 @@ from typing import Callable
 import numpy as np
 
 from fluxc.errors import FluxcError
-from fluxc.runtime.scheduler import FlowMatchEulerScheduler
+from fluxc.fsutil import atomic_path
 from fluxc.runtime.prompt_tokens import PromptTokenizer
+from fluxc.runtime.sail_flux import output_name
+from fluxc.runtime.scheduler import FlowMatchEulerScheduler
 from fluxc.specs import DEFAULT_STEPS
 
 DEFAULT_PROMPT = "A cat holding a sign that says hello world"
@@ -60,8 +62,6 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 def save_png(img: np.ndarray, path: Path) -> None:
     from PIL import Image
-
-    from fluxc.fsutil import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -115,8 +115,6 @@ class FluxPipeline:
     # One piece: outputs in the spec's order, by name (or the name plus the suffix TPU-MLIR
     # may add, e.g. noise_pred_Add_f32); never by position.
     def run(self, piece: str, **inputs: np.ndarray) -> list[np.ndarray]:
-        from fluxc.runtime.sail_flux import output_name
-
         spec = self.specs[piece]
         feed = {t.name: np.ascontiguousarray(inputs[t.name], dtype=t.dtype) for t in spec.inputs}
         out = self.m.process(spec.net_name, feed)

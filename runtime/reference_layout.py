@@ -43,14 +43,20 @@ they run a fluxc build.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from fluxc.build_record import placement
 from fluxc.errors import FluxcError
+from fluxc.runtime.backends import open_engine
 from fluxc.runtime.engine import Engine, NetInfo, TensorInfo
+from fluxc.runtime.models import ModelSet
+from fluxc.specs import FluxDims, PieceSpec, TensorSpec, piece_specs
+from fluxc.tiny import SCHEDULER_CONFIGS
 
 FLUX_TYPES = ("dev", "schnell")
 CLIP_FILE = "clip.bmodel"
@@ -171,7 +177,6 @@ def plan_download(models: Path, chip: str = "BM1684X", flux_type: str | None = N
         tiny_vae = vae_present[0] if len(vae_present) == 1 else q == "W4BF16"
     n_dev = BF16_DEVICES if q == "BF16" else 1
     # placement: the reference's (CLIP and VAE on device 0, T5 on the last, transformer part i on i)
-    from fluxc.build_record import placement
 
     files = [("clip", cd / CLIP_FILE, placement("clip", 0, n_dev)), ("t5", cd / T5_FILE, placement("t5", 0, n_dev))]
     files += [("transformer", cd / f, placement("transformer", i, n_dev)) for i, f in enumerate(transformer_files(t, q))]
@@ -210,8 +215,6 @@ def _count(nets: dict[str, NetInfo], prefix: str) -> int:
 
 def _vocab_size(folder: Path) -> int:
     """Tokenizer vocabulary size (only sizes the sample inputs of a spec; run does not use it)."""
-    import json
-
     for name in ("tokenizer.json", "vocab.json"):
         p = folder / name
         if p.is_file():
@@ -229,8 +232,6 @@ def dims_from_nets(nets: dict[str, NetInfo], flux_type: str, tiny_vae: bool, tok
                    tokenizer_2: Path | None = None):
     """FluxDims of a build from its nets' shapes (nets by the reference's net names; inputs in
     the reference's order). One-line FluxcError when a net the runtime opens is missing."""
-    from fluxc.specs import FluxDims
-
     w = "the bmodels"
     p = flux_type
     ch = _net(nets, "clip_head", w)
@@ -290,8 +291,6 @@ def adopt_specs(nets: dict[str, NetInfo], dims, files: dict[str, str] | None = N
     """fluxc's piece specs for DIMS with every dtype taken from the net, and the positional
     binding of each net. Checks every net the pipeline runs against the spec, position by
     position (count, shape; dtype: token ids float32 or int32, everything else float32)."""
-    from fluxc.specs import PieceSpec, TensorSpec, piece_specs
-
     files = files or {}
     specs, binds = [], {}
     for s in piece_specs(dims):
@@ -402,8 +401,6 @@ def pick_rotary(tables: list[tuple[Path, np.ndarray]], shape: tuple[int, ...]) -
 
 def scheduler_config(flux_type: str) -> dict:
     """The published FLUX.1 scheduler config of a flux type (= the reference runtime's SCHEDULE_CONFIG)."""
-    from fluxc.tiny import SCHEDULER_CONFIGS
-
     return dict(SCHEDULER_CONFIGS[flux_type])
 
 
@@ -446,9 +443,6 @@ def open_download(plan: DownloadPlan, backend: str, devices: list[int] | None = 
                   runtime_chip: str = "BM1684X"):
     """Open a download's bmodels on BACKEND and adopt them: (ModelSet whose engines present
     fluxc's piece names, AdoptedManifest). Nothing runs; engines are closed on any error."""
-    from fluxc.runtime.backends import open_engine
-    from fluxc.runtime.models import ModelSet
-
     if backend == "onnx":
         raise FluxcError(f"{plan.models} is a sophon-demo download (bmodels only); use --backend cmodel, "
                          "sail-sim or sail")

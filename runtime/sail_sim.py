@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from fluxc.errors import FluxcError
+from fluxc.runtime.cmodel_client import _live_workers, new_worker
+from fluxc.toolchain import run_tool
 
 
 class SailSimError(FluxcError):
@@ -130,7 +132,8 @@ def get_available_tpu_num() -> int:
 
 
 def memory_limit_bytes() -> int:
-    from fluxc.runtime.device_memory import BUDGET_MB, MB
+    from fluxc.runtime.device_memory import (  # deferred: device_memory reaches this module (models -> backends -> sail_engine)
+        BUDGET_MB, MB)
 
     mb = _config.get("memory_mb")
     if mb is None:
@@ -343,8 +346,7 @@ class Tensor:
 def _model_memory(path: Path) -> dict:
     """weight / instruct / runtime bytes of a bmodel, from `model_tool --info` (what
     bmruntime allocates when it loads the file)."""
-    from fluxc.runtime.device_memory import bmodel_memory_from_info
-    from fluxc.toolchain import run_tool
+    from fluxc.runtime.device_memory import bmodel_memory_from_info  # deferred: the same cycle
 
     with tempfile.TemporaryDirectory(prefix="fluxc-sailsim-info-") as td:
         log = Path(td) / "info.log"
@@ -356,8 +358,6 @@ class EngineLLM:
     """One bmodel on one simulated chip (sail.EngineLLM's calls fluxc uses)."""
 
     def __init__(self, bmodel_path: str, dev_ids: list[int]):
-        from fluxc.runtime.cmodel_client import new_worker
-
         if len(dev_ids) != 1:
             raise SailSimError("the sail stand-in runs a bmodel on exactly one chip; give one device id")
         self.path = Path(bmodel_path)
@@ -383,8 +383,6 @@ class EngineLLM:
         self.last_forward_s = 0.0
 
     def close(self) -> None:
-        from fluxc.runtime.cmodel_client import _live_workers
-
         if getattr(self, "_loaded", False):
             with _lock:
                 self._chip.model_bytes -= self.memory["total"]

@@ -49,3 +49,17 @@ def test_run_takes_the_folder_a_command_wrote(backend, folder, compiled_schnell_
     got = _run(ws / folder, backend, tmp_path / "result.png")
     assert want.std() > 1.0
     assert np.array_equal(got, want)
+
+
+def test_verify_takes_the_bmodel_folder(compiled_schnell_w4, tmp_path):
+    """`fluxc verify --models Y` with Y the bmodel folder: the export is the one its record names,
+    and the record, structure and memory checks pass (per-piece numerics limited to one piece)."""
+    import json
+
+    ws = Path(compiled_schnell_w4)
+    report = tmp_path / "report.json"
+    r = invoke(["verify", "--models", str(ws / "BM1684X"), "--report", str(report), "--no-e2e", "--pieces", "clip_head"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    rep = json.loads(report.read_text())
+    assert Path(rep["info"]["export"]).resolve() == (ws / "onnx").resolve()
+    assert rep["checks"] and all(c["ok"] for c in rep["checks"])

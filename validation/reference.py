@@ -24,6 +24,9 @@ from typing import Any, Callable
 import numpy as np
 
 from fluxc.errors import FluxcError
+from fluxc.export.checkpoint import construct_model
+from fluxc.export.loading import build_on_meta, materialize, release
+from fluxc.export.source import WeightStore, read_json
 from fluxc.machine import mem_available
 from fluxc.specs import piece_name
 
@@ -146,10 +149,6 @@ class ReferenceModels:
 
     def _streamed(self, component: str, folder: Path):
         """Meta model; the non-block tensors loaded now, each block's on its own call."""
-        from fluxc.export.checkpoint import construct_model
-        from fluxc.export.loading import build_on_meta, materialize, release
-        from fluxc.export.source import WeightStore, read_json
-
         self.say(f"reference: streaming {component} from {folder} one block at a time")
         cfg = read_json(folder / "config.json", f"{component} config")
         model = build_on_meta(lambda: construct_model(component, cfg, folder))

@@ -7,6 +7,10 @@ from typing import Optional
 
 import typer
 
+from fluxc import workspace
+from fluxc.compile.pipeline import CompileOptions, run_compile
+from fluxc.errors import FluxcError
+
 BUILD_DIR_ENV = "FLUXC_BUILD_DIR"
 
 
@@ -45,10 +49,6 @@ def compile(
 
     Example for the BM1688 (models/BM1688/): fluxc compile --quantize W4BF16 --chip bm1688
     """
-    from fluxc import workspace
-    from fluxc.compile.pipeline import CompileOptions, run_compile
-    from fluxc.errors import FluxcError
-
     if flux_type is not None and flux_type not in ("dev", "schnell"):
         raise FluxcError(f"unknown flux type {flux_type!r}; use --flux-type dev or schnell")
     ws = workspace.models_dir(models)

@@ -6,6 +6,11 @@ from typing import Optional
 
 import typer
 
+from fluxc.errors import FluxcError
+from fluxc.export.dims import parse_resolution
+from fluxc.export.driver import ExportOptions, run_export
+from fluxc.export.lora import parse_lora_arg
+
 
 def export(
     model: Optional[str] = typer.Argument(
@@ -41,12 +46,6 @@ def export(
 
     Example with two sizes: fluxc export ./FLUX.1-schnell --resolution 1024x1024 --resolution 1344x768
     """
-    from fluxc.export.driver import ExportOptions, run_export
-    from fluxc.export.lora import parse_lora_arg
-
-    from fluxc.errors import FluxcError
-    from fluxc.export.dims import parse_resolution
-
     loras = [parse_lora_arg(x) for x in lora or []]  # a bad scale fails before any weight is read
     sizes = None
     if resolution:

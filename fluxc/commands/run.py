@@ -1,13 +1,29 @@
 """fluxc run: generate one image with the FLUX pipeline on the simulator, ONNX Runtime or a chip."""
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fluxc import workspace
+from fluxc.compile.chips import get_chip
 from fluxc.errors import FluxcError
+from fluxc.export.manifest import load_manifest
+from fluxc.fsutil import atomic_path
+from fluxc.runtime import sail_sim
+from fluxc.runtime.device_memory import MB
+from fluxc.runtime.models import BACKENDS, open_bmodels, open_onnx, read_build
+from fluxc.runtime.pipeline import DEFAULT_PROMPT, FluxPipeline, save_png
+from fluxc.runtime.prompt_tokens import TruncationWarning
+from fluxc.runtime.reference_layout import open_download
+from fluxc.runtime.sail_engine import check_devices, import_sail
+from fluxc.runtime.sail_flux import SailFlux
 from fluxc.specs import DEFAULT_STEPS
 
 
@@ -16,15 +32,9 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
                   height: int | None = None, width: int | None = None, export: Path | None = None,
                   say=None, chip: str = "bm1684x"):
     """(pipeline, model set, quantize used) for one workspace and backend. Shared by verify."""
-    from fluxc import workspace
-    from fluxc.export.manifest import load_manifest
-    from fluxc.runtime.models import BACKENDS, open_bmodels, open_onnx, read_build
-    from fluxc.runtime.pipeline import FluxPipeline
-
     backends = tuple(BACKENDS) + tuple(b for b in SAIL_BACKENDS if b not in BACKENDS)
     if backend not in backends:
         raise FluxcError(f"unknown --backend {backend!r}; use one of {', '.join(backends)}")
-    from fluxc.compile.chips import get_chip
 
     c = get_chip(chip)  # models/<CHIP>/ on that chip's simulator (issue 11: BM1688)
     models = Path(models)
@@ -93,9 +103,6 @@ SAIL_BACKENDS = ("sail", "sail-sim")
 def _open_download(plan, backend: str, devices, height, width, say, runtime_chip: str):
     """A sophon-demo download's bmodels, adopted (runtime/reference_layout.py): nets, sizes and
     dtypes from the files, run by the same pipeline / sail runtime as a fluxc build."""
-    from fluxc.runtime.pipeline import FluxPipeline
-    from fluxc.runtime.reference_layout import open_download
-
     if backend in SAIL_BACKENDS:
         from fluxc.runtime.sail_engine import check_devices, import_sail
 
@@ -123,11 +130,6 @@ def _open_download(plan, backend: str, devices, height, width, say, runtime_chip
 def _open_sail(chip_dir: Path, backend: str, man, quantize, devices, say):
     """Check the device ids, open the build's bmodels through sail (or the stand-in) and lay
     out the device tensors (runtime/sail_flux.py). Nothing runs unless all of it fits."""
-    from fluxc.runtime.models import open_bmodels, read_build
-    from fluxc.runtime.pipeline import FluxPipeline
-    from fluxc.runtime.sail_engine import check_devices, import_sail
-    from fluxc.runtime.sail_flux import SailFlux
-
     d = man.dims
     sail = import_sail(backend)
     # What was built comes from the build record only (fluxc/build_record.py).
@@ -151,8 +153,6 @@ def device_memory_lines(backend: str) -> list[str]:
     """What the sail stand-in measured per chip (peak of models + tensors)."""
     if backend != "sail-sim":
         return []
-    from fluxc.runtime import sail_sim
-    from fluxc.runtime.device_memory import MB
 
     return [f"device {c.dev_id}: {c.peak_bytes / MB:.1f} MB peak (models {c.model_bytes / MB:.1f} MB, "
             f"{c.allocations} tensors {c.tensor_bytes / MB:.2f} MB; host->device {c.h2d_bytes / MB:.2f} MB, "
@@ -202,17 +202,6 @@ def run(
     Example (sophon-demo's download as it is: models/BM1684X/*.bmodel, ids_emb.pt, tokenizer/,
     tokenizer_2/): fluxc run --models sophon-demo/sample/FLUX.1/models --quantize W4BF16 --flux-type schnell
     """
-    import time
-
-    import numpy as np
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from fluxc import workspace
-    from fluxc.fsutil import atomic_path
-    from fluxc.runtime.pipeline import DEFAULT_PROMPT, save_png
-    from fluxc.runtime.prompt_tokens import TruncationWarning
-
     con = Console(stderr=True)
     m = workspace.models_dir(models)
     if steps is not None and steps < 1:

@@ -6,6 +6,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
+
+from fluxc.tiny import build_tiny, preset_overrides
 
 
 def tiny(
@@ -34,10 +37,6 @@ def tiny(
 
     Example: fluxc tiny /data/FLUX.1-dev --preset full --flux-type dev
     """
-    from rich.console import Console
-
-    from fluxc.tiny import build_tiny, preset_overrides
-
     overrides = preset_overrides(preset)
     if dtype is not None:
         overrides["dtype"] = dtype

@@ -2,10 +2,19 @@
 the chip simulator against the original model (diffusers/transformers on the source checkpoint)."""
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from fluxc import workspace
+from fluxc.errors import FluxcError
+from fluxc.fsutil import write_json_atomic
+from fluxc.validation.verify import DEFAULT_BUDGET_MB, verify_workspace
 
 
 def verify(
@@ -27,16 +36,6 @@ def verify(
 
     Example: fluxc verify --models models --steps 2 --report verify.json
     """
-    from rich.console import Console
-    from rich.table import Table
-
-    from fluxc import workspace
-    from fluxc.errors import FluxcError
-    from fluxc.fsutil import write_json_atomic
-    from fluxc.validation.verify import DEFAULT_BUDGET_MB, verify_workspace
-
-    import sys
-
     con = Console() if sys.stdout.isatty() else Console(width=150)
     m = workspace.models_dir(models)
     budget = DEFAULT_BUDGET_MB if memory_budget_mb is None else memory_budget_mb
@@ -44,7 +43,6 @@ def verify(
         raise FluxcError(f"--reference {reference!r}: use auto or onnx")
     if steps is not None and steps < 1:
         raise FluxcError("--steps must be at least 1")
-    import time
 
     t0 = time.perf_counter()
 

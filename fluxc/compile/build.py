@@ -30,8 +30,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
+from fluxc.compile import rebind
 from fluxc.compile.chips import chip_mhz
-from fluxc.compile.parse import deploy_similarities, f32_ops_from_inputs, parse_info, parse_profile_ms, transform_similarity
+from fluxc.compile.parse import (Similarity, deploy_similarities, f32_ops_from_inputs, parse_info, parse_profile_ms,
+                                 transform_similarity)
 from fluxc.compile.recipe import PiecePlan, deploy_args, transform_args
 from fluxc.compile.tools import Tools
 from fluxc.errors import FluxcError
@@ -75,8 +79,6 @@ class PieceResult:
 
 def _transform_similarity(folder: Path):
     """ONNX Runtime vs top MLIR: model_transform's own figure, or ours for a rebound piece."""
-    from fluxc.compile.parse import Similarity
-
     own = folder / "transform_check.json"
     if own.is_file():
         return Similarity(**json.loads(own.read_text()))
@@ -142,8 +144,6 @@ def _transform(spec: PieceSpec, onnx: Path, plan: PiecePlan, tools: Tools, check
     """The piece's top MLIR and weights in <folder>/work: rebound from the template of its graph
     when there is one (fluxc.compile.rebind), else by model_transform (and the result becomes
     the template). Returns "rebound" or "transformed"."""
-    from fluxc.compile import rebind
-
     io = {"inputs": [t.to_dict() for t in spec.inputs], "outputs": [t.to_dict() for t in spec.outputs]}
     try:
         gkey = rebind.graph_key(onnx, io, transform_args(spec, plan), toolchain)
@@ -172,10 +172,7 @@ def _check_rebound(spec: PieceSpec, onnx: Path, tools: Tools, folder: Path, samp
     """What model_transform checks, for a rebound piece: the top MLIR run by TPU-MLIR's own
     interpreter (all tensors, the reference model_deploy compares against) against the ONNX
     piece in ONNX Runtime, output by output."""
-    import numpy as np
     import onnxruntime as ort
-
-    from fluxc.compile.parse import Similarity
 
     name = spec.net_name
     work = folder / "work"

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fluxc.errors import FluxcError
-from fluxc.specs import FluxDims, PieceSpec
+from fluxc.export.manifest import load_manifest
+from fluxc.specs import FluxDims, PieceSpec, piece_specs
 
 
 @dataclass
@@ -47,8 +48,6 @@ class SizeIn:
 def read_export(folder: Path, flux_type: str | None, tiny_vae: bool | None) -> ExportIn:
     """Read <folder>/manifest.json (format of docs/DESIGN.md) and check that every piece
     file is there and that the export is of the flux type / VAE asked for."""
-    from fluxc.export.manifest import load_manifest
-
     folder = Path(folder).resolve()  # tools run in their own folders: absolute paths only
     m = load_manifest(folder)  # FluxcError if missing / incomplete / malformed / files missing
     dims = m.dims
@@ -60,7 +59,6 @@ def read_export(folder: Path, flux_type: str | None, tiny_vae: bool | None) -> E
         onnx_bytes = m.path(s.name).stat().st_size if m.path(s.name).is_file() else 0
         pieces.append(ExportPiece(s, m.path(s.name), sha, 4 * int(e.get("weight_numel", 0)) + onnx_bytes))
     dims.check_asked(flux_type, tiny_vae, f"the export in {folder}")
-    from fluxc.specs import piece_specs
 
     expected = [s.name for s in piece_specs(dims)]
     got = [p.spec.name for p in pieces]
@@ -89,8 +87,6 @@ def read_export(folder: Path, flux_type: str | None, tiny_vae: bool | None) -> E
 
 
 def _probes(folder: Path, m) -> list[ExportPiece]:
-    from fluxc.specs import PieceSpec
-
     out = []
     for e in (m.probe or {}).get("pieces", []):
         spec = PieceSpec.from_dict(e)

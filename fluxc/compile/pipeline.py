@@ -11,6 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fluxc.build_record import placement, write_record
 from fluxc.compile import tools as toolmod
 from fluxc.compile.build import PieceResult, compile_piece
 from fluxc.compile.chips import chip_record, get_chip
@@ -22,6 +27,7 @@ from fluxc.compile.tools import Tools
 from fluxc.errors import FluxcError
 from fluxc.fsutil import write_json_atomic
 from fluxc.machine import cores, mem_available
+from fluxc.runtime.device_memory import BUDGET_MB, per_chip_memory
 
 REPORT_FORMAT = 1
 MAX_DEVICES = 8
@@ -88,8 +94,6 @@ class _Progress:
     plain lines when the output is not a terminal."""
 
     def __init__(self, total: int, console) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         self.console = console
         self.running: list[str] = []
         self.lock = threading.Lock()
@@ -132,8 +136,6 @@ def _piece_line(r: PieceResult, label: str | None = None) -> str:
 
 
 def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
-    from rich.console import Console
-
     console = console or Console(stderr=False)
     t0 = time.monotonic()
     quantize = normalize_quantize(opts.quantize)
@@ -335,7 +337,6 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     report["device_memory"] = _device_memory(exp, combined, split_info["devices"] if split_info else 1, chip)
     write_json_atomic(out_dir / "compile_report.json", report)
     # Last: the build record run and verify read (fluxc/build_record.py).
-    from fluxc.build_record import write_record
     write_record(out_dir, exp=exp, recipe=recipe, chip=chip, toolchain=toolchain, quantize=quantize,
                  check=opts.check, combined=combined, results=results, split_info=split_info,
                  extra_results=extra_results)
@@ -352,9 +353,6 @@ def _device_memory(exp: ExportIn, combined: list[CombinedResult], n_dev: int, ch
     figures (weight + instructions + runtime) plus the I/O tensors the runtime allocates (one
     per role and chip, runtime/sail_flux.io_plan): the same figure the sail stand-in measures
     and `fluxc verify` checks against the board."""
-    from fluxc.build_record import placement
-    from fluxc.runtime.device_memory import BUDGET_MB, per_chip_memory
-
     family = {p.spec.name: p.spec.family for p in exp.pieces}
     seen: dict[str, int] = {}
     files = []
@@ -374,8 +372,6 @@ def _device_memory(exp: ExportIn, combined: list[CombinedResult], n_dev: int, ch
 def _print_summary(console, report: dict[str, Any], combined: list[CombinedResult], out_dir: Path) -> None:
     """What a user needs at the end: files and their size, device memory per chip against the
     board, estimated time per step, and what was checked."""
-    from rich.table import Table
-
     t = Table(title=f"{len(combined)} bmodel file(s) in {out_dir}")
     for col in ("file", "nets", "size on disk MB"):
         t.add_column(col)
@@ -491,8 +487,6 @@ def _estimate(exp: ExportIn, results: dict[str, PieceResult]) -> dict[str, Any]:
 
 
 def _print_split(console, split: dict[str, Any]) -> None:
-    from rich.table import Table
-
     t = Table(title=f"BF16 transformer over {split['devices']} device(s)")
     for col in ("device", "pieces", "weight MB", "runtime MB", "total MB", "model_tool MB"):
         t.add_column(col)

@@ -26,13 +26,18 @@ after a W4BF16 one runs no model_transform at all.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fluxc.errors import FluxcError
+from fluxc.export.onnx_io import external_params
+from fluxc.export.weights import read_ref_f32
 from fluxc.fsutil import COMPLETE, read_complete_json, sha256_json, write_json_atomic, write_text_atomic
 
 FORMAT = 1
@@ -44,11 +49,7 @@ def weight_npz_name(net: str) -> str:
 
 def graph_key(onnx_path: Path, io: dict, transform_args: list[str], toolchain: str) -> str:
     """Content key of a piece's graph without its weights (references into weights/ blanked)."""
-    import hashlib
-
     import onnx
-
-    from fluxc.export.onnx_io import external_params
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     for t in external_params(model).values():
@@ -101,8 +102,6 @@ def load_template(folder: Path) -> Template | None:
 def _graph_parts(onnx_path: Path):
     import onnx
 
-    from fluxc.export.onnx_io import external_params
-
     model = onnx.load(str(onnx_path), load_external_data=False)
     params = external_params(model)  # param name -> external TensorProto (stored dtype)
     stored = {t.name for t in params.values()}
@@ -141,8 +140,6 @@ def _resolve(key: str, names: set[str]) -> tuple[str, str] | None:
 
 def read_params(onnx_path: Path, names) -> dict[str, Any]:
     """Float32 values of the piece's checkpoint tensors (read straight from weights/)."""
-    from fluxc.export.weights import read_ref_f32
-
     _, params, _, _ = _graph_parts(onnx_path)
     base = Path(onnx_path).parent
     out = {}
@@ -211,8 +208,6 @@ _LAYOUTS = ("id", "T", "reshape", "T+reshape")
 
 
 def _layout(v, layout: str, shape):
-    import numpy as np
-
     if layout == "id":
         return v
     if layout == "T":
@@ -223,8 +218,6 @@ def _layout(v, layout: str, shape):
 
 
 def _find_layout(v, want) -> str | None:
-    import numpy as np
-
     for lay in _LAYOUTS:
         if lay == "id" and v.shape != want.shape:
             continue
@@ -245,7 +238,6 @@ def _find_layout(v, want) -> str | None:
 def make_template(folder: Path, net: str, work: Path, onnx_path: Path) -> Template:
     """Keep a real transform's MLIR and weights as the template of its graph, with the mapping
     (or the reason there is none). Written under a temporary name, renamed into place."""
-    import numpy as np
     import onnx
 
     folder = Path(folder)
@@ -313,8 +305,6 @@ def make_template(folder: Path, net: str, work: Path, onnx_path: Path) -> Templa
 
 def apply(t: Template, net: str, work: Path, onnx_path: Path) -> None:
     """Write <work>/<net>.mlir and its weight npz for this piece from the template."""
-    import numpy as np
-
     if not t.rebindable:
         raise FluxcError(f"template {t.folder} cannot be rebound: {t.reason}")
     text = t.mlir.read_text()

@@ -6,6 +6,7 @@ import threading
 from pathlib import Path
 
 from fluxc.errors import ToolError
+from fluxc.toolchain import require_toolchain, run_tool, toolchain_version
 
 
 class Tools:
@@ -14,8 +15,6 @@ class Tools:
         self.runs: list[str] = []  # "tool piece" per invocation, in start order
 
     def run(self, tool: str, args: list[str], cwd: Path, log: Path, what: str = "") -> None:
-        from fluxc.toolchain import run_tool
-
         with self._lock:
             self.runs.append(f"{tool} {what}".strip())
         Path(cwd).mkdir(parents=True, exist_ok=True)
@@ -34,12 +33,8 @@ class Tools:
 
 
 def require() -> None:
-    from fluxc.toolchain import require_toolchain
-
     require_toolchain()
 
 
 def version() -> str:
-    from fluxc.toolchain import toolchain_version
-
     return str(toolchain_version())

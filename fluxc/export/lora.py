@@ -23,7 +23,10 @@ tensor; one fused tensor (float32) is in memory at a time.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import struct
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from fluxc.errors import FluxcError
+from fluxc.export.loading import _ckpt_key
+from fluxc.export.source import WeightStore, _read_header
+from fluxc.export.weights import WEIGHTS_DIR
+from fluxc.fsutil import atomic_path, sha256_file, sha256_json
 
 # diffusers' key prefix -> fluxc component (FluxPipeline loads LoRAs into these two only)
 COMPONENTS = {"transformer": "transformer", "text_encoder": "text_encoder"}
@@ -168,8 +175,6 @@ def _load_one(arg: LoraArg, models: dict[str, Any], tmpdir: Path, index: int) ->
     import torch
     from safetensors.torch import save_file
 
-    from fluxc.fsutil import sha256_file
-
     path = arg.path
     _check_safetensors(path)
     sd, alphas, meta = _read_diffusers(path)
@@ -244,8 +249,6 @@ class LoraSet:
 
     def _plan(self, component: str, store) -> dict[str, list[tuple[_Lora, _Module, str]]]:
         """Checkpoint tensor -> the LoRA updates to add to it ("weight" or "bias")."""
-        from fluxc.export.loading import _ckpt_key
-
         plan: dict[str, list[tuple[_Lora, _Module, str]]] = {}
         for lo in self.loras:
             for name, m in sorted(lo.modules.get(component, {}).items()):
@@ -264,10 +267,6 @@ class LoraSet:
         The file name hashes the LoRAs (sha256, scale), this code and the base tensors, so a
         piece's content key (which covers its tensors' files) changes exactly when a LoRA
         touching it changes, and a rerun reuses the file."""
-        from fluxc.export.source import WeightStore, _read_header
-        from fluxc.export.weights import WEIGHTS_DIR
-        from fluxc.fsutil import sha256_json
-
         res = {}
         for comp in sorted({c for lo in self.loras for c, m in lo.modules.items() if m}):
             store = stores[comp]
@@ -291,13 +290,8 @@ _TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 def _write_fused(path: Path, store, plan: dict[str, list[tuple[_Lora, _Module, str]]], component: str) -> None:
     """A safetensors file of W + sum(scale * scaling * B @ A) for every planned tensor, in the
     stored dtype, written tensor by tensor (header first: the sizes are known)."""
-    import json
-    import struct
-
     import torch
     from safetensors import safe_open
-
-    from fluxc.fsutil import atomic_path
 
     keys = sorted(plan)
     header: dict[str, Any] = {}
@@ -334,8 +328,6 @@ def _write_fused(path: Path, store, plan: dict[str, list[tuple[_Lora, _Module, s
 
 
 def _code_hash() -> str:
-    import hashlib
-
     return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 

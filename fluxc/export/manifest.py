@@ -18,6 +18,7 @@ one of its sizes (dims, specs, piece files, rotary table), what run and compile 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,8 +63,6 @@ class Manifest:
     def at(self, height: int, width: int) -> "Manifest":
         """The export at one of its sizes: its dims, the specs and files of every piece at that size
         (the size's own pieces, the shared ones from the top level) and its rotary table."""
-        import dataclasses
-
         if (height, width) == (self.dims.height, self.dims.width):
             return self
         if (height, width) not in self.sizes:

@@ -15,11 +15,14 @@ Files land under temporary names and are renamed into place only once checked.
 """
 from __future__ import annotations
 
+import gc
 import os
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fluxc.errors import FluxcError
 from fluxc.specs import PieceSpec
@@ -45,7 +48,6 @@ def _elem_type_name(elem_type: int) -> str:
 
 
 def _initializer_bytes(model) -> int:
-    import numpy as np
     import onnx
 
     total = 0
@@ -136,7 +138,6 @@ def _write_with_weights(model, params: dict, names: list[str], path: Path, data_
     the weightless ModelProto followed by one `graph { initializer { ... } }` chunk per tensor,
     which onnx.load reads as a single graph. External (data_name given): raw bytes go to
     `data_name` next to `path`, the ModelProto carries external_data references."""
-    import numpy as np
     import onnx
     from onnx import numpy_helper
 
@@ -289,9 +290,6 @@ def export_piece(module, spec: PieceSpec, out_dir: Path, *, release=None, weight
     tensor being written; shape inference and the structural check run on the weightless
     graph, the final file is checked again by path. `weight_refs` (initializer name -> WeightRef)
     makes those initializers references into the checkpoint instead of copies."""
-    import gc
-
-    import numpy as np
     import onnx
 
     out_dir = Path(out_dir)

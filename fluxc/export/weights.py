@@ -20,6 +20,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from fluxc.errors import FluxcError
 
 WEIGHTS_DIR = "weights"
@@ -127,8 +129,6 @@ def refs_sha256(out: Path, refs: dict[str, WeightRef]) -> str:
 
 def read_ref_f32(base: Path, location: str, offset: int, length: int, elem_type: int, shape) -> "np.ndarray":
     """An external-data tensor as float32 (bf16/f16 widened exactly)."""
-    import numpy as np
-
     with open(Path(base) / location, "rb") as f:
         f.seek(offset)
         raw = f.read(length)

@@ -1,5 +1,5 @@
 """Figures of agreement between two arrays (numpy only): cosine, relative error, max abs
-error, PSNR. Their one home: the export's ONNX-vs-torch check (fluxc/export/parity.py), the
+error, PSNR. Their one home: the tests' ONNX-vs-torch check (tests/parity.py), the
 compiler's own figures (fluxc/compile/parse.py) and verification (fluxc.validation.metrics
 builds its hard-to-fool `compare` on them) all use these.
 """

@@ -161,7 +161,7 @@ def test_sharded_checkpoint_exports_the_same_onnx(hub_export, export_schnell_tin
     import numpy as np
 
     from fluxc.export.manifest import load_manifest
-    from fluxc.export.parity import run_onnx
+    from tests.parity import run_onnx
 
     res, out, _ = hub_export
     assert res.returncode == 0, res.stderr[-3000:]

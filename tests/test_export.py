@@ -46,13 +46,13 @@ def models_of(m) -> dict:
 
 
 def sessions(m) -> dict:
-    from fluxc.export.parity import ort_session
+    from tests.parity import ort_session
 
     return {s.name: ort_session(m.path(s.name)) for s in m.specs}
 
 
 def run(m, sess, name, **inputs):
-    from fluxc.export.parity import run_onnx
+    from tests.parity import run_onnx
 
     return run_onnx(sess[name], m.spec(name), inputs)
 
@@ -131,7 +131,7 @@ def test_manifest_contract(exported):
 
 # ----------------------------------------------------------------------------- per-piece parity
 def test_every_piece_matches_its_torch_module(exported):
-    from fluxc.export.parity import compare_piece
+    from tests.parity import compare_piece
     from fluxc.export.pieces import build_piece_module
     from fluxc.patches import Patcher
 
@@ -350,7 +350,7 @@ def test_large_pieces_use_external_data(tiny_model_dir_for_export, tmp_path, mon
 
     from fluxc.export import onnx_io
     from fluxc.export.dims import build_dims
-    from fluxc.export.parity import compare_piece
+    from tests.parity import compare_piece
     from fluxc.export.pieces import build_piece_module
     from fluxc.export.source import read_json
     from fluxc.specs import piece_specs

@@ -1,4 +1,4 @@
-"""ONNX Runtime vs torch, piece by piece: the export's own numerical check.
+"""ONNX Runtime vs torch, piece by piece: the tests' numerical check of every exported piece.
 
 `run_onnx(path, spec, inputs)` runs one exported piece; `compare_piece` feeds the same
 `PieceSpec.sample_inputs` to the torch module and to ONNX Runtime and reports, per output,

@@ -45,6 +45,13 @@ def compile_into(ws: Path, build_dir: Path, args: list[str]) -> dict:
 
 @pytest.fixture(scope="session")
 def compile_build_dir(tmp_path_factory) -> Path:
+    """The session's compile cache. FLUXC_TEST_BUILD_CACHE names a folder kept across sessions
+    (a developer's reruns skip the compiler for unchanged pieces); CI leaves it unset, so every
+    CI run compiles from nothing."""
+    keep = os.environ.get("FLUXC_TEST_BUILD_CACHE")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        return Path(keep)
     return tmp_path_factory.mktemp("compile_build")
 
 

@@ -10,6 +10,7 @@ import typer
 from fluxc.commands import compile as compile_cmd
 from fluxc.commands import export as export_cmd
 from fluxc.commands import run as run_cmd
+from fluxc.commands import serve as serve_cmd
 from fluxc.commands import tiny as tiny_cmd
 from fluxc.commands import toolchain as toolchain_cmd
 from fluxc.commands import verify as verify_cmd
@@ -30,6 +31,7 @@ def _register() -> None:
     app.command("compile")(compile_cmd.compile)
     app.command("verify")(verify_cmd.verify)
     app.command("run")(run_cmd.run)
+    app.command("serve")(serve_cmd.serve)
     app.command("tiny")(tiny_cmd.tiny)
     app.add_typer(toolchain_cmd.app, name="toolchain")
 

@@ -60,12 +60,21 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (x * 255).round().astype(np.uint8)
 
 
-def save_png(img: np.ndarray, path: Path) -> None:
+def png_bytes(img: np.ndarray) -> bytes:
+    """The PNG file of an HxWx3 uint8 image: `fluxc run --out` and `fluxc serve` write these bytes."""
+    import io
+
     from PIL import Image
 
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_png(img: np.ndarray, path: Path) -> None:
     path = Path(path)
     with atomic_path(path) as tmp:
-        Image.fromarray(img).save(tmp, format="PNG")
+        Path(tmp).write_bytes(png_bytes(img))
 
 
 @dataclass

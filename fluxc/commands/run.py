@@ -172,25 +172,51 @@ def parse_devices(text: str | None) -> list[int] | None:
     return ids
 
 
+# The options that open a pipeline, shared by `fluxc run` and `fluxc serve` (fluxc/commands/serve.py).
+MODELS_OPTION = typer.Option(None, "--models", help="Workspace, export folder (fluxc export --out), bmodel "
+                             "folder (fluxc compile --out) or a sophon-demo FLUX.1 download's models/ "
+                             "folder (default: FLUXC_MODELS or ./models).")
+BACKEND_OPTION = typer.Option("cmodel", "--backend", help="cmodel (chip simulator), onnx (float reference), sail (chip) "
+                              "or sail-sim (the sail runtime on a stand-in over the chip simulator).")
+QUANTIZE_OPTION = typer.Option(None, "--quantize", help="Transformer quantisation: BF16 or W4BF16 (default: what is compiled).")
+FLUX_TYPE_OPTION = typer.Option(None, "--flux-type", help="dev or schnell (checked against the export).")
+TINY_VAE_OPTION = typer.Option(None, "--tiny-vae/--full-vae", help="Check which VAE the export holds.")
+DEVICES_OPTION = typer.Option(None, "--devices", help='Chip ids for the sail backend, e.g. "0,1,2" or "0 1 2".')
+CHIP_OPTION = typer.Option("bm1684x", "--chip", help="bm1684x or bm1688: which models/<CHIP>/ folder and simulator.")
+
+
+def describe_build(pipe, ms, q: str, backend: str, load_s: float) -> list[str]:
+    """What was opened, in words: files, backend, flux type, quantisation, size, load time, the
+    download it came from, the LoRAs fused at export (`fluxc run` prints it; `fluxc serve` shows it)."""
+    d = pipe.dims
+    lines = [f"loaded {len(ms.engines)} model file(s) on {backend} ({d.flux_type}, {q}, "
+             f"{d.width}x{d.height}) in {load_s:.2f} s"]
+    describe = getattr(pipe.manifest, "describe", None)  # an adopted sophon-demo download
+    if describe:
+        lines.append(describe())
+    if pipe.manifest.options.get("lora"):  # fused at export (fluxc.export.lora)
+        from fluxc.export.lora import describe as describe_lora
+
+        lines.append(f"LoRA fused at export: {describe_lora(pipe.manifest.options['lora'])}")
+    return lines
+
+
 def run(
-    models: Optional[Path] = typer.Option(None, "--models", help="Workspace, export folder (fluxc export --out), bmodel "
-                                          "folder (fluxc compile --out) or a sophon-demo FLUX.1 download's models/ "
-                                          "folder (default: FLUXC_MODELS or ./models)."),
+    models: Optional[Path] = MODELS_OPTION,
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt (CLIP and, unless --prompt-2, T5)."),
     prompt_2: Optional[str] = typer.Option(None, "--prompt-2", help="Separate prompt for T5."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps (default 4 schnell, 28 dev)."),
     guidance: float = typer.Option(3.5, "--guidance", help="Guidance scale (dev only)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the initial noise (torch CPU generator, as diffusers)."),
-    backend: str = typer.Option("cmodel", "--backend", help="cmodel (chip simulator), onnx (float reference), sail (chip) "
-                                "or sail-sim (the sail runtime on a stand-in over the chip simulator)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="Transformer quantisation: BF16 or W4BF16 (default: what is compiled)."),
-    flux_type: Optional[str] = typer.Option(None, "--flux-type", help="dev or schnell (checked against the export)."),
-    tiny_vae: Optional[bool] = typer.Option(None, "--tiny-vae/--full-vae", help="Check which VAE the export holds."),
-    devices: Optional[str] = typer.Option(None, "--devices", help='Chip ids for the sail backend, e.g. "0,1,2" or "0 1 2".'),
+    backend: str = BACKEND_OPTION,
+    quantize: Optional[str] = QUANTIZE_OPTION,
+    flux_type: Optional[str] = FLUX_TYPE_OPTION,
+    tiny_vae: Optional[bool] = TINY_VAE_OPTION,
+    devices: Optional[str] = DEVICES_OPTION,
     height: Optional[int] = typer.Option(None, "--height", help="Image height: one of the build's sizes (default: its first)."),
     width: Optional[int] = typer.Option(None, "--width", help="Image width: one of the build's sizes (default: its first)."),
     out: Path = typer.Option(Path("result.png"), "--out", help="Output PNG (written atomically)."),
-    chip: str = typer.Option("bm1684x", "--chip", help="bm1684x or bm1688: which models/<CHIP>/ folder and simulator."),
+    chip: str = CHIP_OPTION,
     save_latents: Optional[Path] = typer.Option(None, "--save-latents", help="Also save the final packed latents (.npy)."),
 ) -> None:
     """Generate one image with the compiled (or exported) FLUX.1 pieces.
@@ -212,15 +238,8 @@ def run(
                                     height, width, chip=chip)
     load_s = time.perf_counter() - t0
     d = pipe.dims
-    con.print(f"loaded {len(ms.engines)} model file(s) on {backend} ({d.flux_type}, {q}, "
-              f"{d.width}x{d.height}) in {load_s:.2f} s")
-    describe = getattr(pipe.manifest, "describe", None)  # an adopted sophon-demo download
-    if describe:
-        con.print(describe())
-    if pipe.manifest.options.get("lora"):  # fused at export (fluxc.export.lora)
-        from fluxc.export.lora import describe
-
-        con.print(f"LoRA fused at export: {describe(pipe.manifest.options['lora'])}")
+    for line in describe_build(pipe, ms, q, backend, load_s):
+        con.print(line)
     n_steps = steps or DEFAULT_STEPS[d.flux_type]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncationWarning)

@@ -1,0 +1,153 @@
+"""The HTTP API of `fluxc serve` (FastAPI), with the Gradio page mounted at / (fluxc/serve/page.py).
+
+GET    /health                     {"status": "loading" | "ready" | "failed" | "stopped", "queue": n}
+GET    /v1/models                  the build: flux type, quantisation, chip, backend, sizes, LoRAs, load time
+POST   /v1/images/generations      OpenAI's images API: waits, then {"created", "data": [{"b64_json", "seed"}]}
+POST   /v1/images/jobs             the same request as a job: 202 {"id", "status": "queued", "position"}
+GET    /v1/images/jobs/{id}        queued (position) | generating (image, step of steps) | completed (data)
+                                   | failed (error) | cancelled
+DELETE /v1/images/jobs/{id}        cancel it (a running job stops at its next step)
+
+Errors are OpenAI-shaped: {"error": {"message", "type", "param", "code"}}: 400 for a bad field (named
+in `param` and the message), 401 without the API key (when one is set), 404 for an unknown job,
+429 when the queue is full, 503 while loading or shutting down, 500 when the pipeline failed.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from fluxc.serve.jobs import NotReady, QueueFull, Worker
+from fluxc.serve.request import MAX_BODY, BadRequest, parse_json, parse_request
+
+
+def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+          headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
+                        status_code=status, headers=headers)
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refused past MAX_BODY bytes without reading it all."""
+    try:
+        declared = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        declared = 0
+    if declared > MAX_BODY:
+        raise BadRequest("body", f"{declared} bytes is over the {MAX_BODY}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise BadRequest("body", f"over the {MAX_BODY}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(worker: Worker, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="fluxc serve", docs_url=None, redoc_url=None, openapi_url=None)
+    want = f"Bearer {api_key}".encode() if api_key else None
+
+    def denied(request: Request) -> JSONResponse | None:
+        if want is None:
+            return None
+        got = request.headers.get("authorization", "").encode()
+        if hmac.compare_digest(got, want):
+            return None
+        return error(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'",
+                     "authorization", "authentication_error", {"WWW-Authenticate": "Bearer"})
+
+    def not_ready() -> JSONResponse:
+        if worker.status == "loading":
+            return error(503, "the model is still loading; poll GET /health until it says ready", None,
+                         "server_error", {"Retry-After": "5"})
+        return error(503, f"the model is {worker.status}" + (f": {worker.error}" if worker.error else ""),
+                     None, "server_error")
+
+    async def submit(request: Request):
+        if (resp := denied(request)) is not None:
+            return None, resp
+        try:
+            doc = parse_json(await read_body(request))
+            if worker.status != "ready":
+                return None, not_ready()
+            m = worker.model
+            req = parse_request(doc, m.sizes, m.default_steps)
+        except BadRequest as e:
+            return None, error(400, e.message, e.param)
+        try:
+            return worker.submit(req), None
+        except QueueFull as e:
+            return None, error(429, str(e), None, "rate_limit_error", {"Retry-After": "10"})
+        except NotReady:
+            return None, not_ready()
+
+    @app.get("/health")
+    async def health():
+        d = {"status": worker.status, "queue": worker.queue_length()}
+        if worker.error and worker.status == "failed":
+            d["error"] = worker.error
+        return d
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        if (resp := denied(request)) is not None:
+            return resp
+        m = worker.model
+        if m is None:
+            return {"object": "list", "data": [], "status": worker.status}
+        info = m.info()
+        info["step_s"] = round(worker.last_step_s, 4) if worker.last_step_s else None
+        mid = f"flux.1-{info['flux_type']}-{info['quantize'].lower()}"
+        return {"object": "list", "status": worker.status,
+                "data": [{"id": mid, "object": "model", "created": int(time.time()), "owned_by": "fluxc", **info}]}
+
+    @app.post("/v1/images/generations")
+    async def generations(request: Request):
+        job, resp = await submit(request)
+        if resp is not None:
+            return resp
+        while not job.done.is_set():
+            await asyncio.sleep(0.05)
+            if not job.done.is_set() and await request.is_disconnected():
+                worker.cancel(job, "the client went away")
+                return error(499, "the client went away", None, "server_error")
+        if job.status == "completed":
+            return {"created": job.created, "data": job.data()}
+        if job.status == "failed":
+            return error(500, job.error or "the pipeline failed", None, "server_error")
+        return error(503, f"cancelled: {job.error}", None, "server_error")
+
+    @app.post("/v1/images/jobs", status_code=202)
+    async def create_job(request: Request):
+        job, resp = await submit(request)
+        if resp is not None:
+            return resp
+        return JSONResponse(worker.state(job), status_code=202)
+
+    def find(request: Request, job_id: str):
+        if (resp := denied(request)) is not None:
+            return None, resp
+        job = worker.get(job_id)
+        if job is None:
+            return None, error(404, f"no job {job_id!r} (finished jobs are kept for a while, then forgotten)", "id")
+        return job, None
+
+    @app.get("/v1/images/jobs/{job_id}")
+    async def get_job(request: Request, job_id: str):
+        job, resp = find(request, job_id)
+        return resp if resp is not None else worker.state(job)
+
+    @app.delete("/v1/images/jobs/{job_id}")
+    async def cancel_job(request: Request, job_id: str):
+        job, resp = find(request, job_id)
+        if resp is not None:
+            return resp
+        worker.cancel(job)
+        return worker.state(job)
+
+    return app

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from fluxc.errors import FluxcError
 from fluxc.commands.run import SAIL_BACKENDS, describe_build, device_memory_lines, open_pipeline
 from fluxc.runtime.models import open_onnx
 from fluxc.runtime.pipeline import FluxPipeline
@@ -62,9 +63,15 @@ class ServedModel:
 
     def close(self) -> None:
         """Free the device: the device-resident tensors, every engine (the simulator's worker processes end)."""
+        errors = []
         rt = getattr(self.ms, "device_resident", None)
-        if rt is not None:
-            rt.close()
-        for ms in self._extra_sets:
-            ms.close()
-        self.ms.close()
+        closers = ([rt.close] if rt is not None else []) + [ms.close for ms in self._extra_sets]
+        # every engine on its own: one that fails (a crashed simulator) does not keep the others open
+        closers += [e.close for e in self.ms.engines]
+        for close in closers:
+            try:
+                close()
+            except Exception as e:  # noqa: BLE001 - reported after the rest is closed
+                errors.append(f"{type(e).__name__}: {e}")
+        if errors:
+            raise FluxcError(f"closing the model: {'; '.join(errors)}")

@@ -1,0 +1,395 @@
+"""`fluxc serve` as users meet it: the real command in a subprocess on the suite's tiny builds
+(onnx on the export fixture, sail-sim on the compiled W4BF16 build), driven over HTTP and in
+Debian's headless Chromium. Images are checked bit for bit against `fluxc run --out`.
+
+One server per backend for the module (loading is the expensive part); the SIGTERM test is
+last and ends the sail-sim server itself.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.fixtures_runtime import RUNTIME_PROMPT, RUNTIME_SEED, RUNTIME_STEPS
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = "128x128"  # the export fixture's size (fixtures_export.py)
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1280,900"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`fluxc serve` in a subprocess, its output in a log file."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None, api_key: str | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self.api_key = api_key
+        full = dict(os.environ, COLUMNS="160", **(env or {}))
+        self.out = open(log, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fluxc.cli", "serve", "--port", str(self.port), *args],
+                                     cwd=REPO, env=full, stdout=self.out, stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def request(self, method: str, path: str, body=None, raw: bytes | None = None, key: str | None | bool = True,
+                timeout: float = 600) -> tuple[int, dict]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        k = self.api_key if key is True else key
+        if k:
+            req.add_header("Authorization", f"Bearer {k}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def wait_ready(self, timeout: float = 900) -> None:
+        t0 = time.time()
+        seen = set()
+        while time.time() - t0 < timeout:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"fluxc serve exited {self.proc.returncode}:\n{self.text()[-3000:]}")
+            try:
+                code, doc = self.request("GET", "/health", timeout=5)
+                seen.add(doc.get("status"))
+                if doc.get("status") == "ready":
+                    self.statuses = seen
+                    return
+            except (urllib.error.URLError, ConnectionError, socket.timeout):
+                pass
+            time.sleep(0.2)
+        raise AssertionError(f"fluxc serve not ready in {timeout} s:\n{self.text()[-3000:]}")
+
+    def generate(self, **fields) -> tuple[int, dict]:
+        return self.request("POST", "/v1/images/generations", fields)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.out.close()
+        return self.proc.returncode
+
+
+def png_of(doc: dict, k: int = 0) -> bytes:
+    return base64.b64decode(doc["data"][k]["b64_json"])
+
+
+def pixels(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.array(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def run_png(res: dict) -> bytes:
+    """The PNG file `fluxc run --out` wrote for a fixtures_runtime result (its path is the last line)."""
+    path = next(Path(m) for m in reversed(re.findall(r"(\S+result\.png)", res["output"])))
+    return path.read_bytes()
+
+
+REQ = dict(prompt=RUNTIME_PROMPT, seed=RUNTIME_SEED, steps=RUNTIME_STEPS, size=SIZE, response_format="b64_json")
+
+
+@pytest.fixture(scope="module")
+def onnx_server(onnx_workspace_schnell, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve_onnx") / "serve.log"
+    # the API key from the environment (FLUXC_API_KEY), as a deployment would set it
+    s = Server(["--models", str(onnx_workspace_schnell), "--backend", "onnx", "--queue-size", "4"], log,
+               env={"FLUXC_API_KEY": "test-key-1"}, api_key="test-key-1")
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def sail_server(compiled_schnell_w4, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve_sail") / "serve.log"
+    s = Server(["--models", str(compiled_schnell_w4), "--backend", "sail-sim", "--queue-size", "2"], log)
+    s.wait_ready()
+    yield s
+    s.stop()
+
+
+# ---------------- onnx ----------------
+
+def test_onnx_start_health_models_and_bit_identical(onnx_server, onnx_run):
+    s = onnx_server
+    out = s.text()
+    assert "on 127.0.0.1 only" in out and "loading models (onnx)" in out
+    assert "ready" in s.statuses
+    code, doc = s.request("GET", "/v1/models")
+    assert code == 200, doc
+    m = doc["data"][0]
+    assert (m["flux_type"], m["backend"], m["sizes"], m["default_steps"]) == ("schnell", "onnx", [SIZE], 4)
+    code, doc = s.generate(**REQ)
+    assert code == 200, doc
+    assert doc["data"][0]["seed"] == RUNTIME_SEED and isinstance(doc["created"], int)
+    ref = onnx_run("schnell")
+    assert np.array_equal(pixels(png_of(doc)), ref["image"])
+    assert png_of(doc) == run_png(ref)  # the same PNG file as fluxc run --out
+
+
+def test_onnx_three_clients_and_seed_plus_k(onnx_server):
+    s = onnx_server
+    asks = [dict(REQ, prompt=p, seed=sd) for p, sd in
+            (("a red fox in the snow", 1), ("a lighthouse at night", 2), ("a bowl of ramen", 3))]
+    alone = []
+    for a in asks:
+        code, doc = s.generate(**a)
+        assert code == 200, doc
+        alone.append(png_of(doc))
+    assert len(set(alone)) == 3  # different prompts and seeds give different images
+    results: list = [None] * 3
+
+    def client(i):
+        results[i] = s.generate(**asks[i])
+
+    ts = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    for i, (code, doc) in enumerate(results):
+        assert code == 200, doc
+        assert png_of(doc) == alone[i], f"client {i} got another image than alone"
+    # n=2: image k uses seed + k
+    code, doc = s.generate(**dict(asks[0], n=2))
+    assert code == 200, doc
+    assert [d["seed"] for d in doc["data"]] == [1, 2]
+    assert png_of(doc, 0) == alone[0]
+    code, doc1 = s.generate(**dict(asks[0], seed=2))
+    assert png_of(doc, 1) == png_of(doc1)
+
+
+BAD = [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"n": 1}, "prompt"),
+    ({"prompt": "x", "steps": 0}, "steps"),
+    ({"prompt": "x", "steps": 101}, "steps"),
+    ({"prompt": "x", "size": "1024x1024"}, "size"),
+    ({"prompt": "x", "n": 5}, "n"),
+    ({"prompt": "x", "response_format": "url"}, "response_format"),
+]
+
+
+def test_onnx_bad_input_400_then_healthy(onnx_server):
+    s = onnx_server
+    for body, field in BAD:
+        code, doc = s.request("POST", "/v1/images/generations", body)
+        assert code == 400, (body, doc)
+        assert doc["error"]["param"] == field and field in doc["error"]["message"], (body, doc)
+    code, doc = s.request("POST", "/v1/images/generations", {"prompt": "x", "size": "64x64"})
+    assert SIZE in doc["error"]["message"]  # the sizes the build has are listed
+    code, doc = s.request("POST", "/v1/images/generations", raw=b'{"prompt": "x", ')
+    assert code == 400 and doc["error"]["param"] == "body" and "JSON" in doc["error"]["message"]
+    code, doc = s.request("POST", "/v1/images/generations", raw=json.dumps({"prompt": "x" * (1 << 20)}).encode())
+    assert code == 400 and doc["error"]["param"] == "body" and "limit" in doc["error"]["message"]
+    code, doc = s.request("POST", "/v1/images/jobs", {"prompt": "x", "steps": 500})
+    assert code == 400 and doc["error"]["param"] == "steps"
+    assert s.request("GET", "/health") == (200, {"status": "ready", "queue": 0})
+    code, doc = s.generate(**dict(REQ, steps=1))
+    assert code == 200, doc
+
+
+def test_onnx_api_key(onnx_server):
+    s = onnx_server
+    for key in (None, "wrong"):
+        code, doc = s.request("POST", "/v1/images/generations", REQ, key=key)
+        assert code == 401 and doc["error"]["type"] == "authentication_error", doc
+        assert s.request("GET", "/v1/models", key=key)[0] == 401
+        assert s.request("GET", "/v1/images/jobs/job-x", key=key)[0] == 401
+    assert s.request("GET", "/health", key=None)[0] == 200  # health stays open for probes
+    assert s.request("GET", "/v1/models")[0] == 200
+
+
+def test_onnx_jobs(onnx_server):
+    s = onnx_server
+    code, job = s.request("POST", "/v1/images/jobs", REQ)
+    assert code == 202 and job["status"] in ("queued", "generating") and job["id"].startswith("job-"), job
+    t0 = time.time()
+    while job["status"] not in ("completed", "failed", "cancelled") and time.time() - t0 < 300:
+        time.sleep(0.1)
+        code, job = s.request("GET", f"/v1/images/jobs/{job['id']}")
+    assert job["status"] == "completed", job
+    code, direct = s.generate(**REQ)
+    assert base64.b64decode(job["data"][0]["b64_json"]) == png_of(direct)
+    assert s.request("GET", "/v1/images/jobs/job-nope")[0] == 404
+
+
+# ---------------- sail-sim (the board's runtime on the chip simulator) ----------------
+
+def wait_job(s: Server, job_id: str, until, timeout: float = 600) -> dict:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        code, st = s.request("GET", f"/v1/images/jobs/{job_id}")
+        assert code == 200, st
+        if until(st):
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} stuck: {st}")
+
+
+def test_sail_page_in_chromium(sail_server, bmodel_run, tmp_path):
+    """Type a prompt, set seed and steps, generate, wait, read the image the page shows: it equals
+    `fluxc run --backend sail-sim`'s, bit for bit."""
+    assert CHROMIUM.is_file() and CHROMEDRIVER.is_file(), (
+        "Debian's chromium and chromium-driver are missing: make setup installs them "
+        "(apt-get install -y chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for f in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
+        opts.add_argument(f)
+    drv = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    try:
+        drv.get(sail_server.url + "/")
+        wait = WebDriverWait(drv, 120)
+        wait.until(lambda d: "schnell" in d.find_element(By.ID, "build-info").text)
+        info = drv.find_element(By.ID, "build-info").text
+        assert "W4BF16" in info and "sail-sim" in info and "BM1684X" in info, info
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#size input").get_attribute("value") == SIZE)
+
+        def fill(css: str, value: str) -> None:
+            el = drv.find_element(By.CSS_SELECTOR, css)
+            el.send_keys(Keys.CONTROL, "a")
+            el.send_keys(Keys.BACKSPACE)
+            el.send_keys(value)
+            el.send_keys(Keys.TAB)
+
+        fill("#prompt textarea", RUNTIME_PROMPT)
+        fill("#seed input", str(RUNTIME_SEED))
+        fill("#steps input[type=number]", str(RUNTIME_STEPS))
+        drv.find_element(By.CSS_SELECTOR, "#generate").click()
+        seen = set()
+        t0 = time.time()
+        src = None
+        while time.time() - t0 < 600:
+            body = drv.find_element(By.TAG_NAME, "body").text
+            seen.update(re.findall(r"step \d of \d", body))
+            imgs = drv.find_elements(By.CSS_SELECTOR, "#image img")
+            if imgs and imgs[0].get_attribute("src"):
+                src = imgs[0].get_attribute("src")
+                break
+            time.sleep(0.1)
+        assert src, f"no image on the page: {drv.find_element(By.TAG_NAME, 'body').text[-500:]}"
+        assert seen & {f"step 1 of {RUNTIME_STEPS}", f"step {RUNTIME_STEPS} of {RUNTIME_STEPS}"}, seen
+        b64 = drv.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "fetch(arguments[0]).then(r => r.arrayBuffer()).then(b => {"
+            " let s = ''; const u = new Uint8Array(b); for (let i = 0; i < u.length; i++) s += String.fromCharCode(u[i]);"
+            " done(btoa(s)); }).catch(e => done('ERROR ' + e));", src)
+        assert not b64.startswith("ERROR"), b64
+        png = base64.b64decode(b64)
+        WebDriverWait(drv, 30).until(lambda d: "seed 42" in d.find_element(By.ID, "status").text)
+        shot = tmp_path / "serve_page.png"
+        drv.save_screenshot(str(shot))
+        if os.environ.get("FLUXC_UPDATE_DOCS"):  # the README's screenshot (docs/serve_page.png)
+            drv.save_screenshot(str(REPO / "docs" / "serve_page.png"))
+    finally:
+        drv.quit()
+    ref = bmodel_run("sail-sim", "W4BF16")
+    assert np.array_equal(pixels(png), ref["image"])
+    assert png == run_png(ref)
+
+
+def test_sail_api_queue_positions_429_cancel(sail_server, bmodel_run):
+    s = sail_server
+    ref = bmodel_run("sail-sim", "W4BF16")
+    code, first = s.request("POST", "/v1/images/jobs", REQ)
+    assert code == 202, first
+    wait_job(s, first["id"], lambda st: st["status"] == "generating")
+    q = [s.request("POST", "/v1/images/jobs", dict(REQ, seed=100 + i)) for i in range(2)]
+    assert [c for c, _ in q] == [202, 202]
+    assert [j["position"] for _, j in q] == [1, 2]  # arrival order
+    code, full = s.request("POST", "/v1/images/jobs", REQ)  # --queue-size 2
+    assert code == 429 and "queue is full" in full["error"]["message"], full
+    code, st = s.request("DELETE", f"/v1/images/jobs/{q[0][1]['id']}")
+    assert st["status"] == "cancelled"
+    code, st = s.request("GET", f"/v1/images/jobs/{q[1][1]['id']}")
+    assert st["status"] in ("queued", "generating") and st.get("position", 1) == 1, st
+    g = wait_job(s, first["id"], lambda st: st["status"] == "generating" or st["status"] == "completed")
+    assert g["status"] == "completed" or g["progress"]["steps"] == RUNTIME_STEPS
+    done = wait_job(s, first["id"], lambda st: st["status"] == "completed")
+    png = base64.b64decode(done["data"][0]["b64_json"])
+    assert png == run_png(ref)  # ran while others waited: still fluxc run's image
+    # the second job: cancelled while it runs, it stops at a step boundary
+    wait_job(s, q[1][1]["id"], lambda st: st["status"] == "generating")
+    s.request("DELETE", f"/v1/images/jobs/{q[1][1]['id']}")
+    st = wait_job(s, q[1][1]["id"], lambda st: st["status"] in ("cancelled", "completed"))
+    assert st["status"] == "cancelled", st
+    assert s.request("GET", "/health")[1]["status"] == "ready"
+
+
+def test_sail_pipeline_error_then_sigterm(sail_server):
+    """A simulator process dies under a job: that job fails with 500 and its message, the server
+    still answers. Then SIGTERM with a job running and one queued: the queued one is cancelled,
+    the server exits 0 and leaves no simulator process behind."""
+    import psutil
+
+    s = sail_server
+    me = psutil.Process(s.proc.pid)
+    kids = me.children(recursive=True)
+    assert kids, "sail-sim runs the chip simulator in worker processes"
+    victim = kids[-1]
+    code, job = s.request("POST", "/v1/images/jobs", REQ)
+    wait_job(s, job["id"], lambda st: st["status"] == "generating")
+    victim.kill()
+    st = wait_job(s, job["id"], lambda st: st["status"] in ("failed", "completed"))
+    assert st["status"] == "failed" and st["error"], st
+    code, doc = s.generate(**REQ)
+    assert code == 500 and doc["error"]["message"], doc
+    assert s.request("GET", "/health") == (200, {"status": "ready", "queue": 0})
+
+    # SIGTERM: one running, one queued
+    res = {}
+    t = threading.Thread(target=lambda: res.setdefault("r", s.generate(**REQ)))
+    t.start()
+    code, job2 = s.request("POST", "/v1/images/jobs", dict(REQ, seed=7))
+    assert code == 202
+    kids = [k for k in me.children(recursive=True) if k.is_running()]
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(120) == 0, s.text()[-2000:]
+    t.join(60)
+    assert res["r"][0] in (500, 503), res
+    out = s.text()
+    assert "SIGTERM" in out and "stopped: model closed" in out, out[-2000:]
+    alive = [k.pid for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"orphaned worker processes: {alive}"

@@ -1,6 +1,7 @@
 """fluxc serve: the pipeline opened once, a web page and an OpenAI-style images API on one port."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -123,6 +124,14 @@ def serve(
                 for sig, h in old.items():
                     signal.signal(sig, h)
 
+        async def shutdown(self, sockets=None) -> None:
+            # Answer the requests that wait on the running job (it stops at its next step boundary)
+            # before uvicorn closes the connections; then give the rest (the page's open streams) 3 s.
+            while worker.busy():
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.3)
+            await super().shutdown(sockets)
+
         def handle_exit(self, sig, frame) -> None:
             if not self.should_exit:
                 say(f"{signal.Signals(sig).name}: cancelling queued jobs, stopping the running one, closing the model")
@@ -130,7 +139,7 @@ def serve(
                 threading.Thread(target=worker.shutdown, daemon=True).start()
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3,
                             access_log=False)
     server = Server(config)
     server_box["server"] = server

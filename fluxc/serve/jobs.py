@@ -142,6 +142,10 @@ class Worker:
                 job.error = why
                 job.cancel_event.set()
 
+    def busy(self) -> bool:
+        """A job is running (shutdown waits for it to stop)."""
+        return self._running is not None
+
     def queue_length(self) -> int:
         with self._cv:
             return len(self._queue)

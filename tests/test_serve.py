@@ -219,7 +219,7 @@ def test_onnx_bad_input_400_then_healthy(onnx_server):
     assert code == 400 and doc["error"]["param"] == "body" and "limit" in doc["error"]["message"]
     code, doc = s.request("POST", "/v1/images/jobs", {"prompt": "x", "steps": 500})
     assert code == 400 and doc["error"]["param"] == "steps"
-    assert s.request("GET", "/health") == (200, {"status": "ready", "queue": 0})
+    assert s.request("GET", "/health") == (200, {"status": "ready", "queue": 0, "running": 0})
     code, doc = s.generate(**dict(REQ, steps=1))
     assert code == 200, doc
 
@@ -358,38 +358,57 @@ def test_sail_api_queue_positions_429_cancel(sail_server, bmodel_run):
     assert s.request("GET", "/health")[1]["status"] == "ready"
 
 
-def test_sail_pipeline_error_then_sigterm(sail_server):
-    """A simulator process dies under a job: that job fails with 500 and its message, the server
-    still answers. Then SIGTERM with a job running and one queued: the queued one is cancelled,
-    the server exits 0 and leaves no simulator process behind."""
+def test_sail_sigterm(sail_server):
+    """SIGTERM with one job running and one queued: the queued one is cancelled, the running one
+    stops at its next step, the server exits 0 and leaves no simulator process behind."""
     import psutil
 
     s = sail_server
-    me = psutil.Process(s.proc.pid)
-    kids = me.children(recursive=True)
+    kids = psutil.Process(s.proc.pid).children(recursive=True)
     assert kids, "sail-sim runs the chip simulator in worker processes"
-    victim = kids[-1]
-    code, job = s.request("POST", "/v1/images/jobs", REQ)
-    wait_job(s, job["id"], lambda st: st["status"] == "generating")
-    victim.kill()
-    st = wait_job(s, job["id"], lambda st: st["status"] in ("failed", "completed"))
-    assert st["status"] == "failed" and st["error"], st
-    code, doc = s.generate(**REQ)
-    assert code == 500 and doc["error"]["message"], doc
-    assert s.request("GET", "/health") == (200, {"status": "ready", "queue": 0})
-
-    # SIGTERM: one running, one queued
-    res = {}
-    t = threading.Thread(target=lambda: res.setdefault("r", s.generate(**REQ)))
-    t.start()
-    code, job2 = s.request("POST", "/v1/images/jobs", dict(REQ, seed=7))
-    assert code == 202
-    kids = [k for k in me.children(recursive=True) if k.is_running()]
+    res: dict = {}
+    # 8 steps: it is still running when SIGTERM comes (it stops at the next step boundary)
+    running = threading.Thread(target=lambda: res.setdefault("running", s.generate(**dict(REQ, steps=8))))
+    running.start()
+    t0 = time.time()
+    while s.request("GET", "/health")[1]["running"] == 0 and time.time() - t0 < 120:
+        time.sleep(0.05)
+    queued = threading.Thread(target=lambda: res.setdefault("queued", s.generate(**dict(REQ, seed=7))))
+    queued.start()
+    while s.request("GET", "/health")[1]["queue"] < 1 and time.time() - t0 < 120:
+        time.sleep(0.05)
     s.proc.send_signal(signal.SIGTERM)
-    assert s.proc.wait(120) == 0, s.text()[-2000:]
-    t.join(60)
-    assert res["r"][0] in (500, 503), res
+    assert s.proc.wait(300) == 0, s.text()[-2000:]
+    running.join(60)
+    queued.join(60)
+    assert res["queued"][0] == 503 and "shutting down" in res["queued"][1]["error"]["message"], res["queued"]
+    assert res["running"][0] == 503 and "shutting down" in res["running"][1]["error"]["message"], res["running"]
     out = s.text()
     assert "SIGTERM" in out and "stopped: model closed" in out, out[-2000:]
+    alive = [k.pid for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"orphaned worker processes: {alive}"
+
+
+def test_sail_pipeline_error(compiled_schnell_w4, tmp_path):
+    """A simulator process dies under a job: that job fails with 500 and its message, the server
+    still answers; SIGTERM then still exits 0 with no simulator process left."""
+    import psutil
+
+    s = Server(["--models", str(compiled_schnell_w4), "--backend", "sail-sim"], tmp_path / "serve.log")
+    try:
+        s.wait_ready()
+        kids = psutil.Process(s.proc.pid).children(recursive=True)
+        code, job = s.request("POST", "/v1/images/jobs", REQ)
+        wait_job(s, job["id"], lambda st: st["status"] == "generating")
+        kids[-1].kill()  # the last bmodel's simulator
+        st = wait_job(s, job["id"], lambda st: st["status"] in ("failed", "completed"))
+        assert st["status"] == "failed" and st["error"], st
+        code, doc = s.generate(**REQ)
+        assert code == 500 and doc["error"]["message"] and doc["error"]["type"] == "server_error", doc
+        assert s.request("GET", "/health") == (200, {"status": "ready", "queue": 0, "running": 0})
+        assert s.request("GET", "/v1/models")[0] == 200
+    finally:
+        rc = s.stop()
+    assert rc == 0, s.text()[-2000:]
     alive = [k.pid for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"orphaned worker processes: {alive}"

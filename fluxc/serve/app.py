@@ -1,6 +1,7 @@
 """The HTTP API of `fluxc serve` (FastAPI), with the Gradio page mounted at / (fluxc/serve/page.py).
 
-GET    /health                     {"status": "loading" | "ready" | "failed" | "stopped", "queue": n}
+GET    /health                     {"status": "loading" | "ready" | "failed" | "stopped", "queue": waiting
+                                   jobs, "running": 0 or 1}
 GET    /v1/models                  the build: flux type, quantisation, chip, backend, sizes, LoRAs, load time
 POST   /v1/images/generations      OpenAI's images API: waits, then {"created", "data": [{"b64_json", "seed"}]}
 POST   /v1/images/jobs             the same request as a job: 202 {"id", "status": "queued", "position"}
@@ -88,7 +89,7 @@ def create_app(worker: Worker, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        d = {"status": worker.status, "queue": worker.queue_length()}
+        d = {"status": worker.status, "queue": worker.queue_length(), "running": int(worker.busy())}
         if worker.error and worker.status == "failed":
             d["error"] = worker.error
         return d

@@ -412,3 +412,18 @@ def test_sail_pipeline_error(compiled_schnell_w4, tmp_path):
     assert rc == 0, s.text()[-2000:]
     alive = [k.pid for k in kids if k.is_running() and k.status() != psutil.STATUS_ZOMBIE]
     assert not alive, f"orphaned worker processes: {alive}"
+
+
+def test_start_error_host_warning_and_help(tmp_path):
+    """No model there: the server warns about a non-local --host, then stops at start with the
+    pipeline's one-line error and exit 2 (no traceback); --help has an example."""
+    s = Server(["--models", str(tmp_path / "nowhere"), "--backend", "onnx", "--host", "0.0.0.0"], tmp_path / "serve.log")
+    rc = s.proc.wait(300)
+    s.out.close()
+    out = s.text()
+    assert rc == 2, out
+    assert "warning: listening on 0.0.0.0" in out and "--api-key" in out, out
+    assert "error: models folder" in out and "does not exist" in out and "Traceback" not in out, out
+    r = subprocess.run([sys.executable, "-m", "fluxc.cli", "serve", "--help"], capture_output=True, text=True,
+                       cwd=REPO, env=dict(os.environ, COLUMNS="200"))
+    assert r.returncode == 0 and "Example: fluxc serve" in r.stdout and "curl" in r.stdout

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.fixtures_runtime import RUNTIME_PROMPT, RUNTIME_SEED, RUNTIME_STEPS
+from tests.fixtures_runtime import RUNTIME_PROMPT, RUNTIME_SEED, RUNTIME_STEPS, invoke
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = "128x128"  # the export fixture's size (fixtures_export.py)
@@ -424,6 +424,5 @@ def test_start_error_host_warning_and_help(tmp_path):
     assert rc == 2, out
     assert "warning: listening on 0.0.0.0" in out and "--api-key" in out, out
     assert "error: models folder" in out and "does not exist" in out and "Traceback" not in out, out
-    r = subprocess.run([sys.executable, "-m", "fluxc.cli", "serve", "--help"], capture_output=True, text=True,
-                       cwd=REPO, env=dict(os.environ, COLUMNS="200"))
-    assert r.returncode == 0 and "Example: fluxc serve" in r.stdout and "curl" in r.stdout
+    r = invoke(["serve", "--help"])
+    assert r.exit_code == 0 and "Example: fluxc serve" in r.output and "curl" in r.output, r.output

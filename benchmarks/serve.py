@@ -1,14 +1,14 @@
 """What `fluxc serve` adds over the bare pipeline, on the tiny build (128x128, tiny VAE).
 
-1. Bare pipeline: the model opened in this process exactly as the server opens it
-   (fluxc/serve/model.py), N images (steps S, seeds 0..N-1), mean seconds per image including
-   the PNG encoding the server also does.
-2. `fluxc serve` in a subprocess on the same folder and backend: N requests one after another
-   from one client (POST /v1/images/generations, b64_json), mean seconds per request; the ratio
-   server / bare is the added latency per request. Requests per minute with 1 client.
-3. 3 clients at once, N requests each: requests per minute (one chip: the queue serialises them,
-   so this shows the queue's overhead, not a speed-up).
-Every response is also checked against the bare pipeline's PNG for its seed (bit for bit).
+The model is opened in this process exactly as the server opens it (fluxc/serve/model.py), and
+`fluxc serve` runs in a subprocess on the same folder and backend. Then:
+1. N images in turn, bare (pipeline call + PNG encoding, as the server does) then through the
+   server (POST /v1/images/generations, b64_json, one client): the ratio of the medians is the
+   server's added latency per request. Taking them in turn lets the shared machine's load
+   drift over both alike.
+2. N requests from one client, then N from each of 3 clients at once: requests per minute (one
+   chip: the queue serialises them, so 3 clients show the queue's overhead, not a speed-up).
+Every response is checked against the bare pipeline's PNG for its seed (bit for bit).
 Simulator figures (cmodel, sail-sim) are relative only; the machine's load average is recorded.
 
 Usage: .venv/bin/python benchmarks/serve.py --models WS [--backend sail-sim --backend onnx] [--n 6] [--steps 2]
@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,16 +66,13 @@ def measure(models: Path, backend: str, n: int, steps: int) -> dict:
     m = ServedModel(models, backend)
     d = m.dims
     size = f"{d.width}x{d.height}"
-    bare, ref = [], {}
     pipe = m.pipeline(d.height, d.width)
-    pipe(PROMPT, None, steps, 3.5, 1000)  # warm-up, as the server's first request is not counted either
-    for seed in range(n):
+
+    def bare(seed: int) -> tuple[float, bytes]:
         t0 = time.perf_counter()
         res = pipe(PROMPT, None, steps, 3.5, seed)
-        ref[seed] = png_bytes(res.image)
-        bare.append(time.perf_counter() - t0)
-    load_s = m.load_s
-    m.close()
+        png = png_bytes(res.image)
+        return time.perf_counter() - t0, png
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,7 +94,9 @@ def measure(models: Path, backend: str, n: int, steps: int) -> dict:
                 raise SystemExit(f"fluxc serve exited {proc.returncode}; see {log.name}")
             time.sleep(0.2)
         body = dict(prompt=PROMPT, steps=steps, size=size, response_format="b64_json")
-        post(url, dict(body, seed=1000))  # warm-up
+        bare(1000)  # warm-up, both sides
+        post(url, dict(body, seed=1000))
+        ref: dict[int, bytes] = {}
         mismatches = 0
 
         def one(seed: int) -> float:
@@ -107,8 +107,15 @@ def measure(models: Path, backend: str, n: int, steps: int) -> dict:
             mismatches += base64.b64decode(doc["data"][0]["b64_json"]) != ref[seed]
             return dt
 
+        # bare and served in turn, so that the shared machine's load drifts over both alike
+        bare_t, single = [], []
+        for seed in range(n):
+            dt, ref[seed] = bare(seed)
+            bare_t.append(dt)
+            single.append(one(seed))
         t1 = time.perf_counter()
-        single = [one(seed) for seed in range(n)]
+        for seed in range(n):
+            one(seed)
         wall1 = time.perf_counter() - t1
 
         t3 = time.perf_counter()
@@ -120,16 +127,19 @@ def measure(models: Path, backend: str, n: int, steps: int) -> dict:
         wall3 = time.perf_counter() - t3
     finally:
         proc.send_signal(signal.SIGTERM)
-        rc = proc.wait(300)
+        rc = proc.wait(600)
         log.close()
+        load_s = m.load_s
+        m.close()
 
-    bare_s = sum(bare) / len(bare)
-    server_s = sum(single) / len(single)
+    bare_s = statistics.median(bare_t)
+    server_s = statistics.median(single)
     doc = {
         "size": "tiny", "what": f"tiny FLUX.1-schnell build ({size}, tiny VAE), {backend}, {steps} steps",
         "backend": backend, "width": d.width, "height": d.height, "steps": steps, "requests_per_client": n,
         "load_s": round(load_s, 3),
-        "bare_pipeline_s": round(bare_s, 4), "server_request_s": round(server_s, 4),
+        "bare_pipeline_s_median": round(bare_s, 4), "server_request_s_median": round(server_s, 4),
+        "bare_pipeline_s": [round(x, 4) for x in bare_t], "server_request_s": [round(x, 4) for x in single],
         "added_latency_ratio": round(server_s / bare_s, 4), "added_latency_s": round(server_s - bare_s, 4),
         "requests_per_min_1_client": round(n / wall1 * 60, 2),
         "requests_per_min_3_clients": round(3 * n / wall3 * 60, 2),

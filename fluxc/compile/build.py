@@ -34,6 +34,7 @@ import numpy as np
 
 from fluxc.compile import rebind
 from fluxc.compile.chips import chip_mhz
+from fluxc.compile.profile_breakdown import breakdown
 from fluxc.compile.parse import (Similarity, deploy_similarities, f32_ops_from_inputs, parse_info, parse_profile_ms,
                                  transform_similarity)
 from fluxc.compile.recipe import PiecePlan, deploy_args, transform_args
@@ -221,7 +222,7 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
         try:
             prev = json.loads(done_t.read_text())
             reuse_t = prev.get("key") == key and (prev.get("check") or not check) and (top.is_file() or not check) \
-                and (work / f"{name}_top_f32_all_weight.npz").is_file()
+                and ((work / rebind.weight_npz_name(name)).is_file() or prev.get("weights") is False)
         except (OSError, ValueError):
             reuse_t = False
     if not reuse_t:
@@ -237,7 +238,8 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
             np.savez(f, **samples)
         os.replace(inputs.with_suffix(".tmp.npz"), inputs)
         how = _transform(spec, Path(onnx).resolve(), plan, tools, check, folder, samples, toolchain)
-        write_json_atomic(done_t, {**marker_t, "how": how})
+        # a graph without tensors has no weight npz (rebind.make_template); a resumed build must not wait for one
+        write_json_atomic(done_t, {**marker_t, "how": how, "weights": (work / rebind.weight_npz_name(name)).is_file()})
 
     bmodel_tmp = work / f"{name}.bmodel"
     for stale in (bmodel_tmp, work / "compiler_profile_0.txt"):
@@ -288,6 +290,8 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
         "bmodel": final.name, "quantize": plan.quantize, "options": plan.options,
         "tolerance": list(plan.tolerance), "checked": check, "similarity": similarity or None,
         "estimate_ms": estimate,
+        # where the estimate goes, by op type and layer (fluxc/compile/profile_breakdown.py)
+        "breakdown": breakdown(work / "compiler_profile_0.txt", top_layers=10),
         "memory": {"device": info.device_mem, "weight": info.weight, "instruct": info.instruct,
                    "runtime": info.runtime},
         "info": info.to_dict(), "seconds": round(time.monotonic() - t0, 2),

@@ -17,8 +17,8 @@ Writes benchmarks/results/<name>.json.
 
 Memory and time on 2 cores: a single block at 4608 tokens peaks at ~8.3 GB in model_transform
 (~2.5 min), a double block at 14-17.6 GB (~10 min); run one at a time. The work folder keeps
-the logs, MLIR and profiles (the ONNX, weights and bmodels are deleted after use); a re-run
-reuses a finished transform or deploy found there.
+the logs, MLIR, profiles and the transform's weights (the ONNX and bmodels are deleted after
+use; --clean deletes the weights too); a re-run reuses a finished transform or deploy found there.
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def export_block(block: str, form: str, size: int, t5_len: int, wd: Path) -> str
     return shapes
 
 
-def measure(block: str, form: str, quantizes: list[str], size: int, t5_len: int, work: Path) -> dict:
+def measure(block: str, form: str, quantizes: list[str], size: int, t5_len: int, work: Path,
+            clean: bool = False) -> dict:
     wd = work / f"{block}_{form}_{size}_{t5_len}"
     wd.mkdir(parents=True, exist_ok=True)
     out: dict = {"block": block, "form": form, "tokens": t5_len + (size // 16) ** 2, "quantize": {}}
@@ -104,10 +105,35 @@ def measure(block: str, form: str, quantizes: list[str], size: int, t5_len: int,
               f"fattention in log: {out['quantize'][q]['fattention_in_log']}\n{table(b)}\n", flush=True)
     if (wd / "transform.done").is_file():
         out["transform_seconds"] = float((wd / "transform.done").read_text())
-    if not pending or all((wd / f"profile_{q}.txt").is_file() for q in quantizes):
+    if clean:  # the transform's weights (needed by a later deploy of another quantisation)
         for p in wd.glob("*.npz"):
             p.unlink()
     return out
+
+
+def render(doc: dict, rows: int = 8) -> str:
+    """Markdown for BENCHMARKS.md from a results file: one summary table, then the op types of
+    each block and quantisation."""
+    out = [f"Measured at commit {doc['commit']}, {doc['size']}x{doc['size']}, T5 {doc['t5_len']} "
+           f"({doc['runs'][0]['tokens']} tokens), bm1684x, TPU-MLIR cost model (1 cycle = 1 ns).", "",
+           "| block | attention form | quantize | estimate | implied TFLOPS | FAttention | TIU busy | GDMA busy | "
+           "DMA not hidden | idle |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["runs"]:
+        for q, m in r["quantize"].items():
+            b = m["breakdown"]
+            out.append(f"| {r['block']} | {r['form']} | {q} | {m['estimate_ms']:.1f} ms | {m['implied_tflops']} | "
+                       f"{'yes' if m['fattention_in_log'] else 'no'} | {100 * b['tiu_busy']:.0f}% | "
+                       f"{100 * b['gdma_busy']:.0f}% | {100 * b['gdma_only']:.0f}% | {100 * b['idle']:.0f}% |")
+    for r in doc["runs"]:
+        for q, m in r["quantize"].items():
+            b = m["breakdown"]
+            out += ["", f"{r['block']} block, {r['form']}, {q} ({m['estimate_ms']:.1f} ms): share of the block's "
+                    f"cycles by op type (GDMA: Load/Store attributed to the op they feed or drain)", "",
+                    "| op | layers | TIU | GDMA | GDMA MB |", "|---|---|---|---|---|"]
+            for t in b["by_type"][:rows]:
+                out.append(f"| {t['op']} | {t['layers']} | {100 * t['tiu']:.1f}% | {100 * t['gdma']:.1f}% | "
+                           f"{t['gdma_bytes'] / 1e6:.0f} |")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,15 +145,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--t5-len", type=int, default=512)
     ap.add_argument("--quantize", default="BF16,W4BF16")
     ap.add_argument("--forms", default="fattention,prescaled")
-    ap.add_argument("--work", type=Path, required=True, help="work folder (logs, MLIR, profiles kept)")
+    ap.add_argument("--work", type=Path, default=None, help="work folder (logs, MLIR, profiles kept); required "
+                    "unless --render")
     ap.add_argument("--name", default="block_breakdown", help="results file benchmarks/results/<name>.json")
+    ap.add_argument("--clean", action="store_true", help="delete the transform's weights when done (a later "
+                    "--quantize then transforms again)")
+    ap.add_argument("--render", action="store_true", help="print the results file as markdown and stop")
     a = ap.parse_args(argv)
     res_path = RESULTS / f"{a.name}.json"
+    if a.render:
+        print(render(json.loads(res_path.read_text())))
+        return
     old = json.loads(res_path.read_text()) if res_path.is_file() else {}
     runs = {f"{r['block']}/{r['form']}": r for r in old.get("runs", []) if r.get("tokens") == a.t5_len + (a.size // 16) ** 2}
+    if a.work is None:
+        ap.error("--work is required")
     for block in a.blocks.split(","):
         for form in a.forms.split(","):
-            r = measure(block, form, a.quantize.split(","), a.size, a.t5_len, a.work)
+            r = measure(block, form, a.quantize.split(","), a.size, a.t5_len, a.work, a.clean)
             prev = runs.get(f"{block}/{form}", {"quantize": {}})
             r["quantize"] = {**prev.get("quantize", {}), **r["quantize"]}
             runs[f"{block}/{form}"] = r

@@ -32,11 +32,12 @@ from pathlib import Path
 from full_width_block import full_width_block
 from results_file import write_results
 
-from fluxc.compile.parse import parse_profile_ms
+from fluxc.compile.parse import parse_info, parse_profile_ms
 from fluxc.compile.profile_breakdown import breakdown, table
 from fluxc.toolchain import run_tool
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MB = 1 << 20
 FATTENTION = re.compile(r"fattention.*success", re.IGNORECASE)
 
 
@@ -85,6 +86,7 @@ def measure(block: str, form: str, quantizes: list[str], size: int, t5_len: int,
                      cwd=wd, log=wd / f"deploy_{q}.log")
             shutil.copyfile(wd / "compiler_profile_0.txt", prof)
             (wd / f"deploy_{q}.seconds").write_text(f"{time.time() - t0:.0f}\n")
+            run_tool("model_tool", ["--info", f"b_{q}.bmodel"], cwd=wd, log=wd / f"info_{q}.log")
             (wd / f"b_{q}.bmodel").unlink(missing_ok=True)
             for p in wd.glob(f"b_bm1684x_{q.lower()}*"):
                 if p.is_file() and p.suffix in (".npz", ".mlir"):
@@ -93,7 +95,12 @@ def measure(block: str, form: str, quantizes: list[str], size: int, t5_len: int,
         b = breakdown(prof, top_layers=15)
         ms = parse_profile_ms(prof)
         flops = re.search(r"flops:\s*(\d+)", prof.read_text())
+        info = wd / f"info_{q}.log"
+        mem = parse_info(info.read_text(errors="replace")) if info.is_file() else None
         out["quantize"][q] = {
+            "device_memory_mb": None if mem is None else {
+                "total": round(mem.device_mem / MB, 1), "weight": round(mem.weight / MB, 1),
+                "runtime": round(mem.runtime / MB, 1)},
             "estimate_ms": ms, "flops": int(flops.group(1)) if flops else None,
             "implied_tflops": round(int(flops.group(1)) / (ms * 1e9), 2) if flops and ms else None,
             "fattention_in_log": bool(FATTENTION.search(log)),

@@ -8,17 +8,22 @@ TorchScript ONNX exporter and TPU-MLIR:
   in [B, S, H, D] as x * C + (x @ P) * S (P: constant pair swap; C, S taken from the table by
   two tiny constant MatMuls, shared by q and k): no stride-2 Slice of q/k, which TPU-MLIR's
   cost model showed to dominate a block (see rotary.apply_rotary_table).
-- attention as explicit MatMul + Softmax + MatMul, written as the exact chain TPU-MLIR
-  replaces with BM1684X's fused attention kernel (FAttention, MatMul2FAttentionPattern in
-  its OptimizeBM1684X.cpp): Permute(q), Permute(k) -> MatMul -> Mul by the constant scale
-  1/sqrt(D) AFTER the MatMul -> Softmax -> MatMul with Permute(v) -> Permute -> Reshape
-  (attention="fattention", the default; one transpose per operand: q, v [B,S,H,D]->[B,H,S,D],
-  k [B,S,H,D]->[B,H,D,S], the output back to [B,S,H,D]). Scaling q or k before the MatMul
-  breaks the match (torch's SDPA export does that). The deploy log says "fattention ...
-  success" when the kernel is used (BF16/F16, head dim <= 160).
-  attention="prescaled" is the former form (the scale folded into the q norm's weight, no Mul
-  on the [B, H, S, S] scores; no fused kernel) and "sdpa" goes through
-  F.scaled_dot_product_attention; both are kept for graph comparisons (benchmarks/graph_forms.py).
+- attention as explicit MatMul + Softmax + MatMul, with the softmax scale 1/sqrt(D) folded
+  into the q norm's weight (a constant multiply that constant-folds away: no Mul on the
+  [B, H, S, S] scores) and one transpose per operand (q, v [B,S,H,D]->[B,H,S,D];
+  k [B,S,H,D]->[B,H,D,S]; the output back to [B,S,H,D]): attention="prescaled", the default.
+  attention="fattention" writes the exact chain TPU-MLIR replaces with BM1684X's fused
+  attention kernel (FAttention, MatMul2FAttentionPattern in its OptimizeBM1684X.cpp):
+  Permute(q), Permute(k) -> MatMul -> Mul by the constant scale AFTER the MatMul -> Softmax
+  -> MatMul with Permute(v) -> Permute -> Reshape; the deploy log then says "fattention ...
+  success" (BF16/F16, head dim <= 160; scaling q or k before the MatMul, as the default and
+  torch's SDPA export do, breaks the match). It is not the default because TPU-MLIR's cost
+  model puts the fused kernel behind the unfused graph on a full-width single block at 4608
+  tokens: BF16 131.5 vs 128.4 ms, W4BF16 124.3 vs 120.2 ms (benchmarks/block_breakdown.py,
+  BENCHMARKS.md): the kernel's own compute (25 M cycles) exceeds the two layer-grouped
+  MatMuls plus Softmax it replaces. attention="sdpa" goes through
+  F.scaled_dot_product_attention (same estimate as the default). The alternatives are kept
+  for graph comparisons; all three equal diffusers' attention (tests/test_patches.py).
 - double stream: the text/image split of the attention output is a Slice on the sequence
   axis before the two output projections, like diffusers.
 
@@ -88,17 +93,17 @@ def attention_sdpa_bshd(q, k, v, scale: float = 1.0):
     return o.reshape(o.shape[0], o.shape[1], o.shape[2] * o.shape[3])
 
 
-ATTENTION_FORMS = ("fattention", "prescaled", "sdpa")
+ATTENTION_FORMS = ("prescaled", "fattention", "sdpa")
 
 
 class FluxAttnExportProcessor:
     """Drop-in processor for FluxAttention (set by patch_flux_attention).
 
-    attention="fattention" (default, see module docstring), "prescaled" or "sdpa";
+    attention="prescaled" (default, see module docstring), "fattention" or "sdpa";
     rotary="matmul" (default, see rotary.apply_rotary_table) or "slices" (the direct form).
     The alternatives are kept for graph comparisons."""
 
-    def __init__(self, attention: str = "fattention", rotary: str = "matmul"):
+    def __init__(self, attention: str = "prescaled", rotary: str = "matmul"):
         if attention not in ATTENTION_FORMS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_FORMS)}, got {attention!r}")
         if rotary not in ("matmul", "slices"):

@@ -357,6 +357,8 @@ def test_profile_breakdown_of_a_real_profile(compiled_schnell_w4):
     assert abs(sum(r["gdma_cycles"] for r in b["by_type"]) - gdma) == 0
     assert abs(b["gdma_only"] + b["both_busy"] - b["gdma_busy"]) < 1e-4
     assert abs(b["tiu_busy"] + b["gdma_only"] + b["idle"] - 1) < 1e-3
+    # the DMA not hidden by compute, per op type, adds up to the piece's
+    assert abs(sum(r["gdma_exposed_cycles"] for r in b["by_type"]) / b["total_cycles"] - b["gdma_only"]) < 1e-4
     assert 0 < b["tiu_busy"] <= 1 and 0 < b["gdma_busy"] <= 1
     ops = {r["op"] for r in b["by_type"]}
     assert "A16MatMul" in ops, ops  # W4 matmuls (global ops, their DMA named after them)

@@ -16,7 +16,9 @@ only the DMA is (DMA that compute does not hide). Inside a layer group the DMA c
 `Load_<id>` / `Store_<id>` after themselves; each is attributed to the compute op it feeds or
 drains, by the commands' own dependency ids: a Load to the first TIU command that waits for it
 (its `g` at least the Load's), a Store to the TIU command it waits for (`b`). DMA commands a
-global op issues itself carry that op's name. The shares are the compiler's estimate, not a
+global op issues itself carry that op's name. Each op's DMA not hidden (`gdma_exposed`) is the
+part of its DMA commands' time during which no TIU command runs (DMA commands of one engine
+do not overlap each other, so these add up to the piece's `gdma_only`). The shares are the compiler's estimate, not a
 measurement on a chip.
 """
 from __future__ import annotations
@@ -103,6 +105,18 @@ def _overlap(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
     return n
 
 
+def _uncovered(s: int, e: int, union: list[tuple[int, int]], starts: list[int]) -> int:
+    """Length of [s, e) not covered by the sorted, disjoint intervals `union`."""
+    covered = 0
+    i = max(bisect.bisect_right(starts, s) - 1, 0)
+    while i < len(union) and union[i][0] < e:
+        a, b = max(union[i][0], s), min(union[i][1], e)
+        if b > a:
+            covered += b - a
+        i += 1
+    return (e - s) - covered
+
+
 def _attribute(cmds: list[Cmd]) -> dict[int, str]:
     """index of a Load/Store command -> the TIU layer it feeds (Load) or drains (Store)."""
     out: dict[int, str] = {}
@@ -151,18 +165,23 @@ def breakdown(path: Path, top_layers: int = 25) -> dict[str, Any] | None:
     both = _overlap(tiu_u, gdma_u)
     tiu_busy, gdma_busy = _length(tiu_u), _length(gdma_u)
 
+    starts = [a for a, _ in tiu_u]
     layers: dict[str, dict[str, Any]] = {}
     types: dict[str, dict[str, Any]] = {}
     for i, c in enumerate(cmds):
         layer = owner.get(i, c.layer)
         row = layers.setdefault(layer, {"layer": layer, "op": op_of(layer), "tiu_cycles": 0, "gdma_cycles": 0,
-                                        "gdma_bytes": 0})
-        row[f"{c.engine}_cycles"] += c.cycles
-        row["gdma_bytes"] += c.bytes
-        trow = types.setdefault(row["op"], {"op": row["op"], "tiu_cycles": 0, "gdma_cycles": 0, "gdma_bytes": 0,
-                                            "layers": set()})
-        trow[f"{c.engine}_cycles"] += c.cycles
-        trow["gdma_bytes"] += c.bytes
+                                        "gdma_exposed_cycles": 0, "gdma_bytes": 0})
+        trow = types.setdefault(row["op"], {"op": row["op"], "tiu_cycles": 0, "gdma_cycles": 0,
+                                            "gdma_exposed_cycles": 0, "gdma_bytes": 0, "layers": set()})
+        exposed = 0
+        if c.engine == "gdma":  # the part of this DMA command with no compute running
+            base = offsets[min(c.section, len(offsets) - 1)]
+            exposed = _uncovered(base + c.start, base + c.end + 1, tiu_u, starts)
+        for r in (row, trow):
+            r[f"{c.engine}_cycles"] += c.cycles
+            r["gdma_bytes"] += c.bytes
+            r["gdma_exposed_cycles"] += exposed
         trow["layers"].add(layer)
 
     def share(n: int) -> float:
@@ -170,6 +189,7 @@ def breakdown(path: Path, top_layers: int = 25) -> dict[str, Any] | None:
 
     def finish(row: dict[str, Any]) -> dict[str, Any]:
         row["tiu"], row["gdma"] = share(row["tiu_cycles"]), share(row["gdma_cycles"])
+        row["gdma_exposed"] = share(row["gdma_exposed_cycles"])
         if isinstance(row.get("layers"), set):
             row["layers"] = len(row["layers"])
         return row
@@ -197,8 +217,8 @@ def table(b: dict[str, Any], rows: int = 12) -> str:
     lines = [f"TIU busy {100 * b['tiu_busy']:.1f}%, GDMA busy {100 * b['gdma_busy']:.1f}%, "
              f"GDMA only (not hidden) {100 * b['gdma_only']:.1f}%, idle {100 * b['idle']:.1f}% "
              f"of {b['total_cycles'] / 1e6:.2f} M cycles",
-             "", "| op | layers | TIU % | GDMA % | GDMA MB |", "|---|---|---|---|---|"]
+             "", "| op | layers | TIU % | GDMA % | GDMA not hidden % | GDMA MB |", "|---|---|---|---|---|---|"]
     for r in b["by_type"][:rows]:
         lines.append(f"| {r['op']} | {r['layers']} | {100 * r['tiu']:.1f} | {100 * r['gdma']:.1f} | "
-                     f"{r['gdma_bytes'] / 1e6:.1f} |")
+                     f"{100 * r['gdma_exposed']:.1f} | {r['gdma_bytes'] / 1e6:.1f} |")
     return "\n".join(lines)

@@ -34,7 +34,6 @@ import numpy as np
 
 from fluxc.compile import rebind
 from fluxc.compile.chips import chip_mhz
-from fluxc.compile.profile_breakdown import breakdown
 from fluxc.compile.parse import (Similarity, deploy_similarities, f32_ops_from_inputs, parse_info, parse_profile_ms,
                                  transform_similarity)
 from fluxc.compile.recipe import PiecePlan, deploy_args, transform_args
@@ -290,8 +289,6 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
         "bmodel": final.name, "quantize": plan.quantize, "options": plan.options,
         "tolerance": list(plan.tolerance), "checked": check, "similarity": similarity or None,
         "estimate_ms": estimate,
-        # where the estimate goes, by op type and layer (fluxc/compile/profile_breakdown.py)
-        "breakdown": breakdown(work / "compiler_profile_0.txt", top_layers=10),
         "memory": {"device": info.device_mem, "weight": info.weight, "instruct": info.instruct,
                    "runtime": info.runtime},
         "info": info.to_dict(), "seconds": round(time.monotonic() - t0, 2),

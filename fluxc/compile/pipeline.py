@@ -409,9 +409,8 @@ def template_breakdowns(exp, results: dict[str, PieceResult]) -> dict[str, Any]:
         r = results.get(p.spec.name)
         if r is None or p.spec.kind in out:
             continue
-        b = r.data.get("breakdown")
-        if b is None:  # a result cached before the breakdown was recorded: its profile is kept
-            b = breakdown(r.folder / "work" / "compiler_profile_0.txt", top_layers=10)
+        # read from the profile the piece's folder keeps (one home for it: never stale in a cached result)
+        b = breakdown(r.folder / "work" / "compiler_profile_0.txt", top_layers=10)
         if b is not None:
             out[p.spec.kind] = {"piece": r.name, "quantize": r.data["quantize"],
                                 "estimate_ms": r.data.get("estimate_ms"), **b}

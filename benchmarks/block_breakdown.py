@@ -97,9 +97,10 @@ def measure(block: str, form: str, quantizes: list[str], size: int, t5_len: int,
             (wd / f"deploy_{q}.seconds").write_text(f"{time.time() - t0:.0f}\n")
             run_tool("model_tool", ["--info", f"b_{q}.bmodel"], cwd=wd, log=wd / f"info_{q}.log")
             (wd / f"b_{q}.bmodel").unlink(missing_ok=True)
-            for p in wd.glob(f"b_bm1684x_{q.lower()}*"):
-                if p.is_file() and p.suffix in (".npz", ".mlir"):
-                    p.unlink()
+            for pat in (f"b_bm1684x_{q.lower()}*", f"b_tpu_addressed_bm1684x_{q.lower()}*"):
+                for p in wd.glob(pat):
+                    if p.is_file() and p.suffix in (".npz", ".mlir"):
+                        p.unlink()
         log = (wd / f"deploy_{q}.log").read_text(errors="replace")
         b = breakdown(prof, top_layers=15)
         ms = parse_profile_ms(prof)

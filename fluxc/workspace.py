@@ -8,6 +8,7 @@ and `fluxc run` find each other's outputs.
       BM1684X/                 fluxc compile: combined bmodels + <bmodel>.info.txt,
                                compile_report.json, device_split.json
       build/                   compile cache: one folder per piece and content key
+                               (an export outside a workspace: $FLUXC_CACHE/build)
 
 Each command also takes what another command wrote as it is (`locate`): a workspace (the
 layout above), an export folder (manifest.json: what `fluxc export --out X` writes) or a
@@ -66,6 +67,16 @@ def locate(folder: Path, chip: str = "bm1684x") -> Located:
 
 def build_dir(models: Path) -> Path:
     return models / "build"
+
+
+def default_build_dir(export: Path) -> Path:
+    """The compile cache of an export, next to what it caches: <workspace>/build when the export
+    is a workspace's onnx/ folder, else <cache_root()>/build ($FLUXC_CACHE/build): never a
+    folder of the current directory that neither the export nor the output is in."""
+    export = Path(export).absolute()
+    if export.name == "onnx":
+        return build_dir(export.parent)
+    return cache_root() / "build"
 
 
 def cache_root() -> Path:

@@ -13,7 +13,8 @@ Patches (ALL_PATCHES, by name):
 - "rmsnorm": torch.nn.RMSNorm / diffusers RMSNorm / transformers T5LayerNorm forward ->
   x * rsqrt(mean(x^2) + eps) * w (TorchScript export has no aten::rms_norm).
 - "flux_attention": FluxAttention.processor -> FluxAttnExportProcessor (elementary RMSNorm,
-  real rotary from the [1,S,1,D/2,2,2] table, explicit MatMul+Softmax attention).
+  real rotary from the [1,S,1,D/2,2,2] table, explicit MatMul+Softmax attention with the scale
+  in the q norm; attention="fattention" writes the chain TPU-MLIR fuses into FAttention).
 - "adaln": AdaLayerNormZero / AdaLayerNormZeroSingle / AdaLayerNormContinuous split their
   modulation with constant Slices instead of chunk (no Shape/Gather chains in the graph).
 Helpers that build new modules instead of swapping attributes:

@@ -3,20 +3,27 @@
 What it computes is FluxAttnProcessor's math; how it is written is chosen for the
 TorchScript ONNX exporter and TPU-MLIR:
 
-- q/k/v projections, then RMSNorm with elementary ops (see rmsnorm.py) in [B, S, H, D];
-  the softmax scale 1/sqrt(D) is folded into the q norm's weight (a constant multiply that
-  constant-folds away), so there is no extra Mul on the [B, H, S, S] scores.
+- q/k/v projections, then RMSNorm with elementary ops (see rmsnorm.py) in [B, S, H, D].
 - rotary in real form from the precomputed table [1, S, 1, D/2, 2, 2] (rotary.py), applied
   in [B, S, H, D] as x * C + (x @ P) * S (P: constant pair swap; C, S taken from the table by
   two tiny constant MatMuls, shared by q and k): no stride-2 Slice of q/k, which TPU-MLIR's
   cost model showed to dominate a block (see rotary.apply_rotary_table).
-- attention as explicit MatMul + Softmax + MatMul rather than SDPA. TorchScript lowers
-  aten::scaled_dot_product_attention (opset 14+) to MatMul/Softmax anyway, and TPU-MLIR's
-  estimate is identical for both forms (34.45 ms vs 34.45 ms for a full-width single block
-  at 1280 tokens, BF16; `python benchmarks/graph_forms.py`); the explicit form keeps the
-  graph under our control: the scale folded into the q norm and exactly one transpose per
-  operand (q, v [B,S,H,D]->[B,H,S,D]; k [B,S,H,D]->[B,H,D,S] so the first MatMul needs no
-  transpose of its own; the output back to [B,S,H,D]): 4 Transposes per attention.
+- attention as explicit MatMul + Softmax + MatMul, with the softmax scale 1/sqrt(D) folded
+  into the q norm's weight (a constant multiply that constant-folds away: no Mul on the
+  [B, H, S, S] scores) and one transpose per operand (q, v [B,S,H,D]->[B,H,S,D];
+  k [B,S,H,D]->[B,H,D,S]; the output back to [B,S,H,D]): attention="prescaled", the default.
+  attention="fattention" writes the exact chain TPU-MLIR replaces with BM1684X's fused
+  attention kernel (FAttention, MatMul2FAttentionPattern in its OptimizeBM1684X.cpp):
+  Permute(q), Permute(k) -> MatMul -> Mul by the constant scale AFTER the MatMul -> Softmax
+  -> MatMul with Permute(v) -> Permute -> Reshape; the deploy log then says "fattention ...
+  success" (BF16/F16, head dim <= 160; scaling q or k before the MatMul, as the default and
+  torch's SDPA export do, breaks the match). It is not the default because TPU-MLIR's cost
+  model puts the fused kernel behind the unfused graph on a full-width single block at 4608
+  tokens: BF16 131.5 vs 128.4 ms, W4BF16 124.3 vs 120.2 ms (benchmarks/block_breakdown.py,
+  BENCHMARKS.md): the kernel's own compute (25 M cycles) exceeds the two layer-grouped
+  MatMuls plus Softmax it replaces. attention="sdpa" goes through
+  F.scaled_dot_product_attention (same estimate as the default). The alternatives are kept
+  for graph comparisons; all three equal diffusers' attention (tests/test_patches.py).
 - double stream: the text/image split of the attention output is a Slice on the sequence
   axis before the two output projections, like diffusers.
 
@@ -60,37 +67,45 @@ def _rotate(x, rot, cos_sin=None, rotary: str = "matmul"):
     return apply_rotary_table(x, rot, cos_sin)
 
 
-def attention_bshd(q, k, v):
-    """q, k, v [B, S, H, D] with the softmax scale already in q -> [B, S, H*D]."""
+def attention_bshd(q, k, v, scale: float = 1.0):
+    """q, k, v [B, S, H, D] -> [B, S, H*D]: softmax(q k^T * scale) v. With scale != 1 the scale
+    is a Mul after the first MatMul (the chain of TPU-MLIR's FAttention); scale 1 (the scale
+    already in q) writes no Mul."""
     import torch
 
     qh = q.permute(0, 2, 1, 3)  # [B, H, S, D]
     kt = k.permute(0, 2, 3, 1)  # [B, H, D, S]
     vh = v.permute(0, 2, 1, 3)  # [B, H, S, D]
-    p = torch.softmax(torch.matmul(qh, kt), dim=-1)
+    s = torch.matmul(qh, kt)
+    if scale != 1.0:
+        s = s * scale
+    p = torch.softmax(s, dim=-1)
     o = torch.matmul(p, vh).permute(0, 2, 1, 3)  # [B, S, H, D]
     return o.reshape(o.shape[0], o.shape[1], o.shape[2] * o.shape[3])
 
 
-def attention_sdpa_bshd(q, k, v):
-    """Same contract as attention_bshd, via F.scaled_dot_product_attention (scale already in q)."""
+def attention_sdpa_bshd(q, k, v, scale: float = 1.0):
+    """Same contract as attention_bshd, via F.scaled_dot_product_attention."""
     import torch.nn.functional as F
 
     o = F.scaled_dot_product_attention(q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3),
-                                       scale=1.0).permute(0, 2, 1, 3)
+                                       scale=scale).permute(0, 2, 1, 3)
     return o.reshape(o.shape[0], o.shape[1], o.shape[2] * o.shape[3])
+
+
+ATTENTION_FORMS = ("prescaled", "fattention", "sdpa")
 
 
 class FluxAttnExportProcessor:
     """Drop-in processor for FluxAttention (set by patch_flux_attention).
 
-    attention="matmul" (default, see module docstring) or "sdpa"; rotary="matmul" (default,
-    see rotary.apply_rotary_table) or "slices" (the direct form). The alternatives are kept
-    for graph comparisons."""
+    attention="prescaled" (default, see module docstring), "fattention" or "sdpa";
+    rotary="matmul" (default, see rotary.apply_rotary_table) or "slices" (the direct form).
+    The alternatives are kept for graph comparisons."""
 
-    def __init__(self, attention: str = "matmul", rotary: str = "matmul"):
-        if attention not in ("matmul", "sdpa"):
-            raise ValueError(f"attention must be 'matmul' or 'sdpa', got {attention!r}")
+    def __init__(self, attention: str = "prescaled", rotary: str = "matmul"):
+        if attention not in ATTENTION_FORMS:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_FORMS)}, got {attention!r}")
         if rotary not in ("matmul", "slices"):
             raise ValueError(f"rotary must be 'matmul' or 'slices', got {rotary!r}")
         self.attention, self.rotary = attention, rotary
@@ -100,7 +115,8 @@ class FluxAttnExportProcessor:
         if attention_mask is not None:
             raise ValueError("FluxAttnExportProcessor does not take an attention mask (FLUX uses none)")
         H, D = attn.heads, attn.head_dim
-        scale = D ** -0.5
+        # "prescaled": the softmax scale in the q norm's weight; otherwise applied to the scores
+        scale = D ** -0.5 if self.attention == "prescaled" else None
 
         def heads(lin, x):
             y = lin(x)
@@ -124,7 +140,8 @@ class FluxAttnExportProcessor:
             cs = rotary_cos_sin(image_rotary_emb, D)  # shared by q and k
         q = _rotate(q, image_rotary_emb, cs, self.rotary)
         k = _rotate(k, image_rotary_emb, cs, self.rotary)
-        out = (attention_bshd if self.attention == "matmul" else attention_sdpa_bshd)(q, k, v)
+        after = 1.0 if scale is not None else D ** -0.5
+        out = (attention_sdpa_bshd if self.attention == "sdpa" else attention_bshd)(q, k, v, after)
         if encoder_hidden_states is not None:
             t = encoder_hidden_states.shape[1]
             enc, img = out[:, :t], out[:, t:]

@@ -18,12 +18,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_fluxc_compile(args: list[str], env: dict | None = None, timeout: float = 1500) -> subprocess.CompletedProcess:
-    """`fluxc compile ARGS` in a subprocess (the real CLI), output captured."""
+def run_fluxc_compile(args: list[str], env: dict | None = None, timeout: float = 1500,
+                      cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`fluxc compile ARGS` in a subprocess (the real CLI, in `cwd`, default the repo), output captured."""
     full_env = dict(os.environ)
     full_env.update(env or {})
     full_env.setdefault("COLUMNS", "160")
-    return subprocess.run([sys.executable, "-m", "fluxc.cli", "compile", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "fluxc.cli", "compile", *map(str, args)], cwd=cwd or REPO,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -297,3 +297,80 @@ def test_changed_piece_recompiles_only_it(compiled_schnell_w4, compile_build_dir
     rebuilt = [o["file"] for o in rep["outputs"] if not o["cache_hit"]]
     assert rebuilt == ["w4bf16_t5.bmodel"]
     assert np.isfinite(rep["pieces"]["t5_tail"]["similarity"]["quantized"]["cosine"])
+
+
+def test_default_build_cache_is_next_to_the_export(compiled_schnell_w4, compile_build_dir, tmp_path):
+    """`fluxc compile EXPORT --out Y` run from an unrelated folder, without --build-dir: the cache
+    goes to the export's workspace (<ws>/build for <ws>/onnx) or, for an export outside a
+    workspace, to $FLUXC_CACHE/build; the first line names it; the current folder stays empty.
+    Both defaults are pointed (symlinks) at the session's cache, so every piece is a cache hit."""
+    from fluxc.workspace import cache_root
+
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir()
+    env = {"FLUXC_BUILD_DIR": "", "FLUXC_MODELS": "", "COLUMNS": "1000"}
+    ws = tmp_path / "ws"
+    exp = _copy_export(compiled_schnell_w4, ws / "onnx")
+    (ws / "build").symlink_to(compile_build_dir.resolve(), target_is_directory=True)
+    cache = tmp_path / "cache"  # $FLUXC_CACHE: the toolchain where it is, the build cache the session's
+    cache.mkdir()
+    (cache / "toolchain").symlink_to((cache_root() / "toolchain").resolve(), target_is_directory=True)
+    (cache / "build").symlink_to(compile_build_dir.resolve(), target_is_directory=True)
+    alone = shutil.copytree(exp, tmp_path / "my-export", symlinks=False)
+    for src, want in ((exp, ws / "build"), (alone, cache / "build")):
+        out = tmp_path / f"out-{src.name}"
+        r = run_fluxc_compile([src, "--quantize", "W4BF16", "--out", out], cwd=elsewhere,
+                              env={**env, "FLUXC_CACHE": str(cache)})
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        first = r.stdout.strip().splitlines()[0]
+        assert f"build cache {want.resolve()}" in first, first
+        rep = json.loads((out / "compile_report.json").read_text())
+        assert Path(rep["build_dir"]) == want.resolve()
+        assert not any(c.startswith("model_") for c in rep["tool_commands"] if "model_tool" not in c), \
+            rep["tool_commands"]
+        assert not any(elsewhere.iterdir()), list(elsewhere.iterdir())
+
+
+def test_profile_breakdown_of_a_real_profile(compiled_schnell_w4):
+    """The breakdown of a compiled block's compiler_profile_0.txt (fluxc/compile/profile_breakdown.py)
+    agrees with the compiler's own totals (command counts, DMA bytes, cycles), attributes the
+    layer groups' Load/Store DMA to compute ops, and compile_report.json keeps one per graph."""
+    import re
+
+    from fluxc.compile.profile_breakdown import breakdown, read_commands
+
+    rep = _report(compiled_schnell_w4)
+    bd = rep["breakdown"]
+    kinds = {_k for _k in bd}
+    assert {"double_block", "single_block", "clip_block", "t5_block"} <= kinds, kinds
+    blk = bd["single_block"]
+    assert blk["piece"] == "schnell_single_trans_block_0" and blk["quantize"] == "W4BF16"
+    prof = Path(rep["pieces"]["schnell_single_trans_block_0"]["build_dir"]) / "work" / "compiler_profile_0.txt"
+    text = prof.read_text()
+    b = breakdown(prof)
+    cmds, _ = read_commands(prof)
+    # the compiler's own counts: TIU and GDMA commands (API_END b:/g:), DMA bytes (GDMA SUMMARY),
+    # total cycles (TCYC); BM1688's TCYC line also gives each engine's cycles
+    n_tiu = sum(int(x) for x in re.findall(r"API_END total_cycle:\d+\|b:(\d+)", text))
+    n_gdma = sum(int(x) for x in re.findall(r"API_END total_cycle:\d+\|b:\d+\|g:(\d+)", text))
+    assert sum(c.engine == "tiu" for c in cmds) == n_tiu > 0 and sum(c.engine == "gdma" for c in cmds) == n_gdma > 0
+    assert b["gdma_bytes"] == sum(int(x) for x in re.findall(r"dr\[\d\] \w+:(\d+)", text)) > 0
+    assert b["total_cycles"] == sum(int(x) for x in re.findall(r"^TCYC\s*:\s*(\d+)", text, re.M))
+    for name, cyc in (("bdc_cycle", "tiu_cycles"), ("gdma_cycle", "gdma_cycles")):
+        own = re.findall(name + r":(\d+)", text)
+        if own:
+            assert sum(map(int, own)) == b[cyc]
+    tiu, gdma = b["tiu_cycles"], b["gdma_cycles"]
+    # shares: by op type they add up to each engine's cycles; busy time is split exactly
+    assert sum(r["tiu_cycles"] for r in b["by_type"]) == tiu
+    assert sum(r["gdma_cycles"] for r in b["by_type"]) == gdma
+    assert abs(b["gdma_only"] + b["both_busy"] - b["gdma_busy"]) < 1e-4
+    assert abs(b["tiu_busy"] + b["gdma_only"] + b["idle"] - 1) < 1e-3
+    # the DMA not hidden by compute, per op type, adds up to the piece's
+    assert abs(sum(r["gdma_exposed_cycles"] for r in b["by_type"]) / b["total_cycles"] - b["gdma_only"]) < 1e-4
+    assert 0 < b["tiu_busy"] <= 1 and 0 < b["gdma_busy"] <= 1
+    ops = {r["op"] for r in b["by_type"]}
+    assert "A16MatMul" in ops, ops  # W4 matmuls (global ops, their DMA named after them)
+    loads = [c for c in cmds if c.op in ("Load", "Store")]
+    assert loads and b["dma_attributed"] >= 0.9 * len(loads), (b["dma_attributed"], len(loads))
+    assert blk["by_type"] == b["by_type"]

@@ -96,7 +96,7 @@ def _flux_rotary(t5_len, gh, gw):
 
 
 @pytest.mark.parametrize("joint", [True, False], ids=["double_stream", "single_stream"])
-@pytest.mark.parametrize("form", ["matmul/matmul", "sdpa/slices"])
+@pytest.mark.parametrize("form", ["fattention/matmul", "prescaled/matmul", "sdpa/slices"])
 def test_flux_attention_patch_matches_and_restores(joint, form):
     a = _flux_attention(joint, seed=3)
     S, N = 5, 12  # text tokens, image tokens (3 x 4 grid)

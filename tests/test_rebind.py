@@ -225,3 +225,56 @@ def test_estimate_only_gives_the_split_of_the_real_build(compiled_dev_bf16, comp
     assert est["estimate_ms"]["denoising_step_ms"] == real["estimate_ms"]["denoising_step_ms"]
     for name, p in real["pieces"].items():
         assert Path(p["build_dir"], f"{name}.bmodel").is_file(), name
+
+
+def test_piece_without_weights_compiles(tiny_schnell, tmp_path):
+    """A checkpoint whose CLIP final_layer_norm has weight 1 and bias 0 (a freshly initialised
+    text encoder): TPU-MLIR drops the trivial affine and writes no weight npz for clip_tail.
+    The piece compiles (and is checked on the simulator) through a real model_transform, and a
+    second quantisation rebinds it from its weightless template."""
+    from safetensors.numpy import load_file, save_file
+
+    from fluxc.compile import rebind
+    from fluxc.compile import tools as toolmod
+    from fluxc.compile.build import compile_piece
+    from fluxc.compile.recipe import PiecePlan, load_recipe, piece_plan
+    from fluxc.compile.tools import Tools
+    from fluxc.export.driver import ExportOptions, resolve_inputs
+    from fluxc.export.piece_export import export_one
+    from fluxc.specs import piece_specs
+
+    model = shutil.copytree(tiny_schnell, tmp_path / "model", symlinks=False)
+    st = model / "text_encoder" / "model.safetensors"
+    w = load_file(str(st))
+    keys = [k for k in w if k.endswith("final_layer_norm.weight") or k.endswith("final_layer_norm.bias")]
+    assert len(keys) == 2, sorted(w)[:5]
+    for k in keys:
+        w[k] = (np.ones_like if k.endswith("weight") else np.zeros_like)(w[k])
+    save_file(w, str(st), metadata={"format": "pt"})
+
+    out = tmp_path / "onnx"
+    out.mkdir()
+    opts = ExportOptions(model=str(model), out=out, height=128, width=128, t5_len=32)
+    ckpt, _, dims, _ = resolve_inputs(opts)
+    spec = next(s for s in piece_specs(dims) if s.kind == "clip_tail")
+    export_one(spec, dims, ckpt, out, list(spec.parts), None)
+
+    build, tools = tmp_path / "build", Tools()
+    plan = piece_plan(load_recipe(None, "bm1684x"), spec, "W4BF16")
+    r = compile_piece(spec, out / spec.file, "sha-of-this-test", plan, "bm1684x", toolmod.version(), build, tools, True)
+    assert r.bmodel.is_file() and not r.cache_hit
+    assert json.loads((r.folder / "transform.done").read_text()) == {
+        "key": r.data["key"], "check": True, "how": "transformed", "weights": False}
+    assert r.data["similarity"]["simulator"]["cosine"] >= 0.99
+    [tdir] = (build / "templates").glob("clip_tail-*")
+    t = rebind.load_template(tdir)
+    assert t.rebindable and not t.weights and not t.npz.exists()
+
+    # another quantisation: same graph, so the weightless template is rebound (no transform)
+    other = PiecePlan("BF16" if plan.quantize != "BF16" else "F16", plan.options, plan.tolerance)
+    n = len(tools.runs)
+    r2 = compile_piece(spec, out / spec.file, "sha-of-this-test", other, "bm1684x", toolmod.version(), build, tools, True)
+    assert r2.bmodel.is_file() and r2.folder != r.folder
+    assert json.loads((r2.folder / "transform.done").read_text())["how"] == "rebound"
+    assert not any(c.startswith("model_transform") for c in tools.runs[n:]), tools.runs[n:]
+    assert r2.data["similarity"]["simulator"]["cosine"] >= 0.99

@@ -35,8 +35,9 @@ def compile(
                                        "and estimated time, keep no bmodel and combine nothing (to plan a build "
                                        "that does not fit this disk); writes estimate_report.json."),
     models: Optional[Path] = typer.Option(None, "--models", help="Workspace folder (default: $FLUXC_MODELS or ./models)."),
-    build_dir: Optional[Path] = typer.Option(None, "--build-dir", help=f"Compile cache (default: ${BUILD_DIR_ENV} "
-                                             "or <models>/build)."),
+    build_dir: Optional[Path] = typer.Option(None, "--build-dir", help=f"Compile cache (default: ${BUILD_DIR_ENV}, "
+                                             "else the export's workspace: <workspace>/build for an export in "
+                                             "<workspace>/onnx, $FLUXC_CACHE/build for one elsewhere)."),
 ) -> None:
     """Compile an export's ONNX pieces to BM1684X bmodels with TPU-MLIR: each piece is
     quantised per the recipe, checked on the chip simulator against its float reference,
@@ -52,9 +53,11 @@ def compile(
     if flux_type is not None and flux_type not in ("dev", "schnell"):
         raise FluxcError(f"unknown flux type {flux_type!r}; use --flux-type dev or schnell")
     ws = workspace.models_dir(models)
-    bdir = build_dir or (Path(os.environ[BUILD_DIR_ENV]) if os.environ.get(BUILD_DIR_ENV) else workspace.build_dir(ws))
+    exp = workspace.locate(export_dir).export if export_dir else workspace.export_dir(ws)
+    bdir = build_dir or (Path(os.environ[BUILD_DIR_ENV]) if os.environ.get(BUILD_DIR_ENV)
+                         else workspace.default_build_dir(exp))
     opts = CompileOptions(
-        export_dir=workspace.locate(export_dir).export if export_dir else workspace.export_dir(ws),
+        export_dir=exp,
         out_dir=out or workspace.chip_dir(ws, chip),
         build_dir=bdir,
         quantize=quantize, flux_type=flux_type, tiny_vae=tiny_vae, chip=chip, devices=devices,

@@ -221,7 +221,7 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
         try:
             prev = json.loads(done_t.read_text())
             reuse_t = prev.get("key") == key and (prev.get("check") or not check) and (top.is_file() or not check) \
-                and (work / f"{name}_top_f32_all_weight.npz").is_file()
+                and ((work / rebind.weight_npz_name(name)).is_file() or prev.get("weights") is False)
         except (OSError, ValueError):
             reuse_t = False
     if not reuse_t:
@@ -237,7 +237,8 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
             np.savez(f, **samples)
         os.replace(inputs.with_suffix(".tmp.npz"), inputs)
         how = _transform(spec, Path(onnx).resolve(), plan, tools, check, folder, samples, toolchain)
-        write_json_atomic(done_t, {**marker_t, "how": how})
+        # a graph without tensors has no weight npz (rebind.make_template); a resumed build must not wait for one
+        write_json_atomic(done_t, {**marker_t, "how": how, "weights": (work / rebind.weight_npz_name(name)).is_file()})
 
     bmodel_tmp = work / f"{name}.bmodel"
     for stale in (bmodel_tmp, work / "compiler_profile_0.txt"):

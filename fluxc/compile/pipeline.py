@@ -21,6 +21,7 @@ from fluxc.compile.build import PieceResult, compile_piece
 from fluxc.compile.chips import chip_record, get_chip
 from fluxc.compile.combine import CombinedResult, combine, publish
 from fluxc.compile.export_in import ExportIn, read_export
+from fluxc.compile.profile_breakdown import breakdown
 from fluxc.compile.recipe import QUANTIZE_CLI, Recipe, load_recipe, piece_plan
 from fluxc.compile.split import MB, PieceMem, device_cost, split_contiguous, split_table
 from fluxc.compile.tools import Tools
@@ -322,6 +323,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
         "tool_runs": len(tools.runs), "tool_commands": tools.runs,
         "seconds": round(time.monotonic() - t0, 2),
         "estimate_ms": estimate,
+        "breakdown": template_breakdowns(exp, results),
         "resolutions": sizes,
         "outputs": [{"file": c.name, "pieces": c.data["pieces"], "cache_hit": c.cache_hit,
                      "memory": c.data["memory"]} for c in combined],
@@ -398,6 +400,23 @@ def _print_summary(console, report: dict[str, Any], combined: list[CombinedResul
                   highlight=False)
 
 
+def template_breakdowns(exp, results: dict[str, PieceResult]) -> dict[str, Any]:
+    """Where the estimated time goes, once per graph: for each piece kind, the breakdown of its
+    first piece (the template of the kind; the others have the same graph and quantisation),
+    from the compiler's profile (fluxc/compile/profile_breakdown.py)."""
+    out: dict[str, Any] = {}
+    for p in exp.pieces:
+        r = results.get(p.spec.name)
+        if r is None or p.spec.kind in out:
+            continue
+        # read from the profile the piece's folder keeps (one home for it: never stale in a cached result)
+        b = breakdown(r.folder / "work" / "compiler_profile_0.txt", top_layers=10)
+        if b is not None:
+            out[p.spec.kind] = {"piece": r.name, "quantize": r.data["quantize"],
+                                "estimate_ms": r.data.get("estimate_ms"), **b}
+    return out
+
+
 def _checked(check: bool, probe_results: dict) -> str:
     if not check:
         return "nothing on the simulator (--no-check)"
@@ -445,6 +464,7 @@ def _estimate_only_report(opts, exp, ordered, by_family, quantize, chip, recipe,
         "probe_checks": {n: _probe_entry(r) for n, r in probe_results.items()},
         "export_dir": str(exp.folder), "build_dir": str(build_root), "jobs": jobs,
         "tool_runs": len(tools.runs), "seconds": round(time.monotonic() - t0, 2), "estimate_ms": estimate,
+        "breakdown": template_breakdowns(exp, {r.name: r for r in ordered}),
         "device_memory": per_chip,
         "pieces": {r.name: {"quantize": r.data["quantize"], "estimate_ms": r.data["estimate_ms"],
                             "memory": r.data["memory"], "cache_hit": r.cache_hit,

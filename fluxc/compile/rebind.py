@@ -15,6 +15,11 @@ npz, how it is computed from the piece's checkpoint tensors:
   part of its ONNX graph in ONNX Runtime, then laid out as TPU-MLIR stored it (identity,
   transpose or reshape: whichever reproduces the template's own tensor exactly).
 
+A piece with no weights at all is a template too: TPU-MLIR writes no weight npz when the
+graph keeps no tensor (a LayerNorm with weight 1 and bias 0, as in a freshly initialised
+CLIP text encoder, loses its affine in the transform and leaves `clip_tail` with none);
+its template holds the MLIR only (`weights: false`) and rebinding just renames the net.
+
 The mapping is accepted only if it reproduces every tensor of the template's npz bit for bit
 from the template's own weights; otherwise the graph is marked not rebindable and each piece
 is transformed for real. Tests compare a rebound piece with a direct transform of the same
@@ -68,6 +73,7 @@ class Template:
     rebindable: bool
     reason: str
     mapping: dict[str, dict[str, Any]]
+    weights: bool = True  # False: the transform wrote no weight npz (a graph without tensors)
 
     @property
     def mlir(self) -> Path:
@@ -90,8 +96,11 @@ def load_template(folder: Path) -> Template | None:
     d = read_complete_json(folder, "template.json")
     if d is None:
         return None
-    t = Template(folder, d["net"], bool(d["rebindable"]), d.get("reason", ""), d.get("mapping", {}))
-    if t.rebindable and not (t.mlir.is_file() and t.npz.is_file() and t.replay.is_file()):
+    t = Template(folder, d["net"], bool(d["rebindable"]), d.get("reason", ""), d.get("mapping", {}),
+                 bool(d.get("weights", True)))
+    if t.rebindable and not t.mlir.is_file():
+        return None
+    if t.rebindable and t.weights and not (t.npz.is_file() and t.replay.is_file()):
         return None
     return t
 
@@ -249,6 +258,16 @@ def make_template(folder: Path, net: str, work: Path, onnx_path: Path) -> Templa
     try:
         shutil.copyfile(work / f"{net}.mlir", tmp / f"{net}.mlir")
         npz_src = work / weight_npz_name(net)
+        if not npz_src.is_file():  # a graph without tensors: nothing to map
+            write_json_atomic(tmp / "template.json", {"format": FORMAT, "net": net, "rebindable": True,
+                                                      "reason": "", "mapping": {}, "weights": False})
+            write_text_atomic(tmp / COMPLETE, net + "\n")
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+            t = load_template(folder)
+            assert t is not None
+            return t
         try:
             os.link(npz_src, tmp / weight_npz_name(net))  # the piece deletes its own copy later
         except OSError:
@@ -310,10 +329,12 @@ def apply(t: Template, net: str, work: Path, onnx_path: Path) -> None:
     text = t.mlir.read_text()
     old_mod, new_mod = f"module @{t.net} ", f"module @{net} "
     old_w, new_w = f'module.weight_file = "{weight_npz_name(t.net)}"', f'module.weight_file = "{weight_npz_name(net)}"'
-    if text.count(old_mod) != 1 or text.count(old_w) != 1:
+    if text.count(old_mod) != 1 or text.count(old_w) > 1 or (t.weights and text.count(old_w) != 1):
         raise FluxcError(f"template MLIR {t.mlir} does not name its module as expected (TPU-MLIR version?)")
     work.mkdir(parents=True, exist_ok=True)
     write_text_atomic(work / f"{net}.mlir", text.replace(old_mod, new_mod, 1).replace(old_w, new_w, 1))
+    if not t.weights:
+        return
     _, params, _, _ = _graph_parts(onnx_path)
     values = _values(t.replay, read_params(onnx_path, params))
     tmpl = np.load(t.npz)

@@ -1,7 +1,7 @@
 """FLUX.1 on sophon.sail as the board runs it (and on the stand-in, runtime/sail_sim.py).
 
 Device memory is held like sophon-demo's runtime holds it: one device tensor per role and
-chip, shared by every net of a kind; a block's outputs are written over its inputs (the
+chip (and distinct shape), shared by every net of a kind; a block's outputs are written over its inputs (the
 next block's inputs); activations stay on the chips for the whole step; between chips
 (the BF16 split) tensors are copied device to device. The host sees token ids going in,
 latents (and the timestep / guidance scalars) going in, the noise prediction of each step
@@ -16,6 +16,15 @@ chip as CLIP / T5, else copies made chip to chip once per prompt.
 Shapes and dtypes are the nets' own; before anything is allocated every net is checked
 against the build's piece specs (names, shapes, dtypes: what this runtime feeds), so a
 mismatch is a one-line error and nothing runs.
+
+Several image sizes (a size-dependent net merged as one stage per size, docs/DESIGN.md): the
+stage of each size is the one whose input shapes are that size's specs (read per stage with
+`get_input_tensors_addrmode0(net, stage)`, as the reference reads a net's tensors); every size's
+tensors are allocated when the build is opened, one per role, chip and distinct shape (the
+reference's one set per distinct shape), so the text encoders' tensors, temb and enc are shared
+by all sizes; each call runs the stage its tensors' shapes select (bmruntime's rule), chosen by
+the latents' shape. The rotary table is written into a size's tensor before its first step (and
+again only if another size of the same shape wrote it since).
 """
 from __future__ import annotations
 

@@ -12,10 +12,17 @@ What it models (names and call shapes as in sophon.sail's documented Python API)
   process (runtime/cmodel_worker.py; one per file, see cmodel_client.new_worker). Graph names,
   input/output names, shapes and dtypes come from the bmodel; `process(graph, {i: Tensor},
   {i: Tensor})` runs the net on the tensors' device memory: the bytes never pass through
-  this process. `get_addr_mode` is 0 (TPU-MLIR's `auto` is `basic` on BM1684X), so, as in
-  sail, `get_input_tensors`/`get_output_tensors` return {} and the addrmode0 getters
-  return tensors describing the net's own I/O memory (shape and dtype; their bytes live
-  inside the file's shared runtime memory and are not addressable here).
+  this process.
+- Stages (a net merged at several input shapes, `model_tool --combine`): `get_stage_num`,
+  `get_input_shape(g, i, stage)`, `get_output_shape`, `get_input_max_shape`, and the addrmode0
+  getters per stage, from the stages `model_tool --info` lists (stage 0 first). `process` runs
+  the stage whose input shapes are the input tensors' shapes, as bmruntime chooses it for a
+  static net (no such stage: refused), and wants that stage's output shapes (the board takes
+  any large-enough output buffer; the stand-in is stricter).
+- `get_addr_mode` is 0 (TPU-MLIR's `auto` is `basic` on BM1684X), so, as in sail,
+  `get_input_tensors`/`get_output_tensors` return {} and the addrmode0 getters return tensors
+  describing the net's own I/O memory (shape and dtype; their bytes live inside the file's
+  shared runtime memory and are not addressable here).
 - Accounting per chip: allocations, bytes in use and peak, loaded model memory (weight +
   instruct + runtime from `model_tool --info` of the file, as bmruntime allocates at load),
   host<->device and device<->device bytes. A load or allocation past the chip's memory

@@ -185,35 +185,6 @@ def test_export_bad_resolution(tmp_path, res, what):
 TENSORS_TWO_SIZES = 15 + 7
 
 
-def test_sail_sim_each_size_equals_cmodel(builds, runs):
-    """`fluxc run --backend sail-sim --width W --height H` on the two-size build: each size's image and
-    latents bit-identical to cmodel's; every size's tensors allocated at open (one per role and
-    distinct shape, never per net); the stand-in's peak device memory is the build's figure."""
-    from fluxc.export.manifest import load_manifest
-    from fluxc.runtime.device_memory import device_memory_for_build, io_bytes_per_device, specs_per_size
-
-    ws = builds["multi"]
-    man = load_manifest(ws / "onnx")
-    fig = device_memory_for_build(ws / "BM1684X", man, "W4BF16")
-    first = specs_per_size(man)[0]
-    io_first = io_bytes_per_device(first, {n: 0 for n in first})[0]
-    print(f"\n[measure] two-size tiny W4BF16 build, device 0: {fig[0]['total']} B (models {fig[0]['models']}, "
-          f"I/O tensors {fig[0]['io']} B for both sizes, {io_first} B for the first alone)")
-    assert list(fig) == [0] and fig[0]["io"] > io_first  # the second size's tensors are counted
-    for h, w in SIZES:
-        sim, ref = runs("multi", "sail-sim", (h, w)), runs("multi", "cmodel", (h, w))
-        assert sim["image"].shape == (h, w, 3) and ref["image"].std() > 1.0
-        diff = np.abs(sim["image"].astype(int) - ref["image"].astype(int)).max()
-        print(f"[measure] sail-sim vs cmodel at {w}x{h}: max pixel diff {diff}, "
-              f"max latent diff {np.abs(sim['latents'] - ref['latents']).max():.3g}")
-        assert np.array_equal(sim["image"], ref["image"]) and np.array_equal(sim["latents"], ref["latents"]), (h, w)
-        chips = sim["chips"]
-        assert list(chips) == [0]
-        assert chips[0]["allocations"] == TENSORS_TWO_SIZES == fig[0]["tensors"], chips[0]
-        assert chips[0]["peak_bytes"] == fig[0]["total"], (chips[0], fig[0])
-        assert chips[0]["live_tensors"] == 0
-
-
 def test_sail_sim_models_stages(builds):
     """The stand-in answers sail.EngineLLM's stage calls from the bmodel: the merged transformer head
     has one stage per size (largest first), each stage's addrmode0 tensors have that stage's shapes,
@@ -242,6 +213,35 @@ def test_sail_sim_models_stages(builds):
     finally:
         e.close()
         sail.reset()
+
+
+def test_sail_sim_each_size_equals_cmodel(builds, runs):
+    """`fluxc run --backend sail-sim --width W --height H` on the two-size build: each size's image and
+    latents bit-identical to cmodel's; every size's tensors allocated at open (one per role and
+    distinct shape, never per net); the stand-in's peak device memory is the build's figure."""
+    from fluxc.export.manifest import load_manifest
+    from fluxc.runtime.device_memory import device_memory_for_build, io_bytes_per_device, specs_per_size
+
+    ws = builds["multi"]
+    man = load_manifest(ws / "onnx")
+    fig = device_memory_for_build(ws / "BM1684X", man, "W4BF16")
+    first = specs_per_size(man)[0]
+    io_first = io_bytes_per_device(first, {n: 0 for n in first})[0]
+    print(f"\n[measure] two-size tiny W4BF16 build, device 0: {fig[0]['total']} B (models {fig[0]['models']}, "
+          f"I/O tensors {fig[0]['io']} B for both sizes, {io_first} B for the first alone)")
+    assert list(fig) == [0] and fig[0]["io"] > io_first  # the second size's tensors are counted
+    for h, w in SIZES:
+        sim, ref = runs("multi", "sail-sim", (h, w)), runs("multi", "cmodel", (h, w))
+        assert sim["image"].shape == (h, w, 3) and ref["image"].std() > 1.0
+        diff = np.abs(sim["image"].astype(int) - ref["image"].astype(int)).max()
+        print(f"[measure] sail-sim vs cmodel at {w}x{h}: max pixel diff {diff}, "
+              f"max latent diff {np.abs(sim['latents'] - ref['latents']).max():.3g}")
+        assert np.array_equal(sim["image"], ref["image"]) and np.array_equal(sim["latents"], ref["latents"]), (h, w)
+        chips = sim["chips"]
+        assert list(chips) == [0]
+        assert chips[0]["allocations"] == TENSORS_TWO_SIZES == fig[0]["tensors"], chips[0]
+        assert chips[0]["peak_bytes"] == fig[0]["total"], (chips[0], fig[0])
+        assert chips[0]["live_tensors"] == 0
 
 
 def _verify(ws: Path, report: Path, *extra: str) -> tuple:

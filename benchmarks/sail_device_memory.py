@@ -14,6 +14,10 @@ What is measured and what is not (say so wherever the figure is quoted):
   only (no full-size compile of them here); runtimes are guesses marked as such.
 The lead may replace these with `device_memory_for_build` on the measured full-size build.
 
+Several image sizes (issue 17 item 5): the sail runtime allocates every size's tensors at load,
+one per role and distinct shape (io_plan_sizes); "io_tensors_by_sizes" gives that exact figure
+for 1024x1024 alone, + 1344x768, + 1344x768 + 512x512 (the sizes of benchmarks/resolution_merge.py).
+
 Usage: .venv/bin/python benchmarks/sail_device_memory.py [--json benchmarks/results/sail_device_memory.json]
 """
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from results_file import git_commit
@@ -45,7 +50,7 @@ def main() -> None:
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "sail_device_memory.json"))
     a = ap.parse_args()
     from fluxc.runtime.device_memory import BUDGET_MB, build_device_memory
-    from fluxc.runtime.sail_flux import io_plan, kinds_of
+    from fluxc.runtime.sail_flux import io_plan, io_plan_sizes, kinds_of
     from fluxc.specs import piece_specs
 
     d = full_dims()
@@ -86,6 +91,14 @@ def main() -> None:
             sum(int(__import__("numpy").prod(t.shape)) * 4 for t in list(s.inputs) + list(s.outputs))
             for s in specs.values()) / MB, 1),
     }
+    # every size's I/O tensors, as the runtime allocates them for a several-size build
+    by_sizes = []
+    for sizes in ([(1024, 1024)], [(1024, 1024), (768, 1344)], [(1024, 1024), (768, 1344), (512, 512)]):
+        per = [{s.net_name: s for s in piece_specs(replace(d, height=h, width=w))} for h, w in sizes]
+        ts, _ = io_plan_sizes(per, {n: 0 for n in per[0]}, kinds_of(per[0]))
+        by_sizes.append({"sizes": [f"{w}x{h}" for h, w in sizes], "count": len(ts),
+                         "mb": round(sum(t.nbytes for t in ts) / MB, 1)})
+    res["io_tensors_by_sizes"] = by_sizes
     print(json.dumps({k: v for k, v in res.items() if k != "io_tensors"}, indent=1))
     print(f"I/O tensors: {len(tensors)} tensors, {res['io_tensors']['mb']} MB; largest: {io_rows[:4]}")
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -225,28 +225,39 @@ class Worker:
                     for o, sh in zip(outs, out_shapes)]
         return [t.name for t in net.outputs], outs
 
-    def run_dev(self, key: str, name: str, ins: list, outs: list) -> None:
-        """Run a net on byte ranges of simulated device memory (files, memory-mapped)."""
+    def run_dev(self, key: str, name: str, ins: list, outs: list, shapes: list | None = None) -> None:
+        """Run a net on byte ranges of simulated device memory (files, memory-mapped). `shapes`:
+        the input shapes of the stage to run (a net merged at several image sizes holds one
+        stage per size and buffers of its largest); default the net's own (largest) shapes."""
         net = self._net(key, name)
         if len(ins) != len(net.inputs) or len(outs) != len(net.outputs):
             raise ValueError(f"net {name}: {len(ins)} inputs / {len(outs)} outputs given, "
                              f"it has {len(net.inputs)} / {len(net.outputs)}")
-
-        def view(t):
-            return np.ascontiguousarray(t.data).reshape(-1).view(np.uint8)
-
-        for t, (path, off, n) in zip(net.inputs, ins):
+        if shapes is None:
+            shapes = [[int(v) for v in t.data.shape] for t in net.inputs]
+        other_stage = False
+        for t, (path, off, n), shape in zip(net.inputs, ins, shapes):
             dst = t.data.reshape(-1).view(np.uint8)
-            if n != dst.nbytes:
-                raise ValueError(f"net {name}: input {t.name!r} takes {dst.nbytes} bytes, got {n}")
-            dst[:] = np.memmap(path, dtype=np.uint8, mode="r", offset=off, shape=(n,))
+            want = int(np.prod(shape)) * t.data.dtype.itemsize
+            if n != want or want > dst.nbytes:
+                raise ValueError(f"net {name}: input {t.name!r} of shape {list(shape)} takes {want} bytes "
+                                 f"(the net's buffer {dst.nbytes}), got {n}")
+            other_stage |= list(shape) != [int(v) for v in t.data.shape]
+            dst[:n] = np.memmap(path, dtype=np.uint8, mode="r", offset=off, shape=(n,))
         t0 = time.perf_counter()
-        net.forward()
+        if other_stage or (key, name) in self.staged:
+            # the stage of these shapes, as run() does (forward_dynamic once a net ran another stage)
+            self.staged.add((key, name))
+            out_shapes = net.forward_dynamic(shapes)
+        else:
+            net.forward()
+            out_shapes = [[int(v) for v in t.data.shape] for t in net.outputs]
         self.last_forward_s = time.perf_counter() - t0
-        for t, (path, off, n) in zip(net.outputs, outs):
-            src = view(t)
+        for t, (path, off, n), sh in zip(net.outputs, outs, out_shapes):
+            src = np.ascontiguousarray(t.data).reshape(-1)[:int(np.prod(sh))].view(np.uint8)
             if n != src.nbytes:
-                raise ValueError(f"net {name}: output {t.name!r} gives {src.nbytes} bytes, got room for {n}")
+                raise ValueError(f"net {name}: output {t.name!r} of shape {list(sh)} gives {src.nbytes} bytes, "
+                                 f"got room for {n}")
             mm = np.memmap(path, dtype=np.uint8, mode="r+", offset=off, shape=(n,))
             mm[:] = src
             mm.flush()
@@ -282,7 +293,7 @@ def main() -> None:
                 write_message(proto_out, {"ok": True, "arrays": names,
                                           "forward_s": round(w.last_forward_s, 4)}, outs)
             elif op == "run_dev":
-                w.run_dev(header["key"], header["net"], header["inputs"], header["outputs"])
+                w.run_dev(header["key"], header["net"], header["inputs"], header["outputs"], header.get("shapes"))
                 write_message(proto_out, {"ok": True, "forward_s": round(w.last_forward_s, 4)})
             else:
                 write_message(proto_out, {"ok": False, "error": f"unknown op {op!r}"})

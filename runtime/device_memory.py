@@ -3,7 +3,9 @@
 Per chip = for every bmodel file placed on it, weight + instruct + runtime (what
 `model_tool --info` reports and bmruntime allocates when it loads the file; the nets of a
 combined file share one runtime area) + the I/O tensors the sail runtime allocates on that
-chip (runtime/sail_flux.py `io_plan`: one tensor per role, shared by every net of a kind).
+chip (runtime/sail_flux.py `io_plan_sizes`: one tensor per role and distinct shape, shared by
+every net of a kind; a build of several image sizes has the size-dependent roles once per
+size's shape, all allocated when the build is opened).
 
 This is what the sail stand-in (runtime/sail_sim.py) measures while it runs a build, what
 `fluxc compile` can report and what `fluxc verify` checks against a board's budget:
@@ -130,40 +132,55 @@ def read_info(bmodel) -> str:
         return log.read_text(errors="replace")
 
 
-def io_bytes_per_device(specs: dict, where: dict[str, int]) -> dict[int, int]:
-    """Bytes of the I/O tensors the sail runtime allocates on each chip, for nets placed `where`."""
-    from fluxc.runtime.sail_flux import io_plan, kinds_of  # deferred: sail_flux imports PlannedTensor from here
+def _per_size(specs) -> list[dict]:
+    """`specs` as one mapping per image size: a mapping (one size) or a list of them."""
+    return [specs] if isinstance(specs, dict) else list(specs)
 
-    tensors, _ = io_plan(specs, where, kinds_of(specs))
+
+def io_bytes_per_device(specs, where: dict[str, int]) -> dict[int, int]:
+    """Bytes of the I/O tensors the sail runtime allocates on each chip, for nets placed `where`.
+    `specs`: net name -> piece spec, or a list of those, one per image size of the build."""
+    from fluxc.runtime.sail_flux import io_plan_sizes, kinds_of  # deferred: sail_flux imports PlannedTensor from here
+
+    sizes = _per_size(specs)
+    tensors, _ = io_plan_sizes(sizes, where, kinds_of(sizes[0]))
     out: dict[int, int] = {}
     for t in tensors:
         out[t.device] = out.get(t.device, 0) + t.nbytes
     return out
 
 
-def per_chip_memory(files: list[tuple[int, str]], specs: dict) -> dict[int, dict]:
+def per_chip_memory(files: list[tuple[int, str]], specs) -> dict[int, dict]:
     """Per chip device memory of a build from its files' `model_tool --info` text and their
     chip (`files`: (device, info text)), plus the runtime's I/O tensors. `specs`: net name ->
-    piece spec. The one computation behind `fluxc compile`'s report, the stand-in's check and
-    `fluxc verify`."""
-    from fluxc.runtime.sail_flux import io_plan, kinds_of  # deferred: sail_flux imports PlannedTensor from here
+    piece spec, or a list of those, one per image size (each size's shapes: its stage). The one
+    computation behind `fluxc compile`'s report, the stand-in's check and `fluxc verify`."""
+    from fluxc.runtime.sail_flux import io_plan_sizes, kinds_of  # deferred: sail_flux imports PlannedTensor from here
 
+    sizes = _per_size(specs)
     where, mems = {}, []
     for dev, text in files:
         mems.append((dev, bmodel_memory_from_info(text)))
         for net in parse_info(text).nets:
             where[net.name] = dev
-    missing = [n for n in specs if n not in where]
+    missing = [n for n in sizes[0] if n not in where]
     if missing:
         raise FluxcError(f"no bmodel of the build holds net {missing[0]!r}; rebuild with fluxc compile")
-    tensors, _ = io_plan(specs, where, kinds_of(specs))
+    tensors, _ = io_plan_sizes(sizes, where, kinds_of(sizes[0]))
     return build_device_memory(mems, tensors)
+
+
+def specs_per_size(manifest) -> list[dict]:
+    """net name -> piece spec at each image size of an export (Manifest.at), first size first."""
+    sizes = getattr(manifest, "sizes", None) or [(manifest.dims.height, manifest.dims.width)]
+    return [{s.net_name: s for s in manifest.at(h, w).specs} for h, w in sizes]
 
 
 def device_memory_for_build(chip_dir, manifest, quantize: str) -> dict[int, dict]:
     """Per chip (index) device memory of a compiled build: its bmodels' model_tool figures
-    + the I/O tensors the sail runtime allocates for it (per_chip_memory)."""
+    + the I/O tensors the sail runtime allocates for it at every image size (per_chip_memory).
+    `manifest`: the export as load_manifest reads it (all its sizes)."""
     d = manifest.dims
     files = bmodel_files(Path(chip_dir), d.flux_type, quantize, d.tiny_vae)
     plan = placement(files, len(files["transformer"]))
-    return per_chip_memory([(dev, read_info(f)) for f, dev in plan], {s.net_name: s for s in manifest.specs})
+    return per_chip_memory([(dev, read_info(f)) for f, dev in plan], specs_per_size(manifest))

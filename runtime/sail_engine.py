@@ -46,9 +46,14 @@ def _dtype_name(d) -> str:
 
 class SailEngine(Engine):
     """One bmodel on one chip through sail.EngineLLM (sophon.sail, or the stand-in).
-    Names, shapes and dtypes come from the net. `process` is the host-in/host-out path
-    (one net alone, tensors made per call); the FLUX pipeline uses runtime/sail_flux.py,
-    which keeps activations on the chips."""
+    Names, shapes and dtypes come from the net; `nets` has each net's first stage (a net
+    merged at several image sizes holds one stage per size, the largest first) and
+    `stage_shapes` every stage's input and output shapes, read as sophon-demo's runtime reads
+    them: from `get_input_tensors_addrmode0(net, stage)` / `get_output_tensors_addrmode0`
+    (tensors over the net's own I/O memory; nothing is allocated). `process` is the
+    host-in/host-out path (one net alone, tensors made per call, the stage chosen by the
+    inputs' shapes); the FLUX pipeline uses runtime/sail_flux.py, which keeps activations on
+    the chips."""
 
     def __init__(self, path: Path, device_id: int = 0, sail=None):
         self.sail = sail if sail is not None else import_sail("sail")
@@ -58,6 +63,7 @@ class SailEngine(Engine):
         self.device_id = device_id
         self.engine = self.sail.EngineLLM(str(self.path), [device_id])
         self.nets = {}
+        self.stage_shapes: dict[str, list[tuple[list, list]]] = {}
         e = self.engine
         for g in e.get_graph_names():
             ins = [TensorInfo(e.get_input_name(g, i), tuple(e.get_input_shape(g, i)), _dtype_name(e.get_input_dtype(g, i)))
@@ -65,6 +71,12 @@ class SailEngine(Engine):
             outs = [TensorInfo(e.get_output_name(g, i), tuple(e.get_output_shape(g, i)),
                                _dtype_name(e.get_output_dtype(g, i))) for i in range(e.get_output_num(g))]
             self.nets[g] = NetInfo(g, ins, outs)
+            stages = []
+            for st in range(int(e.get_stage_num(g))):
+                ti, to = e.get_input_tensors_addrmode0(g, st), e.get_output_tensors_addrmode0(g, st)
+                stages.append(([tuple(ti[i].shape()) for i in range(len(ins))],
+                               [tuple(to[i].shape()) for i in range(len(outs))]))
+            self.stage_shapes[g] = stages
 
     def sail_dtype(self, name: str):
         for k, v in SAIL_DTYPES.items():
@@ -75,24 +87,29 @@ class SailEngine(Engine):
     def process(self, net: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ni = self._check_net(net)
         h = self.sail.Handle(self.device_id)
-        ins, outs = {}, {}
-        for i, t in enumerate(ni.inputs):
+        for t in ni.inputs:
             if t.name not in inputs:  # never by position
                 raise FluxcError(f"net {net}: input {t.name!r} not given (have {', '.join(inputs)})")
+        # the stage whose input shapes hold the given arrays (bmruntime picks the stage by shape)
+        sizes = [int(np.asarray(inputs[t.name]).size) for t in ni.inputs]
+        stages = self.stage_shapes.get(net) or [([t.shape for t in ni.inputs], [t.shape for t in ni.outputs])]
+        stage = next((st for st in stages if [int(np.prod(x)) for x in st[0]] == sizes), stages[0])
+        ins, outs = {}, {}
+        for i, (t, shape) in enumerate(zip(ni.inputs, stage[0])):
             if t.dtype == "bfloat16":
                 raise FluxcError(f"net {net}: input {t.name} is bfloat16; feed it through runtime/sail_flux.py")
-            x = np.ascontiguousarray(inputs[t.name], dtype=t.dtype).reshape(t.shape)
-            ins[i] = self.sail.Tensor(h, list(t.shape), self.sail_dtype(t.dtype), True, True)
+            x = np.ascontiguousarray(inputs[t.name], dtype=t.dtype).reshape(shape)
+            ins[i] = self.sail.Tensor(h, list(shape), self.sail_dtype(t.dtype), True, True)
             ins[i].update_data(x)
             ins[i].sync_s2d()
-        for i, t in enumerate(ni.outputs):
-            outs[i] = self.sail.Tensor(h, list(t.shape), self.sail_dtype(t.dtype), True, True)
+        for i, (t, shape) in enumerate(zip(ni.outputs, stage[1])):
+            outs[i] = self.sail.Tensor(h, list(shape), self.sail_dtype(t.dtype), True, True)
         if self.engine.process(net, ins, outs) not in (0, None):
             raise FluxcError(f"sophon.sail failed to run {net} on device {self.device_id}")
         res = {}
-        for i, t in enumerate(ni.outputs):
+        for i, (t, shape) in enumerate(zip(ni.outputs, stage[1])):
             outs[i].sync_d2s()
-            res[t.name] = np.array(outs[i].asnumpy(), dtype=np.float32).reshape(t.shape)
+            res[t.name] = np.array(outs[i].asnumpy(), dtype=np.float32).reshape(shape)
         return res
 
     def close(self) -> None:

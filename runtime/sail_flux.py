@@ -1,7 +1,7 @@
 """FLUX.1 on sophon.sail as the board runs it (and on the stand-in, runtime/sail_sim.py).
 
 Device memory is held like sophon-demo's runtime holds it: one device tensor per role and
-chip, shared by every net of a kind; a block's outputs are written over its inputs (the
+chip (and distinct shape), shared by every net of a kind; a block's outputs are written over its inputs (the
 next block's inputs); activations stay on the chips for the whole step; between chips
 (the BF16 split) tensors are copied device to device. The host sees token ids going in,
 latents (and the timestep / guidance scalars) going in, the noise prediction of each step
@@ -16,6 +16,15 @@ chip as CLIP / T5, else copies made chip to chip once per prompt.
 Shapes and dtypes are the nets' own; before anything is allocated every net is checked
 against the build's piece specs (names, shapes, dtypes: what this runtime feeds), so a
 mismatch is a one-line error and nothing runs.
+
+Several image sizes (a size-dependent net merged as one stage per size, docs/DESIGN.md): the
+stage of each size is the one whose input shapes are that size's specs (read per stage with
+`get_input_tensors_addrmode0(net, stage)`, as the reference reads a net's tensors); every size's
+tensors are allocated when the build is opened, one per role, chip and distinct shape (the
+reference's one set per distinct shape), so the text encoders' tensors, temb and enc are shared
+by all sizes; each call runs the stage its tensors' shapes select (bmruntime's rule), chosen by
+the latents' shape. The rotary table is written into a size's tensor before its first step (and
+again only if another size of the same shape wrote it since).
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ import numpy as np
 
 from fluxc.errors import FluxcError
 from fluxc.runtime.device_memory import PlannedTensor
+from fluxc.runtime.engine import NetInfo, TensorInfo
 
 # (input name -> role, output name -> role) per kind of piece (fluxc.specs.KINDS)
 ROLES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
@@ -61,11 +71,39 @@ def kinds_of(specs: dict) -> dict[str, str]:
 
 
 def io_plan(nets: dict, where: dict[str, int], kinds: dict[str, str]) -> tuple[list[PlannedTensor], dict[str, tuple[list, list]]]:
-    """The device tensors a FLUX build needs and, per net, the (device, role) of each of its
-    inputs and outputs in the net's own order. `nets`: net name -> object with `.inputs` and
-    `.outputs` (each with name, shape, dtype): the opened nets (runtime) or the build's piece
-    specs (compile, verify). `where`: net -> device; `kinds`: net -> piece kind (`kinds_of`).
-    Same-role tensors on one chip are one tensor; the nets must agree on its shape and dtype."""
+    """The device tensors a FLUX build needs at one image size and, per net, the key
+    (device, role, shape) of each of its inputs and outputs in the net's own order. `nets`: net
+    name -> object with `.inputs` and `.outputs` (each with name, shape, dtype): the opened nets
+    (runtime) or the build's piece specs (compile, verify). `where`: net -> device; `kinds`:
+    net -> piece kind (`kinds_of`). Same-role tensors on one chip are one tensor; the nets must
+    agree on its shape and dtype."""
+    tensors, (binds,) = io_plan_sizes([nets], where, kinds)
+    return tensors, binds
+
+
+def io_plan_sizes(sizes: list[dict], where: dict[str, int], kinds: dict[str, str]
+                  ) -> tuple[list[PlannedTensor], list[dict[str, tuple[list, list]]]]:
+    """io_plan over every image size of a build (`sizes`: one `nets` mapping per size, each net
+    with its shapes at that size, i.e. the stage of that size). As sophon-demo's runtime does,
+    there is one device tensor per role, chip and distinct shape: a role whose shape is the same
+    at every size (text encoders, temb, enc) is one tensor shared by all sizes, a size-dependent
+    role (hid, single, rotary, latents, noise, VAE) has one tensor per distinct shape. Returns
+    the union of the tensors and, per size, the binds of every net (keys (device, role, shape))."""
+    union: dict[tuple, PlannedTensor] = {}
+    all_binds = []
+    for nets in sizes:
+        tensors, binds = _io_plan_one(nets, where, kinds)
+        for pt in tensors:
+            key = (pt.device, pt.role, pt.shape)
+            have = union.setdefault(key, pt)
+            if have.dtype != pt.dtype:
+                raise FluxcError(f"the {pt.role} tensor {list(pt.shape)} on device {pt.device} is {have.dtype} at one "
+                                 f"image size and {pt.dtype} at another; rebuild with fluxc compile")
+        all_binds.append(binds)
+    return list(union.values()), all_binds
+
+
+def _io_plan_one(nets: dict, where: dict[str, int], kinds: dict[str, str]) -> tuple[list[PlannedTensor], dict[str, tuple[list, list]]]:
     head = next((n for n in nets if kinds.get(n) == "transformer_head"), None)
     clip_tail = next((n for n in nets if kinds.get(n) == "clip_tail"), None)
     t5_tail = next((n for n in nets if kinds.get(n) == "t5_tail"), None)
@@ -96,10 +134,29 @@ def io_plan(nets: dict, where: dict[str, int], kinds: dict[str, str]) -> tuple[l
                     raise FluxcError(f"net {net}: {kind} {t.name} is {pt.dtype} {list(pt.shape)} but the shared "
                                      f"{key[1]} tensor on device {d} is {have.dtype} {list(have.shape)}; "
                                      "the nets of this build do not fit together: rebuild with fluxc compile")
-                keys.append(key)
+                keys.append((key[0], key[1], pt.shape))
             sides.append(keys)
         binds[net] = (sides[0], sides[1])
     return list(tensors.values()), binds
+
+
+def stage_net(eng, net: str, spec):
+    """The NetInfo of `net` (names as the engine presents them) at the stage whose input shapes
+    are the spec's: the stage bmruntime will run when fed tensors of those shapes. A net of one
+    stage is returned as it is (check_nets then names any mismatch); a net of several stages
+    none of which fits gets a one-line error."""
+    info = eng.nets[net]
+    stages = (getattr(eng, "stage_shapes", None) or {}).get(net) or []
+    if len(stages) <= 1:
+        return info
+    want = [tuple(int(x) for x in t.shape) for t in spec.inputs]
+    for ins, outs in stages:
+        if [tuple(x) for x in ins] == want:
+            return NetInfo(net, [TensorInfo(t.name, tuple(sh), t.dtype) for t, sh in zip(info.inputs, ins)],
+                           [TensorInfo(t.name, tuple(sh), t.dtype) for t, sh in zip(info.outputs, outs)])
+    have = "; ".join(" ".join(str(list(x)) for x in ins) for ins, _ in stages)
+    raise FluxcError(f"{eng.path.name}: net {net} has no stage taking {' '.join(str(list(x)) for x in want)} "
+                     f"(its {len(stages)} stages take {have}); rebuild with fluxc compile")
 
 
 def check_nets(engines_nets: dict[str, object], specs: dict, files: dict[str, str]) -> None:
@@ -144,62 +201,99 @@ def check_nets(engines_nets: dict[str, object], specs: dict, files: dict[str, st
 
 
 class SailFlux:
-    """The device-resident FLUX step on a set of opened SailEngines (one per file)."""
+    """The device-resident FLUX step on a set of opened SailEngines (one per file).
+
+    Several image sizes (issue 11: a size-dependent net holds one stage per size): every size's
+    tensors are allocated at open, one per role, chip and distinct shape (io_plan_sizes), and
+    each call runs the stage its input shape selects, as bmruntime does: the transformer nets
+    the stage of the latents' shape, the VAE decoder the stage of the unpacked latents' shape.
+    `sizes`: the export at each of the build's sizes (Manifest.at), default [manifest]."""
 
     device_resident = True
 
-    def __init__(self, models, manifest):
+    def __init__(self, models, manifest, sizes: list | None = None):
+        views = list(sizes) if sizes else [manifest]
         d = manifest.dims
         self.dims = d
         self.engines = {}
         files = {}
-        nets = {}
         for eng in models.engines:
-            for n, info in eng.nets.items():
-                nets[n] = info
+            for n in eng.nets:
                 self.engines[n] = eng
                 files[n] = eng.path.name
-        specs = {s.net_name: s for s in manifest.specs}
-        check_nets(nets, specs, files)
-        self.where = {n: self.engines[n].device_id for n in nets}
-        self.plan, binds = io_plan(nets, self.where, kinds_of(specs))
+        per_size = []
+        for v in views:
+            specs = {s.net_name: s for s in v.specs}
+            nets = {n: (stage_net(self.engines[n], n, specs[n]) if n in specs else self.engines[n].nets[n])
+                    for n in self.engines}
+            try:
+                check_nets(nets, specs, files)
+            except FluxcError as e:
+                if len(views) == 1:
+                    raise
+                raise FluxcError(f"at {v.dims.width}x{v.dims.height}: {e}") from None
+            per_size.append(nets)
+        self.where = {n: self.engines[n].device_id for n in self.engines}
+        self.plan, binds = io_plan_sizes(per_size, self.where, kinds_of({s.net_name: s for s in manifest.specs}))
         sail = models.engines[0].sail
         self.sail = sail
         handles = {}
-        self.t: dict[tuple[int, str], object] = {}
+        self.t: dict[tuple, object] = {}  # (device, role, shape) -> sail.Tensor
         for p in self.plan:  # the only device allocations of a run
             h = handles.setdefault(p.device, sail.Handle(p.device))
-            shape = list(p.shape)
             dt = models.engines[0].sail_dtype(p.dtype)
-            self.t[(p.device, p.role)] = sail.Tensor(h, shape, dt, p.host, True)
-        self.maps = {n: ({i: self.t[k] for i, k in enumerate(ins)}, {i: self.t[k] for i, k in enumerate(outs)})
-                     for n, (ins, outs) in binds.items()}
-        self.feed_dtype = {(n, t.name): np.dtype(t.dtype) for n, s in specs.items() for t in s.inputs}
+            self.t[(p.device, p.role, p.shape)] = sail.Tensor(h, list(p.shape), dt, p.host, True)
+        # per size: the tensors of each net, and (device, role) -> the tensor of that role at that size
+        self.maps = [{n: ({i: self.t[k] for i, k in enumerate(ins)}, {i: self.t[k] for i, k in enumerate(outs)})
+                      for n, (ins, outs) in b.items()} for b in binds]
+        self.roles = [{(k[0], k[1]): self.t[k] for ins, outs in b.values() for k in ins + outs} for b in binds]
+        self.feed_dtype = {(n, t.name): np.dtype(t.dtype) for v in views for n, s in
+                           {s.net_name: s for s in v.specs}.items() for t in s.inputs}
         # the nets of each kind in pipeline order (fluxc.specs.KINDS): names are never formatted here
         self.kinds: dict[str, list[str]] = {}
         for s in manifest.specs:
             self.kinds.setdefault(s.kind, []).append(s.net_name)
         (self.head,), (self.tail,) = self.kinds["transformer_head"], self.kinds["transformer_tail"]
         self.doubles, self.singles = self.kinds.get("double_block", []), self.kinds.get("single_block", [])
-        self.S, self.D, self.N = d.t5_len, d.inner_dim, d.image_tokens
+        self.S, self.D = d.t5_len, d.inner_dim
         (self.vae,) = self.kinds.get("tiny_vae", []) + self.kinds.get("vae", [])
-        self._rotary_written = False
+        self._size = 0  # the size of the current call (chosen by the input's shape)
+        self._rotary_src: dict[int, object] = {}  # id of a rotary tensor -> the array written into it
 
     # -- helpers
+    def _t(self, dev: int, role: str):
+        return self.roles[self._size][(dev, role)]
+
+    def _has(self, dev: int, role: str) -> bool:
+        return (dev, role) in self.roles[self._size]
+
+    def _pick_size(self, net: str, role: str, shape) -> None:
+        """Select the size (so the nets' stage) whose `role` tensor of `net`'s device has `shape`."""
+        shape = tuple(int(x) for x in shape)
+        dev = self.where[net]
+        for i, r in enumerate(self.roles):
+            t = r.get((dev, role))
+            if t is not None and tuple(t.shape()) == shape:
+                self._size = i
+                return
+        have = sorted({tuple(r[(dev, role)].shape()) for r in self.roles if (dev, role) in r})
+        raise FluxcError(f"{net}: no stage takes {role} of shape {list(shape)} (this build's sizes take "
+                         f"{', '.join(str(list(x)) for x in have)}); pick a size of the build")
+
     def _run(self, net: str) -> None:
-        ins, outs = self.maps[net]
+        ins, outs = self.maps[self._size][net]
         rc = self.engines[net].engine.process(net, ins, outs)
         if rc not in (0, None):
             raise FluxcError(f"sophon.sail failed to run {net} on device {self.where[net]} (code {rc})")
 
     def _put(self, net: str, input_name: str, role: str, x: np.ndarray) -> None:
-        t = self.t[(self.where[net], role)]
+        t = self._t(self.where[net], role)
         t.update_data(np.ascontiguousarray(x, dtype=self.feed_dtype[(net, input_name)]).reshape(t.shape()))
         if t.own_sys_data():
             t.sync_s2d()
 
     def _get(self, dev: int, role: str) -> np.ndarray:
-        t = self.t[(dev, role)]
+        t = self._t(dev, role)
         t.sync_d2s()
         return np.array(t.asnumpy(), dtype=np.float32).reshape(t.shape())
 
@@ -207,7 +301,7 @@ class SailFlux:
               n: int | None = None) -> None:
         if dst == src and off_src == off_dst:
             return
-        a, b = self.t[dst], self.t[src]
+        a, b = self._t(*dst), self._t(*src)
         if n is None:
             n = int(np.prod(b.shape()))
         a.sync_d2d(b, off_src, off_dst, n)
@@ -220,6 +314,7 @@ class SailFlux:
 
     # -- the pipeline's three calls
     def encode(self, clip_ids: np.ndarray, t5_ids: np.ndarray) -> None:
+        self._size = 0  # the text encoders' tensors are the same at every size
         k = self.kinds
         (clip_head,), (clip_tail,), (t5_head,), (t5_tail,) = k["clip_head"], k["clip_tail"], k["t5_head"], k["t5_tail"]
         self._put(clip_head, "input_ids", "clip.ids", clip_ids)
@@ -229,23 +324,25 @@ class SailFlux:
         for net in [t5_head, *k.get("t5_block", []), t5_tail]:
             self._run(net)
         dh = self.where[self.head]
-        self._copy((dh, "head.pooled") if (dh, "head.pooled") in self.t else (dh, "clip.pooled"),
+        self._copy((dh, "head.pooled") if self._has(dh, "head.pooled") else (dh, "clip.pooled"),
                    (self.where[clip_tail], "clip.pooled"))
-        self._copy((dh, "head.t5") if (dh, "head.t5") in self.t else (dh, "t5.hidden"),
+        self._copy((dh, "head.t5") if self._has(dh, "head.t5") else (dh, "t5.hidden"),
                    (self.where[t5_tail], "t5.hidden"))
 
     def _write_rotary(self, rotary: np.ndarray) -> None:
-        for (dev, role), t in self.t.items():
-            if role == "rotary":
+        """The rotary table into this size's rotary tensors, unless they hold it already (written
+        once per size; rewritten only when another size of the same shape used the tensor)."""
+        for (dev, role), t in self.roles[self._size].items():
+            if role == "rotary" and self._rotary_src.get(id(t)) is not rotary:
                 t.update_data(np.ascontiguousarray(rotary, dtype=np.float32).reshape(t.shape()))
                 if t.own_sys_data():
                     t.sync_s2d()
-        self._rotary_written = True
+                self._rotary_src[id(t)] = rotary
 
     def transformer(self, latents: np.ndarray, t: float, guidance: float | None, rotary: np.ndarray) -> np.ndarray:
-        if not self._rotary_written:
-            self._write_rotary(rotary)
         h = self.head
+        self._pick_size(h, "head.latents", latents.shape)
+        self._write_rotary(rotary)
         self._put(h, "hidden_states", "head.latents", latents)
         self._put(h, "timestep", "head.timestep", np.array([t], np.float32))
         if self.dims.guidance_embeds:
@@ -267,7 +364,8 @@ class SailFlux:
                 cur = d
             need_temb(d)
             self._run(net)
-        SD, ND = self.S * self.D, self.N * self.D
+        N = int(latents.shape[1])  # image tokens at this size
+        SD, ND = self.S * self.D, N * self.D
         state = "double"
         for net in self.singles:
             d = self.where[net]
@@ -290,6 +388,7 @@ class SailFlux:
         return self._get(d, "noise")
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
+        self._pick_size(self.vae, "vae.latents", latents.shape)
         self._put(self.vae, "latents", "vae.latents", latents)
         self._run(self.vae)
         return self._get(self.where[self.vae], "vae.image")

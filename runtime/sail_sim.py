@@ -12,10 +12,17 @@ What it models (names and call shapes as in sophon.sail's documented Python API)
   process (runtime/cmodel_worker.py; one per file, see cmodel_client.new_worker). Graph names,
   input/output names, shapes and dtypes come from the bmodel; `process(graph, {i: Tensor},
   {i: Tensor})` runs the net on the tensors' device memory: the bytes never pass through
-  this process. `get_addr_mode` is 0 (TPU-MLIR's `auto` is `basic` on BM1684X), so, as in
-  sail, `get_input_tensors`/`get_output_tensors` return {} and the addrmode0 getters
-  return tensors describing the net's own I/O memory (shape and dtype; their bytes live
-  inside the file's shared runtime memory and are not addressable here).
+  this process.
+- Stages (a net merged at several input shapes, `model_tool --combine`): `get_stage_num`,
+  `get_input_shape(g, i, stage)`, `get_output_shape`, `get_input_max_shape`, and the addrmode0
+  getters per stage, from the stages `model_tool --info` lists (stage 0 first). `process` runs
+  the stage whose input shapes are the input tensors' shapes, as bmruntime chooses it for a
+  static net (no such stage: refused), and wants that stage's output shapes (the board takes
+  any large-enough output buffer; the stand-in is stricter).
+- `get_addr_mode` is 0 (TPU-MLIR's `auto` is `basic` on BM1684X), so, as in sail,
+  `get_input_tensors`/`get_output_tensors` return {} and the addrmode0 getters return tensors
+  describing the net's own I/O memory (shape and dtype; their bytes live inside the file's
+  shared runtime memory and are not addressable here).
 - Accounting per chip: allocations, bytes in use and peak, loaded model memory (weight +
   instruct + runtime from `model_tool --info` of the file, as bmruntime allocates at load),
   host<->device and device<->device bytes. A load or allocation past the chip's memory
@@ -343,15 +350,20 @@ class Tensor:
 
 # ---- engine ------------------------------------------------------------------------------
 
-def _model_memory(path: Path) -> dict:
-    """weight / instruct / runtime bytes of a bmodel, from `model_tool --info` (what
-    bmruntime allocates when it loads the file)."""
+def _model_info(path: Path) -> tuple[dict, dict[str, list[tuple[list, list]]]]:
+    """(weight / instruct / runtime bytes, net -> [(input shapes, output shapes) per stage]) of a
+    bmodel, from `model_tool --info` (what bmruntime allocates when it loads the file, and the
+    stages it holds: one per image size for a net merged at several sizes)."""
+    from fluxc.compile.parse import parse_info  # deferred: the same cycle as below
     from fluxc.runtime.device_memory import bmodel_memory_from_info  # deferred: the same cycle
 
     with tempfile.TemporaryDirectory(prefix="fluxc-sailsim-info-") as td:
         log = Path(td) / "info.log"
         run_tool("model_tool", ["--info", str(Path(path).resolve())], cwd=Path(td), log=log, timeout=300)
-        return bmodel_memory_from_info(log.read_text(errors="replace"))
+        text = log.read_text(errors="replace")
+    stages = {n.name: [([list(t.shape) for t in st["inputs"]], [list(t.shape) for t in st["outputs"]])
+                       for st in n.stages] for n in parse_info(text).nets}
+    return bmodel_memory_from_info(text), stages
 
 
 class EngineLLM:
@@ -365,7 +377,7 @@ class EngineLLM:
         self._chip = chip(self.dev_id)
         if not self.path.is_file():
             raise SailSimError(f"bmodel {self.path} not found")
-        self.memory = _model_memory(self.path)
+        self.memory, stages = _model_info(self.path)
         _charge(self._chip, self.memory["total"], f"loading {self.path.name}")
         self.worker = new_worker()
         self.key = self.worker.new_key()
@@ -380,6 +392,11 @@ class EngineLLM:
             self._chip.models.append(self.path.name)
         self._loaded = True
         self._nets = {n["name"]: n for n in h["nets"]}
+        # per net, its stages' input/output shapes (stage 0 first, as in the file); a net of one
+        # stage (or one model_tool did not list) has the shapes the simulator loaded
+        for name, n in self._nets.items():
+            st = [(i, o) for i, o in stages.get(name, []) if len(i) == len(n["inputs"]) and len(o) == len(n["outputs"])]
+            n["stages"] = st or [([t["shape"] for t in n["inputs"]], [t["shape"] for t in n["outputs"]])]
         self.last_forward_s = 0.0
 
     def close(self) -> None:
@@ -414,8 +431,7 @@ class EngineLLM:
         return 0
 
     def get_stage_num(self, g: str) -> int:
-        self._net(g)
-        return 1
+        return len(self._net(g)["stages"])
 
     def get_is_dynamic(self, g: str) -> bool:
         self._net(g)
@@ -433,10 +449,22 @@ class EngineLLM:
     def get_output_name(self, g: str, i: int) -> str:
         return self._net(g)["outputs"][i]["name"]
 
+    def _stage(self, g: str, stage: int) -> tuple[list, list]:
+        st = self._net(g)["stages"]
+        if not 0 <= int(stage) < len(st):
+            raise SailSimError(f"{g}: no stage {stage} (the net has {len(st)})")
+        return st[int(stage)]
+
     def get_input_shape(self, g: str, i: int, stage: int = 0) -> list[int]:
-        return list(self._net(g)["inputs"][i]["shape"])
+        return list(self._stage(g, stage)[0][i])
 
     def get_output_shape(self, g: str, i: int, stage: int = 0) -> list[int]:
+        return list(self._stage(g, stage)[1][i])
+
+    def get_input_max_shape(self, g: str, i: int) -> list[int]:
+        return list(self._net(g)["inputs"][i]["shape"])  # the simulator's buffers: the largest stage
+
+    def get_output_max_shape(self, g: str, i: int) -> list[int]:
         return list(self._net(g)["outputs"][i]["shape"])
 
     def get_input_dtype(self, g: str, i: int) -> Dtype:
@@ -454,16 +482,17 @@ class EngineLLM:
         self._net(g)
         return {}
 
-    def _net_io(self, g: str, kind: str) -> dict:
+    def _net_io(self, g: str, kind: str, stage: int) -> dict:
         h = Handle(self.dev_id)
-        return {i: Tensor(h, t["shape"], dtype_of(t["dtype"]), False, False, _net_io=f"{g} {kind} {i}")
+        shapes = self._stage(g, stage)[0 if kind == "inputs" else 1]
+        return {i: Tensor(h, shapes[i], dtype_of(t["dtype"]), False, False, _net_io=f"{g} stage {stage} {kind} {i}")
                 for i, t in enumerate(self._net(g)[kind])}
 
     def get_input_tensors_addrmode0(self, g: str, stage: int = 0) -> dict:
-        return self._net_io(g, "inputs")
+        return self._net_io(g, "inputs", stage)
 
     def get_output_tensors_addrmode0(self, g: str, stage: int = 0) -> dict:
-        return self._net_io(g, "outputs")
+        return self._net_io(g, "outputs", stage)
 
     def create_max_input_tensors(self, g: str) -> dict:
         h = Handle(self.dev_id)
@@ -475,24 +504,38 @@ class EngineLLM:
 
     # -- run
     def process(self, g: str, inputs: dict, outputs: dict) -> int:
+        """Run net g on the tensors' device memory. As bmruntime does for a static net, the
+        stage is the one whose input shapes are the input tensors' shapes (none: refused); the
+        output tensors must have that stage's output shapes (stricter than the board, which
+        takes any large-enough buffer)."""
         net = self._net(g)
-        spans = {}
         for kind, given in (("inputs", inputs), ("outputs", outputs)):
             want = net[kind]
             if sorted(given) != list(range(len(want))):
                 raise SailSimError(f"{g}: {kind} map has indices {sorted(given)}, the net has {len(want)}")
-            rows = []
             for i, t in enumerate(want):
                 x = given[i]
                 if x._chip is not self._chip:
                     raise SailSimError(f"{g}: {kind[:-1]} {i} is on device {x._chip.dev_id}, the net runs on "
                                        f"device {self.dev_id}")
-                if x._dtype.value != t["dtype"] or x.size != int(np.prod(t["shape"])):
-                    raise SailSimError(f"{g}: {kind[:-1]} {t['name']!r} is {t['dtype']} {t['shape']}, the tensor "
-                                       f"is {x._dtype.value} {x._shape}")
-                rows.append(list(x.device_file()))
-            spans[kind] = rows
+                if x._dtype.value != t["dtype"]:
+                    raise SailSimError(f"{g}: {kind[:-1]} {t['name']!r} is {t['dtype']}, the tensor is {x._dtype.value}")
+        got = [list(inputs[i]._shape) for i in range(len(net["inputs"]))]
+        stage = next((k for k, (ins, _) in enumerate(net["stages"]) if [list(x) for x in ins] == got), None)
+        if stage is None:
+            have = "; ".join(" ".join(str(list(x)) for x in ins) for ins, _ in net["stages"])
+            raise SailSimError(f"{g}: input shapes {' '.join(str(x) for x in got)} match no stage of the net "
+                               f"(its stages take {have})")
+        ins_shapes, outs_shapes = net["stages"][stage]
+        for i, t in enumerate(net["outputs"]):
+            x = outputs[i]
+            if list(x._shape) != list(outs_shapes[i]):
+                raise SailSimError(f"{g}: output {t['name']!r} of stage {stage} is {t['dtype']} {list(outs_shapes[i])}, "
+                                   f"the tensor is {x._dtype.value} {x._shape}")
+        spans = {"inputs": [list(inputs[i].device_file()) for i in range(len(net["inputs"]))],
+                 "outputs": [list(outputs[i].device_file()) for i in range(len(net["outputs"]))]}
         h, _ = self.worker.request({"op": "run_dev", "key": self.key, "net": g, "inputs": spans["inputs"],
-                                    "outputs": spans["outputs"]})
+                                    "outputs": spans["outputs"], "shapes": [list(x) for x in ins_shapes]})
         self.last_forward_s = h.get("forward_s", 0.0)
+        self.last_stage = stage
         return 0

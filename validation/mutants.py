@@ -8,6 +8,7 @@ recompiles exactly those pieces (and the combined file holding them), nothing el
 
     dst = copy_export(src_export, tmp / "onnx")
     scale_block_weights(dst, "schnell_trans_block_1", 1.25)
+    scale_block_weights(dst, "schnell_trans_block_1", 1.25, size="128x64")  # that size's piece only
     # then: fluxc compile --models <ws with onnx/ = dst> --build-dir <shared cache> ...
 """
 from __future__ import annotations
@@ -26,30 +27,46 @@ def copy_export(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _rehash(export: Path, piece: str) -> None:
+def _entries(man: dict, size: str | None) -> tuple[list, str]:
+    """(manifest entries, their folder) of the first size (size None) or of a further size
+    "WxH" of a several-size export (only the pieces that size has of its own)."""
+    if size is None:
+        return man["pieces"], ""
+    for r in man.get("resolutions") or []:
+        if r["size"] == size and r.get("dir"):
+            return r["pieces"], r["dir"] + "/"
+    raise ValueError(f"the export has no further size {size}")
+
+
+def _rehash(export: Path, piece: str, size: str | None = None) -> None:
     mp = export / "manifest.json"
     man = json.loads(mp.read_text())
-    for e in man["pieces"]:
+    entries, d = _entries(man, size)
+    for e in entries:
         if e["name"] == piece:
-            e["sha256"] = sha256_file(export / e["file"])
+            e["sha256"] = sha256_file(export / d / e["file"])
             if e.get("external_data"):
-                e["external_sha256"] = sha256_file(export / e["external_data"])
+                e["external_sha256"] = sha256_file(export / d / e["external_data"])
     write_json_atomic(mp, man)
 
 
-def _edit_onnx(export: Path, piece: str, fn) -> None:
+def _edit_onnx(export: Path, piece: str, fn, size: str | None = None) -> None:
     import onnx
 
-    path = export / f"{piece}.onnx"
+    entries, d = _entries(json.loads((export / "manifest.json").read_text()), size)
+    if not any(e["name"] == piece for e in entries):
+        raise ValueError(f"{piece} is not a piece of its own at {size or 'the first size'}")
+    path = export / d / f"{piece}.onnx"
     m = onnx.load(str(path))
     fn(m)
     onnx.save(m, str(path))
-    _rehash(export, piece)
+    _rehash(export, piece, size)
 
 
-def map_weights(export: Path, piece: str, fn, min_ndim: int = 2) -> int:
+def map_weights(export: Path, piece: str, fn, min_ndim: int = 2, size: str | None = None) -> int:
     """Apply fn(array) -> array to every float initializer of a piece with ndim >= min_ndim
-    (the weight matrices; biases and norm scales are left alone). Returns how many."""
+    (the weight matrices; biases and norm scales are left alone). Returns how many. `size`: the
+    piece of that further image size ("WxH") of a several-size export, not the first size's."""
     from onnx import numpy_helper
 
     count = [0]
@@ -63,7 +80,7 @@ def map_weights(export: Path, piece: str, fn, min_ndim: int = 2) -> int:
                 m.graph.initializer[i].CopyFrom(new)
                 count[0] += 1
 
-    _edit_onnx(export, piece, edit)
+    _edit_onnx(export, piece, edit, size)
     if not count[0]:
         raise ValueError(f"{piece} has no weight matrices to mutate")
     return count[0]
@@ -73,8 +90,8 @@ def zero_block_weights(export: Path, piece: str) -> int:
     return map_weights(export, piece, np.zeros_like)
 
 
-def scale_block_weights(export: Path, piece: str, scale: float) -> int:
-    return map_weights(export, piece, lambda a: a * np.float32(scale))
+def scale_block_weights(export: Path, piece: str, scale: float, size: str | None = None) -> int:
+    return map_weights(export, piece, lambda a: a * np.float32(scale), size=size)
 
 
 def identity_block(export: Path, piece: str) -> int:

@@ -19,6 +19,13 @@ simulator. What was built comes only from the build record (BM1684X/fluxc_build.
    image PSNR against diffusers' FluxPipeline with the same prompt, seed and resolution.
 When the source checkpoint is not at hand, 3-5 use the exported ONNX pieces instead and the
 report says so. All failures are collected; the caller exits non-zero if any.
+
+A build of several image sizes (issue 11: a size-dependent net holds one stage per size) is
+checked at every size; a check that depends on the size carries it (`size`, "WxH", shown as
+"name @WxH"): structure (each size-dependent net has the stage of each size, its shapes read
+from `model_tool --info`), the rotary table and schedule, the size-dependent pieces on the chip
+(the text encoders run and are checked once; each further size reuses their outputs), and end
+to end. Memory counts the I/O tensors of every size (one per role and distinct shape).
 """
 from __future__ import annotations
 
@@ -85,6 +92,11 @@ class Check:
     ok: bool
     detail: str = ""
     metrics: dict = field(default_factory=dict)
+    size: str = ""  # "WxH" for a check made at one image size of a several-size build
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} @{self.size}" if self.size else self.name
 
 
 @dataclass
@@ -92,8 +104,8 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     info: dict = field(default_factory=dict)
 
-    def add(self, section, name, ok, detail="", **metrics) -> Check:
-        c = Check(section, name, bool(ok), detail, metrics)
+    def add(self, section, name, ok, detail="", size: str = "", **metrics) -> Check:
+        c = Check(section, name, bool(ok), detail, metrics, size)
         self.checks.append(c)
         return c
 
@@ -103,7 +115,7 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"ok": not self.failures, "n_checks": len(self.checks), "n_failures": len(self.failures),
-                "failures": [f"{c.section}: {c.name}: {c.detail}" for c in self.failures],
+                "failures": [f"{c.section}: {c.label}: {c.detail}" for c in self.failures],
                 "info": self.info, "checks": [asdict(c) for c in self.checks]}
 
 
@@ -128,7 +140,7 @@ def _name_ok(got: str, want: str) -> bool:
     return got == want or got.startswith(want + "_")
 
 
-def check_net(rep: Report, spec, net, file: str) -> bool:
+def check_net(rep: Report, spec, net, file: str, size: str = "") -> bool:
     problems = []
     if len(net.inputs) != len(spec.inputs):
         problems.append(f"{len(net.inputs)} inputs, expected {len(spec.inputs)}")
@@ -143,7 +155,7 @@ def check_net(rep: Report, spec, net, file: str) -> bool:
                 problems.append(f"{kind} {w.name} shape {list(g.shape)}, expected {list(w.shape)}")
             if g.dtype != w.dtype:
                 problems.append(f"{kind} {w.name} dtype {g.dtype}, expected {w.dtype}")
-    rep.add("structure", spec.name, not problems, "; ".join(problems) or f"in {file}")
+    rep.add("structure", spec.name, not problems, "; ".join(problems) or f"in {file}", size=size)
     return not problems
 
 
@@ -173,13 +185,15 @@ class Recorder:
         return out
 
 
-def piece_chain(models, man, prompt: str, seed: int, guidance: float, on_piece=None) -> dict:
+def piece_chain(models, man, prompt: str, seed: int, guidance: float, on_piece=None, encoded=None) -> dict:
     """Run every piece once on real activations through `models` (any engine set):
     prompt -> CLIP, T5 -> one transformer call at the first timestep -> VAE on the latents
-    that call predicts. Returns {"calls": piece -> (inputs, outputs), "t": ..., ...}."""
+    that call predicts. Returns {"calls": piece -> (inputs, outputs), "t": ..., ...}.
+    `encoded`: (pooled, T5 states) of this prompt from an earlier chain (a further image size:
+    the text encoders do not depend on it), so only the transformer and the VAE run."""
     rec = Recorder(models, man.specs, on_piece)
     pipe = FluxPipeline(rec, man)
-    pooled, t5 = pipe.encode_prompt(prompt)
+    pooled, t5 = encoded if encoded is not None else pipe.encode_prompt(prompt)
     lat, _ = initial_latents(man.dims, seed)
     pipe.scheduler.set_timesteps(DEFAULT_STEPS[man.dims.flux_type], lat.shape[1])
     t0, s0 = float(pipe.scheduler.timesteps[0]), float(pipe.scheduler.sigmas[0])
@@ -191,24 +205,29 @@ def piece_chain(models, man, prompt: str, seed: int, guidance: float, on_piece=N
             "x0_unpacked": unpack_latents(x0, 2 * (d.height // (d.vae_scale * 2)), 2 * (d.width // (d.vae_scale * 2)))}
 
 
-def torch_reference(R, man, chip: dict, guidance: float) -> tuple[dict, dict]:
-    """(per hop: the original submodules fed the chip's inputs, clean: the original chain)."""
+def torch_reference(R, man, chip: dict, guidance: float, text_clean: dict | None = None) -> tuple[dict, dict]:
+    """(per hop: the original submodules fed the chip's inputs, clean: the original chain).
+    `text_clean`: the clean chain's CLIP and T5 pieces from an earlier size (a chain run with
+    `encoded`): the text encoders are then neither run nor returned."""
     calls = chip["calls"]
     ins = {k: v[0] for k, v in calls.items()}
     p = man.dims.flux_type
     head = ins[f"{p}_head"]
     vae = piece_name("tiny_vae" if man.dims.tiny_vae else "vae")
     hop: dict = {}
-    hop.update(R.clip(ins["clip_head"]["input_ids"], ins))
-    hop.update(R.t5(ins["t5_head"]["input_ids"], ins))
+    clean: dict = {}
+    if text_clean is None:
+        hop.update(R.clip(ins["clip_head"]["input_ids"], ins))
+        hop.update(R.t5(ins["t5_head"]["input_ids"], ins))
     hop.update(R.transformer(head["hidden_states"], chip["t"], guidance, head["pooled_projections"],
                              head["encoder_hidden_states"], ins))
     hop.update(R.vae(ins[vae]["latents"]))
-    clean: dict = {}
-    clean.update(R.clip(ins["clip_head"]["input_ids"]))
-    clean.update(R.t5(ins["t5_head"]["input_ids"]))
-    clean.update(R.transformer(head["hidden_states"], chip["t"], guidance, clean["clip_tail"]["pooled"],
-                               clean["t5_tail"]["encoder_hidden_states"]))
+    if text_clean is None:
+        clean.update(R.clip(ins["clip_head"]["input_ids"]))
+        clean.update(R.t5(ins["t5_head"]["input_ids"]))
+    text = text_clean or clean
+    clean.update(R.transformer(head["hidden_states"], chip["t"], guidance, text["clip_tail"]["pooled"],
+                               text["t5_tail"]["encoder_hidden_states"]))
     noise = clean[f"{p}_tail"]["noise_pred"]
     x0 = head["hidden_states"] - chip["sigma"] * noise
     d = man.dims
@@ -216,17 +235,22 @@ def torch_reference(R, man, chip: dict, guidance: float) -> tuple[dict, dict]:
     return hop, clean
 
 
-def onnx_reference(man, chip: dict, guidance: float, seed: int, prompt: str) -> tuple[dict, dict]:
+def onnx_reference(man, chip: dict, guidance: float, seed: int, prompt: str,
+                   text_clean: dict | None = None) -> tuple[dict, dict]:
     """The same two references from the exported ONNX pieces (when the source is not at hand)."""
     ms = open_onnx(man)
     hop = {}
     for s in man.specs:
+        if s.name not in chip["calls"]:  # a text encoder piece of a chain run with `encoded`
+            continue
         inputs = chip["calls"][s.name][0]
         out = ms.process(s.net_name, inputs)
         vals = list(out.values())
         hop[s.name] = {t.name: np.asarray(out.get(t.name, vals[i]), np.float32).reshape(t.shape)
                        for i, t in enumerate(s.outputs)}
-    clean = {k: v[1] for k, v in piece_chain(ms, man, prompt, seed, guidance)["calls"].items()}
+    encoded = None if text_clean is None else (text_clean["clip_tail"]["pooled"],
+                                                text_clean["t5_tail"]["encoder_hidden_states"])
+    clean = {k: v[1] for k, v in piece_chain(ms, man, prompt, seed, guidance, encoded=encoded)["calls"].items()}
     ms.close()
     return hop, clean
 
@@ -238,7 +262,7 @@ def _residual_input(spec, out_name: str, inputs: dict):
     return inputs[base]
 
 
-def check_piece(rep: Report, spec, built, chip_io, hop_ref: dict, clean_ref: dict) -> Check:
+def check_piece(rep: Report, spec, built, chip_io, hop_ref: dict, clean_ref: dict, size: str = "") -> Check:
     inputs, outs = chip_io
     q = built.quantize
     cos_floor = float(built.tolerance[0])
@@ -268,10 +292,43 @@ def check_piece(rep: Report, spec, built, chip_io, hop_ref: dict, clean_ref: dic
     detail = "; ".join(problems) or (f"{q}: cos {worst['cosine']:.5f} rel {worst['rel_err']:.2e}" +
                                      (f", update cos {worst['delta_cosine']:.4f} rel {worst['delta_rel_err']:.3f}"
                                       if "delta_cosine" in worst else ""))
-    return rep.add("piece", spec.name, not problems, detail, quant=q, cosine_floor=cos_floor,
+    return rep.add("piece", spec.name, not problems, detail, size=size, quant=q, cosine_floor=cos_floor,
                    rel_err_max=REL_ERR[q], delta_cosine_min=DELTA_COSINE[q] if spec.index is not None else None,
                    delta_rel_err_max=DELTA_REL_ERR[q] if spec.index is not None else None,
                    worst={k: float(f"{v:.6g}") for k, v in worst.items()}, outputs=figures)
+
+
+@dataclass
+class SizeView:
+    """The build at one of its image sizes: the export there (Manifest.at), the record's pieces
+    there, the pieces whose spec depends on the size, and the label checks carry ("" for a
+    one-size build, so its report reads as before)."""
+
+    height: int
+    width: int
+    man: object
+    built: dict  # piece name -> BuiltPiece at this size
+    own: set  # pieces checked at this size: all at the first, the size-dependent ones at the others
+    varies: set  # the pieces whose spec differs between sizes (labelled with the size)
+    label: str
+
+    def tag(self, piece: str) -> str:
+        """The size label of a check of `piece` (or of an item that depends on the size: "")."""
+        return self.label if piece in self.varies else ""
+
+
+def build_sizes(man, rec) -> list[SizeView]:
+    """The build's sizes (first first) as SizeViews; one for a one-size build."""
+    sizes = rec.sizes or [(man.dims.height, man.dims.width)]
+    views = [man.at(h, w) for h, w in sizes]
+    first = {s.name: s.to_dict() for s in views[0].specs}
+    varies = {s.name for v in views[1:] for s in v.specs if s.to_dict() != first[s.name]}
+    out = []
+    for i, ((h, w), v) in enumerate(zip(sizes, views)):
+        built = {p.spec.name: p for p in (rec.pieces_at(h, w) if len(sizes) > 1 else rec.pieces)}
+        own = {s.name for s in v.specs} if i == 0 else {s.name for s in v.specs if s.to_dict() != first[s.name]}
+        out.append(SizeView(h, w, v, built, own, varies, f"{w}x{h}" if len(sizes) > 1 else ""))
+    return out
 
 
 def verify_workspace(models: Path, export: Path | None = None, quantize: str | None = None,
@@ -286,22 +343,27 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
     d = man.dims
     q = rec.quantize
     n_steps = steps or DEFAULT_STEPS[d.flux_type]
+    sizes = build_sizes(man, rec)
     rep = Report()
     rep.info.update({"models": str(models), "export": str(exp), "record": str(rec.path), "flux_type": d.flux_type,
                      "quantize": q, "tiny_vae": d.tiny_vae, "resolution": [d.height, d.width],
-                     # a several-size build (issue 11) is verified at its first size; the others
-                     # are stages of the same nets, built from the same weights
+                     # a several-size build (issue 11) is checked at every size; checks that depend
+                     # on the size carry it ("size": "WxH")
                      "build_sizes": rec.size_labels, "budget_mb": budget_mb,
+                     "size_dependent_pieces": sorted(sizes[0].varies),
                      "recipe": rec.raw["recipe"], "devices": rec.devices,
                      "thresholds": {"piece_cosine": "recipe (per piece, from the build record)", "rel_err": REL_ERR,
                                     "delta_cosine": DELTA_COSINE, "delta_rel_err": DELTA_REL_ERR,
                                     "e2e_latent_cosine": E2E_LATENT_COSINE, "e2e_psnr_db": E2E_PSNR_DB}})
+    if len(sizes) > 1:
+        say(f"sizes: {', '.join(rec.size_labels)} (width x height); {len(sizes[0].varies)} size-dependent pieces "
+            "are checked at each size, the others once")
     specs = man.specs
 
     # ---- 1. record vs files
     bad = check_record(rep, rec, exp, say)
     # ---- 2. structure and device memory
-    ms, engines = load_on_simulator(rep, rec, specs, say)
+    ms, engines = load_on_simulator(rep, rec, specs, say, sizes)
     check_device_memory(rep, rec, bad, budget_mb, say)
     if len(engines) < len(specs) or any(c.section in ("record", "structure") and not c.ok for c in rep.checks):
         # figures from files that are not what was built would mean nothing
@@ -312,19 +374,25 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
 
     # ---- 3. reference
     src, R = open_reference(rep, man, reference, say)
-    if R is not None:
-        check_rotary_table(rep, R, man)
-    check_schedule(rep, man, src, n_steps)
+    for z in sizes:
+        if R is not None:
+            check_rotary_table(rep, Reference(R.models, z.man.dims) if z.label else R, z.man, z.label)
+        check_schedule(rep, z.man, src, n_steps, z.label)
 
-    # ---- 4. pieces on real activations, chained on the chip
-    check_pieces_on_chip(rep, ms, man, rec, R, prompt, seed, guidance, pieces, say)
+    # ---- 4. pieces on real activations, chained on the chip (the text encoders once)
+    text = None
+    for z in sizes:
+        text = check_pieces_on_chip(rep, ms, z.man, z, R, prompt, seed, guidance, pieces, say, text)
 
-    # ---- 5. end to end
+    # ---- 5. end to end, at every size
     if e2e:
-        if rep.failures:
-            rep.add("e2e", f"{n_steps}-step generation", False, "skipped: earlier checks failed")
-        else:
-            end_to_end(rep, man, ms, R, q, n_steps, seed, prompt, guidance, say)
+        failed = bool(rep.failures)
+        for z in sizes:
+            if failed:
+                rep.add("e2e", f"{n_steps}-step generation", False, "skipped: earlier checks failed", size=z.label)
+            else:
+                end_to_end(rep, z.man, ms, Reference(R.models, z.man.dims) if (R is not None and z.label) else R,
+                           q, n_steps, seed, prompt, guidance, say, z.label)
     ms.close()
     rep.info["seconds"] = round(time.perf_counter() - t_start, 1)
     return rep
@@ -362,11 +430,16 @@ def check_record(rep: Report, rec, exp: Path, say) -> dict[str, str]:
     return bad
 
 
-def load_on_simulator(rep: Report, rec, specs, say) -> tuple[ModelSet, dict[str, CmodelEngine]]:
+def load_on_simulator(rep: Report, rec, specs, say, sizes: list[SizeView] | None = None
+                      ) -> tuple[ModelSet, dict[str, CmodelEngine]]:
     """2. Every file of the record loaded on the chip simulator: it holds exactly its recorded
     nets, each with its piece spec's inputs and outputs (check_net). Returns the model set and,
-    per piece whose net passed, the engine holding it."""
+    per piece whose net passed, the engine holding it. Several sizes: a size-dependent net is
+    checked at each size against the stage of that size's shapes (`model_tool --info` lists a
+    net's stages; the simulator loads a net with its largest stage's buffers)."""
     say("structure: loading every bmodel of the record on the chip simulator")
+    sizes = sizes or []
+    varies = sizes[0].varies if len(sizes) > 1 else set()
     spec_of = {s.name: s for s in specs}
     ms = ModelSet("cmodel")
     engines: dict[str, CmodelEngine] = {}
@@ -380,17 +453,63 @@ def load_on_simulator(rep: Report, rec, specs, say) -> tuple[ModelSet, dict[str,
             continue
         ms.add(eng)
         extra, missing = sorted(set(eng.nets) - set(f.nets)), sorted(set(f.nets) - set(eng.nets))
+        here = [bp for bp in rec.pieces if bp.file == f.path.name and bp.net in eng.nets]
+        stages = None
+        if any(bp.spec.name in varies for bp in here):
+            stages = net_stages(f.path)
+            if stages is None:
+                rep.add("structure", f.path.name, False, "model_tool --info cannot read it (the stages of its nets)")
+                continue
         rep.add("structure", f.path.name, not extra and not missing,
                 f"nets {extra} not in the record; " * bool(extra) + f"missing nets {missing}" * bool(missing)
-                or f"{len(eng.nets)} nets as recorded")
-        for bp in rec.pieces:
-            if bp.file == f.path.name and bp.net in eng.nets:
-                if check_net(rep, spec_of[bp.spec.name], eng.nets[bp.net], f.path.name):
-                    engines[bp.spec.name] = eng
+                or f"{len(eng.nets)} nets as recorded"
+                + (f", {max(len(v) for v in stages.values())} stages (one per size)" if stages else ""))
+        for bp in here:
+            name = bp.spec.name
+            if name not in varies:
+                if check_net(rep, spec_of[name], eng.nets[bp.net], f.path.name):
+                    engines[name] = eng
+                continue
+            ok = True
+            for z in sizes:
+                spec = z.man.spec(name)
+                ok &= check_net(rep, spec, at_stage(eng.nets[bp.net], stages.get(bp.net, []), spec),
+                                f.path.name, z.label)
+            if ok:
+                engines[name] = eng
     for s in specs:
         if s.name not in engines and not any(c.name == s.name for c in rep.checks):
             rep.add("structure", s.name, False, f"net {s.net_name!r} not loaded from {rec.piece(s.name).file}")
     return ms, engines
+
+
+def net_stages(path: Path) -> dict[str, list[tuple[list, list]]] | None:
+    """net -> [(input shapes, output shapes) per stage] of a bmodel, from a fresh
+    `model_tool --info` (None if it cannot read the file)."""
+    from fluxc.compile.parse import parse_info
+
+    with tempfile.TemporaryDirectory(prefix="fluxc-verify-") as td:
+        log = Path(td) / "info.log"
+        try:
+            run_tool("model_tool", ["--info", str(Path(path).resolve())], cwd=Path(td), log=log, timeout=300)
+            nets = parse_info(log.read_text(errors="replace")).nets
+        except (ToolError, ValueError):
+            return None
+    return {n.name: [([list(t.shape) for t in st["inputs"]], [list(t.shape) for t in st["outputs"]])
+                     for st in n.stages] for n in nets}
+
+
+def at_stage(net, stages: list[tuple[list, list]], spec):
+    """The loaded net (names, dtypes) with the shapes of its stage whose input shapes are the
+    spec's; no such stage: the net as loaded (check_net then names the shapes that differ)."""
+    from fluxc.runtime.engine import NetInfo, TensorInfo
+
+    want = [list(t.shape) for t in spec.inputs]
+    for ins, outs in stages:
+        if [list(x) for x in ins] == want and len(ins) == len(net.inputs) and len(outs) == len(net.outputs):
+            return NetInfo(net.name, [TensorInfo(t.name, tuple(sh), t.dtype) for t, sh in zip(net.inputs, ins)],
+                           [TensorInfo(t.name, tuple(sh), t.dtype) for t, sh in zip(net.outputs, outs)])
+    return net
 
 
 def check_device_memory(rep: Report, rec, bad: dict[str, str], budget_mb: float, say) -> None:
@@ -398,9 +517,13 @@ def check_device_memory(rep: Report, rec, bad: dict[str, str], budget_mb: float,
     say("memory: per device as the build record places the files (model_tool --info figures of the record "
         "for files whose sha256 matches, measured again otherwise) plus the I/O tensors the sail runtime "
         "allocates there")
-    io = io_bytes_per_device({p.net: p.spec for p in rec.pieces}, {p.net: p.device for p in rec.pieces})
+    # the I/O tensors of every size (one per role, chip and distinct shape, as the sail runtime allocates them)
+    per_size = ([{p.net: p.spec for p in rec.pieces_at(h, w)} for h, w in rec.sizes] if len(rec.sizes) > 1
+                else [{p.net: p.spec for p in rec.pieces}])
+    io = io_bytes_per_device(per_size, {p.net: p.device for p in rec.pieces})
+    of = f" of {len(per_size)} sizes" if len(per_size) > 1 else ""
     for dev in range(rec.devices):
-        total, parts, unread = io.get(dev, 0), [f"I/O tensors {io.get(dev, 0) / 2**20:.1f} MB"], []
+        total, parts, unread = io.get(dev, 0), [f"I/O tensors{of} {io.get(dev, 0) / 2**20:.1f} MB"], []
         for f in rec.on_device(dev):
             if f.path.name not in bad and f.memory.get("device"):
                 m = {"total": int(f.memory["device"])}
@@ -441,22 +564,22 @@ def open_reference(rep: Report, man, reference: str, say):
     return src, Reference(ReferenceModels(src, say=say), man.dims)
 
 
-def check_rotary_table(rep: Report, R, man) -> None:
+def check_rotary_table(rep: Report, R, man, size: str = "") -> None:
     """3. The export's rotary table against diffusers' FluxPosEmbed at the export's resolution."""
     d = man.dims
     table = np.load(man.rotary_path)
     c_ref, s_ref = R.rotary()
     if table.shape != tuple(d.rotary_shape):
-        rep.add("reference", "rotary_emb.npy", False, f"shape {table.shape}, expected {d.rotary_shape}")
+        rep.add("reference", "rotary_emb.npy", False, f"shape {table.shape}, expected {d.rotary_shape}", size=size)
     else:
         c, s = rotary_from_table(table)
         err = max(float(np.abs(c - c_ref).max()), float(np.abs(s - s_ref).max()))
         rep.add("reference", "rotary_emb.npy", err <= ROTARY_MAX_ERR,
                 f"max |table - FluxPosEmbed| {err:.2e} (<= {ROTARY_MAX_ERR}) at {d.width}x{d.height}",
-                max_abs_err=err)
+                size=size, max_abs_err=err)
 
 
-def check_schedule(rep: Report, man, src, n_steps: int) -> None:
+def check_schedule(rep: Report, man, src, n_steps: int, size: str = "") -> None:
     """3. The runtime's timesteps and sigmas (the export's scheduler config) against diffusers'
     FlowMatchEulerDiscreteScheduler (the source's config when at hand)."""
     d = man.dims
@@ -472,38 +595,54 @@ def check_schedule(rep: Report, man, src, n_steps: int) -> None:
                 f"{n_steps} steps vs diffusers' FlowMatchEulerDiscreteScheduler ({sched_cfg_path}): max timestep "
                 f"err {ts_err * 1000:.3g}, sigma err {sg_err:.3g}" + (
                     f"; ours {np.round(ours.timesteps, 2).tolist()} vs {np.round(ts_ref, 2).tolist()}"
-                    if err > SCHEDULE_MAX_ERR else ""), max_err=err)
+                    if err > SCHEDULE_MAX_ERR else ""), size=size, max_err=err)
     except ImportError as e:
-        rep.add("reference", "scheduler", True, f"not checked: {e.name} not installed")
+        rep.add("reference", "scheduler", True, f"not checked: {e.name} not installed", size=size)
 
 
-def check_pieces_on_chip(rep: Report, ms, man, rec, R, prompt: str, seed: int, guidance: float,
-                         pieces: str | None, say) -> None:
-    """4. Every piece (those matching `pieces` if given) on real activations chained on the chip
-    against the reference fed the same inputs (check_piece); the drift along the chain goes
-    to the report's info."""
+def check_pieces_on_chip(rep: Report, ms, man, z: SizeView, R, prompt: str, seed: int, guidance: float,
+                         pieces: str | None, say, text: tuple | None = None) -> tuple:
+    """4. Every piece of size `z` that is checked there (z.own; those matching `pieces` if
+    given) on real activations chained on the chip against the reference fed the same inputs
+    (check_piece); the drift along the chain goes to the report's info. `text`: what the first
+    size's call returned, so a further size reuses the text encoders' outputs (chip and clean
+    reference) instead of running them again. Returns that for the next size."""
     specs = man.specs
-    say(f"pieces: {len(specs)} pieces chained on the chip simulator (prompt -> text encoders -> one "
-        f"transformer call -> VAE)")
+    at = f" at {z.label}" if z.label else ""
+    say(f"pieces{at}: {len(z.own)} pieces chained on the chip simulator (" +
+        ("prompt -> text encoders -> " if text is None else "the text encoders' outputs -> ") +
+        "one transformer call -> VAE)")
     t0 = time.perf_counter()
-    chip_run = piece_chain(ms, man, prompt, seed, guidance, on_piece=lambda n: say(f"  chip: {n}"))
+    chip_run = piece_chain(ms, man, prompt, seed, guidance, on_piece=lambda n: say(f"  chip: {n}"),
+                           encoded=None if text is None else text[0])
     say(f"  chip chain {time.perf_counter() - t0:.1f} s; reference per hop and clean chain ...")
     t0 = time.perf_counter()
+    text_clean = None if text is None else text[1]
     if R is not None:
-        hop_ref, clean_ref = torch_reference(R, man, chip_run, guidance)
+        hop_ref, clean_ref = torch_reference(R if not z.label else Reference(R.models, man.dims), man, chip_run,
+                                             guidance, text_clean)
     else:
-        hop_ref, clean_ref = onnx_reference(man, chip_run, guidance, seed, prompt)
+        hop_ref, clean_ref = onnx_reference(man, chip_run, guidance, seed, prompt, text_clean)
     say(f"  reference {time.perf_counter() - t0:.1f} s")
-    built = {p.spec.name: p for p in rec.pieces}
     for s in specs:
-        if pieces and not fnmatch.fnmatch(s.name, pieces):
+        if s.name not in z.own or (pieces and not fnmatch.fnmatch(s.name, pieces)):
             continue
-        c = check_piece(rep, s, built[s.name], chip_run["calls"][s.name], hop_ref[s.name], clean_ref[s.name])
-        say(f"  {s.name:<28} {'ok  ' if c.ok else 'FAIL'} {c.detail}")
+        c = check_piece(rep, s, z.built[s.name], chip_run["calls"][s.name], hop_ref[s.name], clean_ref[s.name],
+                        z.tag(s.name))
+        say(f"  {c.label:<28} {'ok  ' if c.ok else 'FAIL'} {c.detail}")
     # drift along the chain (reported; the per-hop checks above decide)
-    rep.info["drift_cosine"] = chain_drift(specs, chip_run, clean_ref)
+    drift = chain_drift([s for s in specs if s.name in chip_run["calls"]], chip_run, clean_ref)
+    if text is None:
+        rep.info["drift_cosine"] = drift
+    else:
+        rep.info.setdefault("drift_cosine_by_size", {})[z.label] = drift
     if pieces:
         rep.info["pieces_only"] = pieces
+    if text is not None:
+        return text
+    kinds = {s.kind: s.name for s in specs}
+    return ((chip_run["pooled"], chip_run["t5"]),
+            {"clip_tail": clean_ref[kinds["clip_tail"]], "t5_tail": clean_ref[kinds["t5_tail"]]})
 
 
 def chain_drift(specs, chip_run: dict, clean_ref: dict) -> dict[str, float]:
@@ -535,8 +674,10 @@ def _quiet_libraries() -> None:
         pass
 
 
-def end_to_end(rep: Report, man, ms, R, q: str, steps: int, seed: int, prompt: str, guidance: float, say) -> None:
-    say(f"end to end: {steps} steps on the chip simulator ...")
+def end_to_end(rep: Report, man, ms, R, q: str, steps: int, seed: int, prompt: str, guidance: float, say,
+               size: str = "") -> None:
+    at = f" at {size}" if size else ""
+    say(f"end to end{at}: {steps} steps on the chip simulator ...")
     t0 = time.perf_counter()
     got = FluxPipeline(ms, man)(prompt, None, steps, guidance, seed,
                                 on_step=lambda i, n: say(f"  chip step {i}/{n}"))
@@ -560,6 +701,6 @@ def end_to_end(rep: Report, man, ms, R, q: str, steps: int, seed: int, prompt: s
     rep.add("e2e", f"{steps}-step generation", ok,
             f"vs {what}: latent cosine {lat_cos:.5f} (>= {E2E_LATENT_COSINE[q]}), rel. error {lat_rel:.4f}, "
             f"image PSNR {p:.2f} dB (>= {E2E_PSNR_DB[q]})",
-            latent_cosine=round(lat_cos, 6), latent_rel_err=round(lat_rel, 6), psnr_db=round(p, 3),
+            size=size, latent_cosine=round(lat_cos, 6), latent_rel_err=round(lat_rel, 6), psnr_db=round(p, 3),
             chip_s=round(t1 - t0, 2), reference_s=round(t2 - t1, 2), steps=steps, seed=seed, prompt=prompt,
             reference=what)

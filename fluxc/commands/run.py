@@ -57,10 +57,7 @@ def open_pipeline(models: Path, backend: str, quantize: str | None = None, flux_
     d = man.dims
     d.check_asked(flux_type, tiny_vae, f"the export in {exp}")
     if backend in SAIL_BACKENDS:
-        if (height and height != d.height) or (width and width != d.width) or len(man.sizes) > 1:
-            raise FluxcError(f"the sail backends run one-size builds at their size for now (this export holds "
-                             f"{', '.join(man.size_labels)}, width x height); use --backend cmodel or onnx")
-        return _open_sail(loc.chip, backend, man, quantize, devices, say)
+        return _open_sail(loc.chip, backend, man, quantize, devices, say, height, width)
     if backend == "onnx":
         if quantize:
             warnings.warn("--quantize is ignored by the onnx backend (it runs the float export)")
@@ -127,14 +124,20 @@ def _open_download(plan, backend: str, devices, height, width, say, runtime_chip
     return pipe, ms, man.quantize
 
 
-def _open_sail(chip_dir: Path, backend: str, man, quantize, devices, say):
+def _open_sail(chip_dir: Path, backend: str, man, quantize, devices, say, height=None, width=None):
     """Check the device ids, open the build's bmodels through sail (or the stand-in) and lay
-    out the device tensors (runtime/sail_flux.py). Nothing runs unless all of it fits."""
+    out the device tensors of every size of the build (runtime/sail_flux.py); the pipeline runs
+    at the size asked for. Nothing runs unless all of it fits."""
     d = man.dims
     sail = import_sail(backend)
     # What was built comes from the build record only (fluxc/build_record.py).
     rec = read_build(chip_dir, d, quantize)
     rec.check_export(man.export_dir)
+    h, w = pick_size(rec.sizes, height, width, "this build")
+    views = [man.at(*z) for z in rec.sizes]
+    for (zh, zw), v in zip(rec.sizes, views):
+        if {s.name: s for s in v.specs} != {p.spec.name: p.spec for p in rec.pieces_at(zh, zw)}:
+            raise FluxcError(f"{rec.path} does not describe this export at {zw}x{zh}; run fluxc compile again")
     n_tr = rec.devices
     devices = list(devices) if devices else list(range(n_tr))
     if len(devices) < n_tr:
@@ -142,11 +145,11 @@ def _open_sail(chip_dir: Path, backend: str, man, quantize, devices, say):
     check_devices(sail, devices)
     ms, q = open_bmodels(backend, rec.chip_dir, d, quantize, devices, progress=say, record=rec)
     try:
-        ms.device_resident = SailFlux(ms, man)
+        ms.device_resident = SailFlux(ms, man, views)
     except BaseException:
         ms.close()
         raise
-    return FluxPipeline(ms, man), ms, q
+    return FluxPipeline(ms, views[rec.sizes.index((h, w))]), ms, q
 
 
 def device_memory_lines(backend: str) -> list[str]:

@@ -51,11 +51,13 @@ def verify(
 
     rep = verify_workspace(m, export, quantize, flux_type, budget, e2e=not no_e2e, steps=steps, seed=seed, pieces=pieces,
                            guidance=guidance, reference=reference, say=say)
-    table = Table(title=f"fluxc verify: {rep.info['flux_type']} {rep.info['quantize']} ({m})")
+    sizes = rep.info.get("build_sizes") or []
+    table = Table(title=f"fluxc verify: {rep.info['flux_type']} {rep.info['quantize']} ({m})"
+                  + (f"; sizes {', '.join(sizes)}: a size-dependent check is named 'item @WxH'" if len(sizes) > 1 else ""))
     for col in ("check", "item", "result", "detail"):
         table.add_column(col, overflow="fold")
     for c in rep.checks:
-        table.add_row(c.section, c.name, "[green]ok[/green]" if c.ok else "[red]FAIL[/red]", c.detail)
+        table.add_row(c.section, c.label, "[green]ok[/green]" if c.ok else "[red]FAIL[/red]", c.detail)
     con.print(table)
     out = Path(report) if report else workspace.locate(m).chip / "verify_report.json"
     write_json_atomic(out, rep.to_dict())
@@ -66,6 +68,6 @@ def verify(
     con.print(f"report: {out}")
     if rep.failures:
         con.print(f"[red]{len(rep.failures)} check(s) failed:[/red] " +
-                  ", ".join(f"{c.name}" for c in rep.failures))
+                  ", ".join(c.label for c in rep.failures))
         raise typer.Exit(1)
     con.print(f"[green]all {len(rep.checks)} checks passed[/green]")

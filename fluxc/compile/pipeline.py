@@ -362,7 +362,8 @@ def _device_memory(exp: ExportIn, combined: list[CombinedResult], n_dev: int, ch
         fam = family[c.data["pieces"][0]]
         files.append((placement(fam, seen.get(fam, 0), n_dev), c.info_text))
         seen[fam] = seen.get(fam, 0) + 1
-    per_chip = per_chip_memory(files, {p.spec.net_name: p.spec for p in exp.pieces})
+    # the runtime's I/O tensors at every image size (one per role, chip and distinct shape)
+    per_chip = per_chip_memory(files, [{p.spec.net_name: p.spec for p in z.pieces} for z in (exp.sizes or [exp])])
     board = TARGET_BOARD.get(chip)
     budget = BUDGET_MB.get(board) if board else None
     return {"board": board, "budget_mb": budget,

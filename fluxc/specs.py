@@ -31,6 +31,7 @@ GROUPS = (
     "transformer_block",
     "transformer_tail",
     "vae",
+    "vae_encoder",
 )
 
 @dataclass(frozen=True)
@@ -72,11 +73,20 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          "{t}_tail", "tail"),
     Kind("vae", "vae", "vae", "vae", ("decoder.", "post_quant_conv."), "vae_decoder", "vae"),
     Kind("tiny_vae", "vae", "vae", "tiny_vae", ("decoder.", "post_quant_conv."), "tiny_vae_decoder", "tiny vae"),
+    # image input (issue 19): the encoder, exported with --image-input (always for Kontext)
+    Kind("vae_encoder", "vae_encoder", "vae_encoder", "vae", ("encoder.", "quant_conv."), "vae_encoder",
+         "vae encoder"),
+    Kind("tiny_vae_encoder", "vae_encoder", "vae_encoder", "tiny_vae", ("encoder.",), "tiny_vae_encoder",
+         "tiny vae encoder"),
 )}
 
 # Which combined bmodel ("family") a piece ends up in, and the quantisation groups, in order.
 FAMILIES = tuple(dict.fromkeys(k.family for k in KINDS.values()))
 GROUPS = tuple(dict.fromkeys(k.group for k in KINDS.values()))
+
+
+# Families whose nets share one name whichever VAE the build holds.
+NET_NAMES = {"vae": "vae_decoder", "vae_encoder": "vae_encoder"}
 
 
 def piece_name(kind: str, flux_type: str | None = None, index: int | None = None) -> str:
@@ -134,8 +144,8 @@ class PieceSpec:
     def net_name(self) -> str:
         """Net name inside the bmodel. The sophon-demo runtime opens `vae_decoder` in both
         VAE files; its own compile script named the tiny one `tiny_vae_decoder`, which that
-        runtime cannot open. We name both nets `vae_decoder`."""
-        return "vae_decoder" if self.family == "vae" else self.name
+        runtime cannot open. We name both nets `vae_decoder` (and both encoders `vae_encoder`)."""
+        return NET_NAMES.get(self.family, self.name)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -214,6 +224,8 @@ class FluxDims:
     latent_channels: int
     vae_scale: int  # spatial factor, 8 for FLUX
     tiny_vae: bool
+    # image input (issue 19): the VAE encoder is a piece of the export (--image-input)
+    image_input: bool = False
 
     def __post_init__(self) -> None:
         if self.flux_type not in FLUX_TYPES:
@@ -322,7 +334,20 @@ def piece_specs(d: FluxDims) -> list[PieceSpec]:
     specs.append(PieceSpec(piece_name(vae), vae, None,
                            (_f("latents", 1, d.latent_channels, d.latent_h, d.latent_w),),
                            (_f("image", 1, 3, d.height, d.width),)))
+    if d.image_input:  # last, so that the text-to-image pieces keep their order and specs
+        specs.append(encoder_spec(d))
     return specs
+
+
+def encoder_spec(d: FluxDims) -> PieceSpec:
+    """The VAE encoder: image[1,3,H,W] in [-1,1] (as diffusers' image processor gives it) ->
+    AutoencoderKL: moments[1,2C,H/8,W/8] (mean then logvar, what diffusers' latent distribution
+    is made of; the sampling, shift and scale happen in the runtime, where diffusers does them);
+    AutoencoderTiny: latents[1,C,H/8,W/8] (taef1's encoder output, used as it is)."""
+    C, h, w = d.latent_channels, d.latent_h, d.latent_w
+    kind = "tiny_vae_encoder" if d.tiny_vae else "vae_encoder"
+    out = _f("latents", 1, C, h, w) if d.tiny_vae else _f("moments", 1, 2 * C, h, w)
+    return PieceSpec(piece_name(kind), kind, None, (_f("image", 1, 3, d.height, d.width),), (out,))
 
 
 def specs_by_name(specs: list[PieceSpec]) -> dict[str, PieceSpec]:

@@ -21,7 +21,7 @@ from fluxc.errors import FluxcError
 from fluxc.runtime.backends import open_engine
 from fluxc.runtime.engine import Engine
 from fluxc.runtime.onnx_engine import OnnxEngine
-from fluxc.specs import piece_specs
+from fluxc.specs import FAMILIES, piece_specs
 
 QUANTIZE = ("W4BF16", "BF16")
 BACKENDS = ("cmodel", "onnx", "sail")
@@ -65,7 +65,7 @@ def bmodel_files(chip_dir: Path, flux_type: str | None = None, quantize: str | N
         raise FluxcError(f"{rec.path} is a {rec.flux_type} build{' (tiny VAE)' if rec.tiny_vae else ''}, not "
                          f"{flux_type}; {RECOMPILE}")
     return {fam: [f.path for f in sorted(rec.files_of(fam), key=lambda f: f.device)]
-            for fam in ("clip", "t5", "transformer", "vae")}
+            for fam in FAMILIES}
 
 
 def _piece_specs(dims):

@@ -36,6 +36,9 @@ def export(
     lora: Optional[list[str]] = typer.Option(
         None, "--lora", help="FILE[:SCALE] LoRA (.safetensors; diffusers, kohya or ComfyUI keys) fused into the "
                              "weights at SCALE (default 1); repeat to stack LoRAs"),
+    image_input: bool = typer.Option(
+        False, "--image-input", help="Also export the VAE encoder (the tiny VAE's with --tiny-vae), so that the build "
+        "takes an input image: `fluxc run --image in.png --strength 0.6` (img2img)"),
 ) -> None:
     """Export FLUX.1 to one ONNX file per piece (block by block, low memory), plus tokenizers,
     rotary table, configs and manifest.json. Re-running with the same inputs rewrites nothing.
@@ -45,6 +48,8 @@ def export(
     Example with LoRAs: fluxc export ./FLUX.1-dev --lora style.safetensors:0.8 --lora detail.safetensors
 
     Example with two sizes: fluxc export ./FLUX.1-schnell --resolution 1024x1024 --resolution 1344x768
+
+    Example for img2img: fluxc export ./FLUX.1-dev --height 512 --width 512 --image-input
     """
     loras = [parse_lora_arg(x) for x in lora or []]  # a bad scale fails before any weight is read
     sizes = None
@@ -61,7 +66,7 @@ def export(
 
     res = run_export(ExportOptions(model=model, out=out, models=models, flux_type=flux_type,
                                    height=height or 1024, width=width or 1024, resolutions=sizes, t5_len=t5_seq_len, tiny_vae=tiny_vae, force=force, probe=probe,
-                                   loras=loras))
+                                   loras=loras, image_input=image_input))
     probes = f", {res.probes} probe piece(s) in probe/" if res.probes else ""
     if res.sizes and len(res.sizes) > 1:
         probes += f"; sizes (width x height) {', '.join(res.sizes)}"

@@ -60,7 +60,7 @@ def vae_scale(vae_cfg: dict[str, Any]) -> int:
 
 def build_dims(*, flux_type: str, height: int, width: int, t5_len: int,
                transformer: dict[str, Any], clip: dict[str, Any], t5: dict[str, Any],
-               vae: dict[str, Any], tiny_vae: dict[str, Any] | None) -> FluxDims:
+               vae: dict[str, Any], tiny_vae: dict[str, Any] | None, image_input: bool = False) -> FluxDims:
     scale = vae_scale(vae)
     check_resolution(height, width, 2 * scale)
     check_t5_len(t5_len)
@@ -84,5 +84,5 @@ def build_dims(*, flux_type: str, height: int, width: int, t5_len: int,
         joint_attention_dim=int(transformer.get("joint_attention_dim", 4096)),
         pooled_projection_dim=int(transformer.get("pooled_projection_dim", 768)),
         guidance_embeds=bool(transformer.get("guidance_embeds", False)),
-        latent_channels=latent_ch, vae_scale=scale, tiny_vae=tiny_vae is not None,
+        latent_channels=latent_ch, vae_scale=scale, tiny_vae=tiny_vae is not None, image_input=bool(image_input),
     )

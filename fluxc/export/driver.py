@@ -54,6 +54,7 @@ class ExportOptions:
     # --resolution: (height, width) per image size of the build, the first one = (height, width);
     # None: the one size (height, width)
     resolutions: list[tuple[int, int]] | None = None
+    image_input: bool = False  # also export the VAE encoder (img2img; issue 19)
 
     def sizes(self) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = [(self.height, self.width)]
@@ -91,7 +92,7 @@ def resolve_inputs(opts: ExportOptions) -> tuple[Checkpoint, str, FluxDims, Path
     dims = build_dims(flux_type=flux_type, height=opts.height, width=opts.width, t5_len=opts.t5_len,
                       transformer=ckpt.configs["transformer"], clip=ckpt.configs["text_encoder"],
                       t5=ckpt.configs["text_encoder_2"], vae=ckpt.configs["vae"],
-                      tiny_vae=ckpt.configs.get("tiny_vae"))
+                      tiny_vae=ckpt.configs.get("tiny_vae"), image_input=opts.image_input)
     if opts.out is not None:
         out = Path(opts.out)
     else:
@@ -133,6 +134,8 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
                "tiny_vae": opts.tiny_vae, "probe": opts.probe}
     if lora_records:
         options["lora"] = lora_records
+    if opts.image_input:
+        options["image_input"] = True
     if len(opts.sizes()) > 1:
         options["resolutions"] = [size_label(h, w) for h, w in opts.sizes()]
     if old is not None and (todo or old.get("complete") is not True) and (out / mf.MANIFEST).exists():

@@ -242,6 +242,8 @@ def run(
         from fluxc.runtime.image_input import trim_timesteps
 
         if not any(s.family == "vae_encoder" for s in pipe.manifest.specs):
+            if getattr(ms, "device_resident", None) is not None:
+                ms.device_resident.close()
             ms.close()
             raise FluxcError("this build has no VAE encoder, so it takes no --image; re-export with "
                              "`fluxc export --image-input` and compile again")

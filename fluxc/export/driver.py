@@ -31,7 +31,7 @@ from fluxc.export.probes import export_probes, probe_specs, want_probe
 from fluxc.export.progress import progress
 from fluxc.export.side_files import sync_side_files
 from fluxc.export.sizes import export_sizes, size_specs
-from fluxc.export.source import HUB_IDS, detect_flux_type, resolve
+from fluxc.export.source import HUB_IDS, detect_flux_type, refuse_unsupported_pipeline, resolve
 from fluxc.export.weights import prune_unused
 from fluxc.specs import FLUX_TYPES, FluxDims, PieceSpec, piece_specs
 from fluxc.versions import library_versions
@@ -88,6 +88,7 @@ def resolve_inputs(opts: ExportOptions) -> tuple[Checkpoint, str, FluxDims, Path
     source = resolve(model, what="model")
     tiny = resolve(opts.tiny_vae, what="tiny VAE", patterns=TINY_VAE_PATTERNS) if opts.tiny_vae else None
     ckpt = Checkpoint(source, tiny)
+    refuse_unsupported_pipeline(ckpt.folder)
     flux_type = detect_flux_type(ckpt.configs["transformer"], opts.flux_type, ckpt.folder)
     dims = build_dims(flux_type=flux_type, height=opts.height, width=opts.width, t5_len=opts.t5_len,
                       transformer=ckpt.configs["transformer"], clip=ckpt.configs["text_encoder"],

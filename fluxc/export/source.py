@@ -146,6 +146,19 @@ def check_flux_folder(folder: Path) -> None:
             raise FluxcError(f"{folder} is not a complete FLUX.1 checkpoint ({tok}/ is missing)")
 
 
+def refuse_unsupported_pipeline(folder: Path) -> None:
+    """FLUX.1 Kontext (model_index.json: FluxKontextPipeline) shares dev's transformer config, so it
+    would pass for dev; its reference-image tokens are not built yet (issue 19): say so."""
+    p = Path(folder) / "model_index.json"
+    try:
+        cls = json.loads(p.read_text()).get("_class_name") if p.is_file() else None
+    except ValueError:
+        return
+    if cls == "FluxKontextPipeline":
+        raise FluxcError(f"{folder} is FLUX.1 Kontext (FluxKontextPipeline), which fluxc does not export yet; "
+                         "export FLUX.1-dev or FLUX.1-schnell")
+
+
 def detect_flux_type(transformer_cfg: dict[str, Any], given: str | None, folder: Path) -> str:
     detected = "dev" if transformer_cfg.get("guidance_embeds", False) else "schnell"
     if given is not None and given != detected:

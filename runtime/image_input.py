@@ -11,6 +11,11 @@ FluxImg2ImgPipeline (0.42.1) makes it.
   trimmed by strength (get_timesteps: t_start = int(steps - min(steps*strength, steps))); the noise
   (the generator's next draw, of the latent shape) mixed in at the first kept sigma
   (FlowMatchEulerDiscreteScheduler.scale_noise: sigma*noise + (1-sigma)*latents), then packed.
+- Kontext (FluxKontextPipeline): the reference resized to the build's reference size, encoded,
+  its distribution's mode taken (retrieve_latents(sample_mode="argmax"): the mean, no draw; taef1:
+  its latents), shifted and scaled, packed; the pipeline appends its tokens after the image's at
+  every step (their rotary ids, first axis 1, are in the export's table) and keeps the image part
+  of the prediction. The initial noise is FluxPipeline's (the generator's only draw).
 """
 from __future__ import annotations
 
@@ -127,3 +132,20 @@ def img2img_start(pipe, image, strength: float, steps: int, seed: int) -> Img2Im
     sigma = np.float32(pipe.scheduler.sigmas[begin])
     lat = (sigma * noise + (np.float32(1.0) - sigma) * z).astype(np.float32)
     return Img2ImgStart(pack_latents(lat), begin, time.perf_counter() - t0)
+
+
+def kontext_reference(pipe, image) -> tuple[np.ndarray, float]:
+    """(the reference image's packed latents [1, R, 4C], seconds) for a FLUX.1 Kontext build."""
+    import time
+
+    from fluxc.runtime.pipeline import pack_latents
+
+    if image is None:
+        raise FluxcError("this is a FLUX.1 Kontext build: give the image to edit with --image")
+    t0 = time.perf_counter()
+    d = pipe.dims
+    encoded = pipe.encode_image(preprocess(image, d.ref_height, d.ref_width)).astype(np.float32)
+    z = encoded if d.tiny_vae else np.split(encoded, 2, axis=1)[0]  # the mode: the mean
+    shift, scale = vae_shift_scale(encoder_vae_config(pipe.manifest, d.tiny_vae))
+    z = ((z - np.float32(shift)) * np.float32(scale)).astype(np.float32)
+    return pack_latents(z), time.perf_counter() - t0

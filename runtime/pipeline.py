@@ -195,6 +195,12 @@ class FluxPipeline:
         pooled, t5 = self.encode_prompt(prompt, prompt_2)
         timings["text_encoders_s"] = time.perf_counter() - t0
         begin = 0  # the first timestep run (img2img trims the list by strength)
+        ref = None  # FLUX.1 Kontext: the reference image's packed latents, after the image's tokens
+        if d.kontext:  # as diffusers' FluxKontextPipeline (runtime/image_input.py)
+            from fluxc.runtime.image_input import kontext_reference
+
+            ref, timings["image_encode_s"] = kontext_reference(self, image)
+            image = None
         if image is not None:  # img2img, as diffusers' FluxImg2ImgPipeline (runtime/image_input.py)
             from fluxc.runtime.image_input import img2img_start
 
@@ -215,7 +221,8 @@ class FluxPipeline:
             if i < begin:
                 continue
             ts0 = time.perf_counter()
-            noise = self.transformer(latents, float(t), guidance, pooled, t5)
+            hidden = latents if ref is None else np.concatenate([latents, ref], axis=1)
+            noise = self.transformer(hidden, float(t), guidance, pooled, t5)[:, :latents.shape[1]]
             latents = self.scheduler.step(noise, i, latents)
             step_s.append(time.perf_counter() - ts0)
             if on_step:

@@ -186,7 +186,7 @@ class SailFlux:
             self.kinds.setdefault(s.kind, []).append(s.net_name)
         (self.head,), (self.tail,) = self.kinds["transformer_head"], self.kinds["transformer_tail"]
         self.doubles, self.singles = self.kinds.get("double_block", []), self.kinds.get("single_block", [])
-        self.S, self.D, self.N = d.t5_len, d.inner_dim, d.image_tokens
+        self.S, self.D, self.N = d.t5_len, d.inner_dim, d.hidden_tokens  # Kontext: image + reference tokens
         (self.vae,) = self.kinds.get("tiny_vae", []) + self.kinds.get("vae", [])
         self.encoder = next(iter(self.kinds.get("vae_encoder", []) + self.kinds.get("tiny_vae_encoder", [])), None)
         self._rotary_written = False

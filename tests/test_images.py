@@ -198,21 +198,3 @@ def test_image_input_bad_inputs(onnx_workspace_schnell, tmp_path, tiny_schnell):
     err = _err(r)
     assert r.returncode == 2 and "--image-input" in err, err
     assert not out.exists()
-
-
-def test_kontext_checkpoint_is_refused(tiny_dev, tmp_path):
-    """A FLUX.1 Kontext checkpoint (FluxKontextPipeline, dev's transformer config) is not exported
-    as if it were dev: one-line error, exit 2, nothing written."""
-    import json
-
-    src = Path(tiny_dev)
-    k = tmp_path / "kontext"
-    k.mkdir()
-    for p in src.iterdir():
-        if p.name != "model_index.json":
-            (k / p.name).symlink_to(p.resolve(), target_is_directory=p.is_dir())
-    idx = json.loads((src / "model_index.json").read_text())
-    (k / "model_index.json").write_text(json.dumps({**idx, "_class_name": "FluxKontextPipeline"}))
-    r = cli_main(["export", str(k), "--out", str(tmp_path / "onnx"), "--height", "64", "--width", "64"])
-    assert r.returncode == 2 and "Kontext" in _err(r)
-    assert not (tmp_path / "onnx" / "manifest.json").exists()

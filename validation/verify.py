@@ -317,6 +317,9 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
     models = Path(models)
     exp, man, rec = open_build(models, export, quantize, flux_type)
     d = man.dims
+    if d.kontext:
+        raise FluxcError("fluxc verify does not check FLUX.1 Kontext builds yet (issue 19); check one with "
+                         "`fluxc run --backend cmodel --image ref.png` against `--backend onnx`")
     q = rec.quantize
     n_steps = steps or DEFAULT_STEPS[d.flux_type]
     rep = Report()

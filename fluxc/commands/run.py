@@ -219,7 +219,7 @@ def run(
     if image is not None:
         from fluxc.runtime.image_input import check_strength, read_image
 
-        strength = check_strength(0.6 if strength is None else strength)
+        strength = check_strength(strength) if strength is not None else None
         init = read_image(image)
     t0 = time.perf_counter()
     with con.status(f"loading models ({backend}) ..."):
@@ -238,7 +238,16 @@ def run(
         con.print(f"LoRA fused at export: {describe(pipe.manifest.options['lora'])}")
     n_steps = steps or DEFAULT_STEPS[d.flux_type]
     n_run = n_steps  # the steps run (img2img trims them by strength)
-    if init is not None:
+    if d.kontext:  # FLUX.1 Kontext: --image is the image to edit, every step runs
+        if init is None or strength is not None:
+            if getattr(ms, "device_resident", None) is not None:
+                ms.device_resident.close()
+            ms.close()
+            raise FluxcError("this is a FLUX.1 Kontext build: give the image to edit with --image (and no --strength)"
+                             if init is None else "--strength is for img2img; a Kontext build edits the --image as "
+                             "the prompt says: drop --strength")
+        con.print(f"Kontext: editing {image} (reference {d.ref_width}x{d.ref_height})")
+    elif init is not None:
         from fluxc.runtime.image_input import trim_timesteps
 
         if not any(s.family == "vae_encoder" for s in pipe.manifest.specs):
@@ -247,14 +256,14 @@ def run(
             ms.close()
             raise FluxcError("this build has no VAE encoder, so it takes no --image; re-export with "
                              "`fluxc export --image-input` and compile again")
-        n_run = n_steps - trim_timesteps(n_steps, strength)
-        con.print(f"img2img from {image} (strength {strength}: {n_run} of {n_steps} steps)")
+        n_run = n_steps - trim_timesteps(n_steps, 0.6 if strength is None else strength)
+        con.print(f"img2img from {image} (strength {0.6 if strength is None else strength}: {n_run} of {n_steps} steps)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncationWarning)
         with Progress(TextColumn("denoising"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                       TimeElapsedColumn(), console=con) as prog:
             task = prog.add_task("steps", total=n_run)
-            img_kw = dict(image=init, strength=strength) if init is not None else {}
+            img_kw = dict(image=init, strength=0.6 if strength is None else strength) if init is not None else {}
             res = pipe(prompt or DEFAULT_PROMPT, prompt_2, n_steps, guidance, seed,
                        on_step=lambda i, n: prog.update(task, completed=i), **img_kw)
     for w in caught:

@@ -31,7 +31,7 @@ from fluxc.export.probes import export_probes, probe_specs, want_probe
 from fluxc.export.progress import progress
 from fluxc.export.side_files import sync_side_files
 from fluxc.export.sizes import export_sizes, size_specs
-from fluxc.export.source import HUB_IDS, detect_flux_type, refuse_unsupported_pipeline, resolve
+from fluxc.export.source import HUB_IDS, detect_flux_type, resolve
 from fluxc.export.weights import prune_unused
 from fluxc.specs import FLUX_TYPES, FluxDims, PieceSpec, piece_specs
 from fluxc.versions import library_versions
@@ -55,6 +55,7 @@ class ExportOptions:
     # None: the one size (height, width)
     resolutions: list[tuple[int, int]] | None = None
     image_input: bool = False  # also export the VAE encoder (img2img; issue 19)
+    reference_size: tuple[int, int] | None = None  # Kontext: (height, width) of the reference image
 
     def sizes(self) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = [(self.height, self.width)]
@@ -79,7 +80,7 @@ class ExportResult:
 
 def resolve_inputs(opts: ExportOptions) -> tuple[Checkpoint, str, FluxDims, Path]:
     if opts.flux_type is not None and opts.flux_type not in FLUX_TYPES:
-        raise FluxcError(f"--flux-type {opts.flux_type!r} is unknown; use dev or schnell")
+        raise FluxcError(f"--flux-type {opts.flux_type!r} is unknown; use dev, schnell or kontext")
     if opts.resolutions and (int(opts.resolutions[0][0]), int(opts.resolutions[0][1])) != (opts.height, opts.width):
         raise ValueError("ExportOptions: resolutions[0] must be (height, width)")
     for h, w in opts.sizes():
@@ -88,12 +89,14 @@ def resolve_inputs(opts: ExportOptions) -> tuple[Checkpoint, str, FluxDims, Path
     source = resolve(model, what="model")
     tiny = resolve(opts.tiny_vae, what="tiny VAE", patterns=TINY_VAE_PATTERNS) if opts.tiny_vae else None
     ckpt = Checkpoint(source, tiny)
-    refuse_unsupported_pipeline(ckpt.folder)
     flux_type = detect_flux_type(ckpt.configs["transformer"], opts.flux_type, ckpt.folder)
     dims = build_dims(flux_type=flux_type, height=opts.height, width=opts.width, t5_len=opts.t5_len,
                       transformer=ckpt.configs["transformer"], clip=ckpt.configs["text_encoder"],
                       t5=ckpt.configs["text_encoder_2"], vae=ckpt.configs["vae"],
-                      tiny_vae=ckpt.configs.get("tiny_vae"), image_input=opts.image_input)
+                      tiny_vae=ckpt.configs.get("tiny_vae"), image_input=opts.image_input,
+                      reference_size=opts.reference_size)
+    if dims.kontext and len(opts.sizes()) > 1:
+        raise FluxcError("several --resolution sizes are not supported for FLUX.1 Kontext yet; export one size")
     if opts.out is not None:
         out = Path(opts.out)
     else:
@@ -137,6 +140,8 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
         options["lora"] = lora_records
     if opts.image_input:
         options["image_input"] = True
+    if dims.kontext:
+        options["reference_size"] = size_label(dims.ref_height, dims.ref_width)
     if len(opts.sizes()) > 1:
         options["resolutions"] = [size_label(h, w) for h, w in opts.sizes()]
     if old is not None and (todo or old.get("complete") is not True) and (out / mf.MANIFEST).exists():

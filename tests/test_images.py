@@ -198,3 +198,133 @@ def test_image_input_bad_inputs(onnx_workspace_schnell, tmp_path, tiny_schnell):
     err = _err(r)
     assert r.returncode == 2 and "--image-input" in err, err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- FLUX.1 Kontext
+# A tiny Kontext pipeline (dev's tiny sizes, one double and one single block: the text encoders
+# are the session's, so their compiled pieces are reused), 64x64 output, a 96x64 (WxH) reference.
+KONTEXT_HW, KONTEXT_REF = (64, 64), (64, 96)  # (height, width)
+KONTEXT_STEPS, KONTEXT_GUIDANCE = 3, 2.5
+KONTEXT_PROMPT = "make it winter"
+
+
+@pytest.fixture(scope="session")
+def tiny_kontext(tmp_path_factory) -> Path:
+    from tests.fixtures_tiny import make_tiny
+
+    return make_tiny(tmp_path_factory, "kontext", "kontext", seed=0,
+                     transformer={"num_layers": 1, "num_single_layers": 1})
+
+
+@pytest.fixture(scope="session")
+def kontext_ws(tiny_kontext, tmp_path_factory) -> Path:
+    """A workspace with the tiny Kontext export (`fluxc export` through the CLI)."""
+    ws = tmp_path_factory.mktemp("ws_kontext")
+    h, w = KONTEXT_HW
+    r = invoke(["export", str(tiny_kontext), "--out", str(ws / "onnx"), "--height", str(h), "--width", str(w),
+                "--t5-seq-len", "32", "--reference-size", f"{KONTEXT_REF[1]}x{KONTEXT_REF[0]}"])
+    assert r.exit_code == 0, (r.output, r.exception)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def kontext_compiled(kontext_ws, compile_build_dir) -> Path:
+    from tests.fixtures_compile import compile_into
+
+    compile_into(kontext_ws, compile_build_dir, ["--quantize", "W4BF16", "--flux-type", "kontext", "--num-devices", "1"])
+    return kontext_ws
+
+
+def _kontext_run(ws: Path, backend: str, image_path: Path, out: Path) -> dict:
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    r = invoke(["run", "--models", str(ws), "--backend", backend, "--prompt", KONTEXT_PROMPT, "--seed", str(SEED),
+                "--steps", str(KONTEXT_STEPS), "--guidance", str(KONTEXT_GUIDANCE), "--image", str(image_path),
+                "--out", str(out / "result.png"), "--save-latents", str(out / "latents.npy")])
+    assert r.exit_code == 0, (r.output, r.exception)
+    return {"image": np.array(Image.open(out / "result.png").convert("RGB")), "latents": np.load(out / "latents.npy"),
+            "output": r.output}
+
+
+def test_kontext_export_and_onnx_equal_diffusers(tiny_kontext, kontext_ws, input_png, tmp_path):
+    """Export detects Kontext from model_index.json; the transformer pieces take image + reference
+    + text tokens, the rotary table holds the reference's ids (first axis 1); `fluxc run --image`
+    on the ONNX pieces == diffusers' FluxKontextPipeline with max_area at the build's area (else
+    it changes the output size: the trap) and the reference resized by its own image processor."""
+    import torch
+    from diffusers import FluxKontextPipeline
+    from diffusers.utils import load_image
+
+    from fluxc.patches.rotary import flux_ids, rotary_table_from_ids
+
+    man = load_manifest(kontext_ws / "onnx")
+    d = man.dims
+    assert d.flux_type == "kontext" and (d.ref_height, d.ref_width) == KONTEXT_REF
+    assert man.options["reference_size"] == f"{KONTEXT_REF[1]}x{KONTEXT_REF[0]}"
+    n, r = (KONTEXT_HW[0] // 16) * (KONTEXT_HW[1] // 16), (KONTEXT_REF[0] // 16) * (KONTEXT_REF[1] // 16)
+    assert (d.image_tokens, d.ref_tokens) == (n, r)
+    head = man.spec("kontext_head")
+    assert head.inputs[0].shape == (1, n + r, d.in_channels)
+    assert man.spec("kontext_tail").outputs[0].shape == (1, n + r, d.out_channels)
+    assert man.spec("vae_encoder").inputs[0].shape == (1, 3, *KONTEXT_REF)
+    # the reference's rotary ids: FluxPipeline's image ids at the reference's grid, first axis 1
+    ref_ids = flux_ids(0, KONTEXT_REF[0] // 16, KONTEXT_REF[1] // 16)
+    ref_ids[:, 0] = 1
+    cfg = __import__("json").loads((Path(tiny_kontext) / "transformer" / "config.json").read_text())
+    want = rotary_table_from_ids(np.concatenate([flux_ids(d.t5_len, KONTEXT_HW[0] // 16, KONTEXT_HW[1] // 16),
+                                                 ref_ids]), cfg["axes_dims_rope"])
+    np.testing.assert_array_equal(np.load(man.rotary_path), want)
+
+    got = _kontext_run(kontext_ws, "onnx", input_png, tmp_path / "onnx")
+    pipe = FluxKontextPipeline.from_pretrained(str(tiny_kontext), local_files_only=True).to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    h, w = KONTEXT_HW
+    ref_img = pipe.image_processor.resize(load_image(str(input_png)), *KONTEXT_REF)
+    kw = dict(image=ref_img, height=h, width=w, num_inference_steps=KONTEXT_STEPS, guidance_scale=KONTEXT_GUIDANCE,
+              max_sequence_length=d.t5_len, max_area=h * w, _auto_resize=False)
+    with torch.no_grad():
+        lat = pipe(prompt=KONTEXT_PROMPT, generator=torch.Generator("cpu").manual_seed(SEED), output_type="latent",
+                   **kw).images.numpy()
+        ref = np.array(pipe(prompt=KONTEXT_PROMPT, generator=torch.Generator("cpu").manual_seed(SEED), **kw).images[0])
+    p = psnr(ref, got["image"])
+    print(f"[measure] kontext onnx vs diffusers FluxKontextPipeline: PSNR {p:.2f} dB, latent max abs err "
+          f"{np.abs(lat - got['latents']).max():.3g}")
+    assert got["latents"].shape == (1, n, d.in_channels)  # only the image part is kept
+    assert p >= 40.0
+    np.testing.assert_allclose(got["latents"], lat, atol=1e-3, rtol=1e-3)
+
+
+def test_kontext_compiled_cmodel_and_sail_sim(kontext_compiled, input_png, tmp_path):
+    """The compiled tiny Kontext build (W4BF16, one chip, vae_encoder_bf16.bmodel) edits the image
+    on the chip simulator and on the sail stand-in: images, the same from both, near the float run."""
+    ws = kontext_compiled
+    rec = __import__("json").loads((ws / "BM1684X" / "fluxc_build.json").read_text())
+    assert {f["file"] for f in rec["files"]} >= {"kontext_w4bf16_transformer.bmodel", "vae_encoder_bf16.bmodel"}
+    cm = _kontext_run(ws, "cmodel", input_png, tmp_path / "cmodel")
+    from fluxc.runtime import sail_sim
+
+    sail_sim.reset()
+    ss = _kontext_run(ws, "sail-sim", input_png, tmp_path / "sail")
+    np.testing.assert_array_equal(ss["image"], cm["image"])
+    fl = _kontext_run(ws, "onnx", input_png, tmp_path / "onnx")
+    c, p = cosine(fl["latents"], cm["latents"]), psnr(fl["image"], cm["image"])
+    print(f"[measure] kontext W4BF16 cmodel vs onnx: latent cosine {c:.5f}, PSNR {p:.2f} dB")
+    assert c > 0.9 and p > 15.0 and cm["image"].std() > 1.0
+
+
+def test_kontext_bad_inputs(kontext_ws, export_dev, tmp_path, tiny_dev, input_png):
+    out = tmp_path / "o.png"
+    base = ["run", "--models", str(kontext_ws), "--backend", "onnx", "--steps", "1", "--out", str(out)]
+    r = cli_main(base)
+    assert r.returncode == 2 and "Kontext" in _err(r) and "--image" in _err(r)
+    r = cli_main(base + ["--image", str(input_png), "--strength", "0.5"])
+    assert r.returncode == 2 and "drop --strength" in _err(r)
+    assert not out.exists()
+    # --reference-size: Kontext only; a bad size names the flag
+    r = cli_main(["export", str(tiny_dev), "--out", str(tmp_path / "x"), "--height", "64", "--width", "64",
+                  "--reference-size", "64x64"])
+    assert r.returncode == 2 and "Kontext" in _err(r)
+    r = cli_main(["export", str(tiny_dev), "--out", str(tmp_path / "x"), "--reference-size", "60x64"])
+    assert r.returncode == 2 and "--reference-size" in _err(r)
+    assert not (tmp_path / "x" / "manifest.json").exists()

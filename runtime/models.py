@@ -7,6 +7,8 @@ record BM1684X/fluxc_build.json (fluxc/build_record.py). The file names follow s
     {type}_w4bf16_transformer.bmodel    {type}_head, all blocks, {type}_tail (one chip)
     {type}_bf16_transformer_on_device{i}.bmodel   the same split over N chips (device_split.json)
     vae_decoder_bf16.bmodel / tiny_vae_decoder_bf16.bmodel   net `vae_decoder`
+    vae_encoder_bf16.bmodel / tiny_vae_encoder_bf16.bmodel   net `vae_encoder` (image-input and Kontext builds;
+                                        fluxc's names: the reference has no encoder)
 """
 from __future__ import annotations
 

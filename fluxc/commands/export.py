@@ -18,7 +18,7 @@ def export(
     out: Optional[Path] = typer.Option(None, "--out", help="Export folder (default: <models>/onnx)"),
     models: Optional[Path] = typer.Option(None, "--models", help="Workspace folder (default: $FLUXC_MODELS or ./models)"),
     flux_type: Optional[str] = typer.Option(
-        None, "--flux-type", help="dev or schnell (default: from transformer/config.json, or schnell for the Hub default)"),
+        None, "--flux-type", help="dev, schnell or kontext (default: from model_index.json / transformer/config.json, or schnell for the Hub default)"),
     height: Optional[int] = typer.Option(None, "--height", help="Image height (multiple of 16, at most 2048; default 1024)"),
     width: Optional[int] = typer.Option(None, "--width", help="Image width (multiple of 16, at most 2048; default 1024)"),
     resolution: Optional[list[str]] = typer.Option(

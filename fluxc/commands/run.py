@@ -184,7 +184,7 @@ def run(
     backend: str = typer.Option("cmodel", "--backend", help="cmodel (chip simulator), onnx (float reference), sail (chip) "
                                 "or sail-sim (the sail runtime on a stand-in over the chip simulator)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Transformer quantisation: BF16 or W4BF16 (default: what is compiled)."),
-    flux_type: Optional[str] = typer.Option(None, "--flux-type", help="dev or schnell (checked against the export)."),
+    flux_type: Optional[str] = typer.Option(None, "--flux-type", help="dev, schnell or kontext (checked against the export)."),
     tiny_vae: Optional[bool] = typer.Option(None, "--tiny-vae/--full-vae", help="Check which VAE the export holds."),
     devices: Optional[str] = typer.Option(None, "--devices", help='Chip ids for the sail backend, e.g. "0,1,2" or "0 1 2".'),
     height: Optional[int] = typer.Option(None, "--height", help="Image height: one of the build's sizes (default: its first)."),

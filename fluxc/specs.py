@@ -17,9 +17,9 @@ import numpy as np
 
 from fluxc.errors import FluxcError
 
-FLUX_TYPES = ("dev", "schnell")
+FLUX_TYPES = ("dev", "schnell", "kontext")
 # Denoising steps when none are asked for: what each model card recommends.
-DEFAULT_STEPS = {"dev": 28, "schnell": 4}
+DEFAULT_STEPS = {"dev": 28, "schnell": 4, "kontext": 28}
 
 # Which quantisation group a piece belongs to; recipes map groups to TPU-MLIR options.
 GROUPS = (
@@ -31,6 +31,7 @@ GROUPS = (
     "transformer_block",
     "transformer_tail",
     "vae",
+    "vae_encoder",
 )
 
 @dataclass(frozen=True)
@@ -72,11 +73,20 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          "{t}_tail", "tail"),
     Kind("vae", "vae", "vae", "vae", ("decoder.", "post_quant_conv."), "vae_decoder", "vae"),
     Kind("tiny_vae", "vae", "vae", "tiny_vae", ("decoder.", "post_quant_conv."), "tiny_vae_decoder", "tiny vae"),
+    # image input (issue 19): the encoder, exported with --image-input (always for Kontext)
+    Kind("vae_encoder", "vae_encoder", "vae_encoder", "vae", ("encoder.", "quant_conv."), "vae_encoder",
+         "vae encoder"),
+    Kind("tiny_vae_encoder", "vae_encoder", "vae_encoder", "tiny_vae", ("encoder.",), "tiny_vae_encoder",
+         "tiny vae encoder"),
 )}
 
 # Which combined bmodel ("family") a piece ends up in, and the quantisation groups, in order.
 FAMILIES = tuple(dict.fromkeys(k.family for k in KINDS.values()))
 GROUPS = tuple(dict.fromkeys(k.group for k in KINDS.values()))
+
+
+# Families whose nets share one name whichever VAE the build holds.
+NET_NAMES = {"vae": "vae_decoder", "vae_encoder": "vae_encoder"}
 
 
 def piece_name(kind: str, flux_type: str | None = None, index: int | None = None) -> str:
@@ -134,8 +144,8 @@ class PieceSpec:
     def net_name(self) -> str:
         """Net name inside the bmodel. The sophon-demo runtime opens `vae_decoder` in both
         VAE files; its own compile script named the tiny one `tiny_vae_decoder`, which that
-        runtime cannot open. We name both nets `vae_decoder`."""
-        return "vae_decoder" if self.family == "vae" else self.name
+        runtime cannot open. We name both nets `vae_decoder` (and both encoders `vae_encoder`)."""
+        return NET_NAMES.get(self.family, self.name)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -214,6 +224,12 @@ class FluxDims:
     latent_channels: int
     vae_scale: int  # spatial factor, 8 for FLUX
     tiny_vae: bool
+    # image input (issue 19): the VAE encoder is a piece of the export (--image-input)
+    image_input: bool = False
+    # FLUX.1 Kontext (issue 19): the reference image's size (its tokens follow the image's in
+    # the transformer pieces); 0 for dev/schnell
+    ref_height: int = 0
+    ref_width: int = 0
 
     def __post_init__(self) -> None:
         if self.flux_type not in FLUX_TYPES:
@@ -243,8 +259,24 @@ class FluxDims:
         return (self.latent_h // 2) * (self.latent_w // 2)
 
     @property
+    def kontext(self) -> bool:
+        return self.flux_type == "kontext"
+
+    @property
+    def ref_tokens(self) -> int:
+        """Kontext: the reference image's tokens (packed 2x2 like the image's); 0 otherwise."""
+        if not self.kontext:
+            return 0
+        return (self.ref_height // self.vae_scale // 2) * (self.ref_width // self.vae_scale // 2)
+
+    @property
+    def hidden_tokens(self) -> int:
+        """Image tokens as the transformer pieces see them: the image's, then (Kontext) the reference's."""
+        return self.image_tokens + self.ref_tokens
+
+    @property
     def joint_tokens(self) -> int:
-        return self.t5_len + self.image_tokens
+        return self.t5_len + self.hidden_tokens
 
     @property
     def rotary_shape(self) -> tuple[int, ...]:
@@ -294,7 +326,7 @@ def piece_specs(d: FluxDims) -> list[PieceSpec]:
     specs.append(PieceSpec(piece_name("t5_tail"), "t5_tail", None, (_f("hidden_states", 1, S, T),),
                            (_f("encoder_hidden_states", 1, S, T),)))
 
-    t, D, N = d.flux_type, d.inner_dim, d.image_tokens
+    t, D, N = d.flux_type, d.inner_dim, d.hidden_tokens
     head_in = [_f("hidden_states", 1, N, d.in_channels), _f("timestep", 1)]
     if d.guidance_embeds:
         head_in.append(_f("guidance", 1))
@@ -322,7 +354,21 @@ def piece_specs(d: FluxDims) -> list[PieceSpec]:
     specs.append(PieceSpec(piece_name(vae), vae, None,
                            (_f("latents", 1, d.latent_channels, d.latent_h, d.latent_w),),
                            (_f("image", 1, 3, d.height, d.width),)))
+    if d.image_input or d.kontext:  # last, so that the text-to-image pieces keep their order and specs
+        specs.append(encoder_spec(d))
     return specs
+
+
+def encoder_spec(d: FluxDims) -> PieceSpec:
+    """The VAE encoder: image[1,3,H,W] in [-1,1] (as diffusers' image processor gives it) ->
+    AutoencoderKL: moments[1,2C,H/8,W/8] (mean then logvar, what diffusers' latent distribution
+    is made of; the sampling, shift and scale happen in the runtime, where diffusers does them);
+    AutoencoderTiny: latents[1,C,H/8,W/8] (taef1's encoder output, used as it is)."""
+    H, W = (d.ref_height, d.ref_width) if d.kontext else (d.height, d.width)  # Kontext: the reference
+    C, h, w = d.latent_channels, H // d.vae_scale, W // d.vae_scale
+    kind = "tiny_vae_encoder" if d.tiny_vae else "vae_encoder"
+    out = _f("latents", 1, C, h, w) if d.tiny_vae else _f("moments", 1, 2 * C, h, w)
+    return PieceSpec(piece_name(kind), kind, None, (_f("image", 1, 3, H, W),), (out,))
 
 
 def specs_by_name(specs: list[PieceSpec]) -> dict[str, PieceSpec]:

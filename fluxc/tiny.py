@@ -44,7 +44,7 @@ from typing import Any, Callable
 from fluxc.errors import FluxcError
 from fluxc.tokenizers_offline import write_tokenizers
 
-FLUX_TYPES = ("schnell", "dev")
+FLUX_TYPES = ("schnell", "dev", "kontext")  # kontext: dev's transformer, FluxKontextPipeline's index
 DTYPES = ("float32", "float16", "bfloat16")
 COMPONENT_KEYS = ("transformer", "clip", "t5", "vae", "tiny_vae")
 MARKER = "fluxc_tiny.json"
@@ -203,6 +203,7 @@ SCHEDULER_CONFIGS: dict[str, dict[str, Any]] = {
         "max_image_seq_len": 4096,
     },
 }
+SCHEDULER_CONFIGS["kontext"] = dict(SCHEDULER_CONFIGS["dev"])  # FLUX.1-Kontext-dev ships dev's
 
 Progress = Callable[[str], None]
 BIG_FILE_BYTES = 200_000_000  # report progress inside weight files larger than this
@@ -227,7 +228,7 @@ def resolve_configs(flux_type: str, overrides: dict[str, Any] | None = None) -> 
         if not isinstance(v, dict):
             raise FluxcError(f"override {k} must be a dict of config values, got {type(v).__name__}")
 
-    tr = {**TRANSFORMER_DEFAULTS, "guidance_embeds": flux_type == "dev", **overrides.get("transformer", {})}
+    tr = {**TRANSFORMER_DEFAULTS, "guidance_embeds": flux_type in ("dev", "kontext"), **overrides.get("transformer", {})}
     clip = {**CLIP_DEFAULTS, **overrides.get("clip", {})}
     t5 = {**T5_DEFAULTS, **overrides.get("t5", {})}
     vae = {**VAE_DEFAULTS, **overrides.get("vae", {})}
@@ -489,11 +490,11 @@ def _write_transformers_model(model_cls, config, folder: Path, component: str, s
     return _write_weights(model, folder, "model.safetensors", component, seed, dtype, progress, shards)
 
 
-def _write_model_index(out: Path) -> None:
+def _write_model_index(out: Path, flux_type: str = "schnell") -> None:
     import diffusers
 
     index = {
-        "_class_name": "FluxPipeline",
+        "_class_name": "FluxKontextPipeline" if flux_type == "kontext" else "FluxPipeline",
         "_diffusers_version": diffusers.__version__,
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
@@ -560,7 +561,7 @@ def _build_into(tmp: Path, flux_type: str, seed: int, cfg: dict, progress: Progr
     sizes["transformer"] = _write_diffusers_model(FluxTransformer2DModel, cfg["transformer"], tmp / "transformer", "transformer",
                                                   seed, dtype, progress, shards.get("transformer", 1))
 
-    _write_model_index(tmp)
+    _write_model_index(tmp, flux_type)
     marker = {
         "format": 1,
         "flux_type": flux_type,

@@ -17,6 +17,8 @@ Patches (ALL_PATCHES, by name):
   in the q norm; attention="fattention" writes the chain TPU-MLIR fuses into FAttention).
 - "adaln": AdaLayerNormZero / AdaLayerNormZeroSingle / AdaLayerNormContinuous split their
   modulation with constant Slices instead of chunk (no Shape/Gather chains in the graph).
+- "downsample": diffusers Downsample2D (the VAE encoder) pads by Concat with zeros instead of a
+  Pad whose pads are computed (static shapes without constant folding).
 Helpers that build new modules instead of swapping attributes:
 - rotary_table(...) / rotary_table_from_ids(...) / apply_rotary_table(x, table)
 - t5_position_bias(block0_attn, S) + t5_block_export(block, bias): one T5 block, constants baked
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 from ._base import WRITTEN_FOR, Patcher, installed_version
 from .adaln import patch_adaln
+from .downsample import patch_downsample
 from .flux_attention import FluxAttnExportProcessor, attention_bshd, patch_flux_attention
 from .rmsnorm import patch_rmsnorm, rms_norm
 from .rotary import apply_rotary_table, apply_rotary_table_slices, flux_ids, rotary_cos_sin, rotary_table, rotary_table_from_ids
@@ -51,10 +54,11 @@ ALL_PATCHES = {
     "rmsnorm": patch_rmsnorm,
     "flux_attention": patch_flux_attention,
     "adaln": patch_adaln,
+    "downsample": patch_downsample,
 }
 
 __all__ = [
-    "ALL_PATCHES", "WRITTEN_FOR", "Patcher", "installed_version", "patch_adaln",
+    "ALL_PATCHES", "WRITTEN_FOR", "Patcher", "installed_version", "patch_adaln", "patch_downsample",
     "FluxAttnExportProcessor", "attention_bshd", "patch_flux_attention",
     "patch_rmsnorm", "rms_norm",
     "apply_rotary_table", "apply_rotary_table_slices", "rotary_cos_sin", "flux_ids", "rotary_table", "rotary_table_from_ids",

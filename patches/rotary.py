@@ -60,6 +60,11 @@ def rotary_table(dims_or_t5_len, height: int | None = None, width: int | None = 
         t5_len, grid_h, grid_w = d.t5_len, d.latent_h // 2, d.latent_w // 2
         if sum(axes_dims) != d.head_dim:
             raise ValueError(f"axes_dims {tuple(axes_dims)} must sum to head_dim {d.head_dim}")
+        if getattr(d, "ref_tokens", 0):  # FLUX.1 Kontext: the reference image's ids follow the image's
+            ids = flux_ids(t5_len, grid_h, grid_w)
+            ref = flux_ids(0, d.ref_height // d.vae_scale // 2, d.ref_width // d.vae_scale // 2)
+            ref[:, 0] = 1  # FluxKontextPipeline: "the first dimension set to 1 instead of 0"
+            return rotary_table_from_ids(np.concatenate([ids, ref], axis=0), axes_dims, theta)
     else:
         t5_len = int(dims_or_t5_len)
         grid_h, grid_w = height // (vae_scale * 2), width // (vae_scale * 2)

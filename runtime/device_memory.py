@@ -32,6 +32,7 @@ from fluxc.build_record import placement as place_family
 from fluxc.compile.parse import device_mem_rows, parse_info
 from fluxc.errors import FluxcError
 from fluxc.runtime.models import bmodel_files
+from fluxc.specs import FAMILIES
 from fluxc.toolchain import run_tool
 
 MB = 2**20
@@ -116,7 +117,7 @@ def placement(files: dict[str, list], n_devices: int) -> list[tuple[object, int]
     (fluxc.build_record.placement: CLIP and VAE on the first chip, T5 on the last,
     transformer part i on chip i)."""
     n = max(1, n_devices)
-    return [(f, place_family(fam, i, n)) for fam in ("clip", "t5", "transformer", "vae") for i, f in enumerate(files[fam])]
+    return [(f, place_family(fam, i, n)) for fam in FAMILIES for i, f in enumerate(files.get(fam, []))]
 
 
 def read_info(bmodel) -> str:

@@ -7,6 +7,8 @@ record BM1684X/fluxc_build.json (fluxc/build_record.py). The file names follow s
     {type}_w4bf16_transformer.bmodel    {type}_head, all blocks, {type}_tail (one chip)
     {type}_bf16_transformer_on_device{i}.bmodel   the same split over N chips (device_split.json)
     vae_decoder_bf16.bmodel / tiny_vae_decoder_bf16.bmodel   net `vae_decoder`
+    vae_encoder_bf16.bmodel / tiny_vae_encoder_bf16.bmodel   net `vae_encoder` (image-input and Kontext builds;
+                                        fluxc's names: the reference has no encoder)
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from fluxc.errors import FluxcError
 from fluxc.runtime.backends import open_engine
 from fluxc.runtime.engine import Engine
 from fluxc.runtime.onnx_engine import OnnxEngine
-from fluxc.specs import piece_specs
+from fluxc.specs import FAMILIES, piece_specs
 
 QUANTIZE = ("W4BF16", "BF16")
 BACKENDS = ("cmodel", "onnx", "sail")
@@ -65,7 +67,7 @@ def bmodel_files(chip_dir: Path, flux_type: str | None = None, quantize: str | N
         raise FluxcError(f"{rec.path} is a {rec.flux_type} build{' (tiny VAE)' if rec.tiny_vae else ''}, not "
                          f"{flux_type}; {RECOMPILE}")
     return {fam: [f.path for f in sorted(rec.files_of(fam), key=lambda f: f.device)]
-            for fam in ("clip", "t5", "transformer", "vae")}
+            for fam in FAMILIES}
 
 
 def _piece_specs(dims):

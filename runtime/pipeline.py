@@ -181,9 +181,20 @@ class FluxPipeline:
         (img,) = self.run(self.vae_name, latents=lat)
         return img
 
+    def encode_image(self, image: np.ndarray) -> np.ndarray:
+        """[1,3,H,W] in [-1,1] -> the VAE encoder piece's output (runtime/image_input.py)."""
+        kind = next((k for k in ("vae_encoder", "tiny_vae_encoder") if k in self.kinds), None)
+        if kind is None:
+            raise FluxcError("this build has no VAE encoder; re-export with `fluxc export --image-input` "
+                             "and compile again to run with --image")
+        if self.resident is not None:
+            return self.resident.encode_image(image)
+        (out,) = self.run(self.one(kind), image=image)
+        return out
+
     def __call__(self, prompt: str = DEFAULT_PROMPT, prompt_2: str | None = None, steps: int | None = None,
                  guidance: float = 3.5, seed: int = 0, latents: np.ndarray | None = None,
-                 on_step: Callable[[int, int], None] | None = None) -> Result:
+                 on_step: Callable[[int, int], None] | None = None, image=None, strength: float = 0.6) -> Result:
         d = self.dims
         if steps is None:
             steps = DEFAULT_STEPS[d.flux_type]
@@ -192,22 +203,39 @@ class FluxPipeline:
         t0 = time.perf_counter()
         pooled, t5 = self.encode_prompt(prompt, prompt_2)
         timings["text_encoders_s"] = time.perf_counter() - t0
-        if latents is None:
+        begin = 0  # the first timestep run (img2img trims the list by strength)
+        ref = None  # FLUX.1 Kontext: the reference image's packed latents, after the image's tokens
+        if d.kontext:  # as diffusers' FluxKontextPipeline (runtime/image_input.py)
+            from fluxc.runtime.image_input import kontext_reference
+
+            ref, timings["image_encode_s"] = kontext_reference(self, image)
+            image = None
+        if image is not None:  # img2img, as diffusers' FluxImg2ImgPipeline (runtime/image_input.py)
+            from fluxc.runtime.image_input import img2img_start
+
+            self.scheduler.set_timesteps(steps, d.image_tokens)
+            start = img2img_start(self, image, strength, steps, seed)
+            latents, begin = start.latents, start.begin
+            timings["image_encode_s"] = start.seconds
+        elif latents is None:
             latents, how = initial_latents(d, seed)
             if how.startswith("numpy"):
                 notes.append(how)
                 warnings.warn(how)
         self.scheduler.set_timesteps(steps, latents.shape[1])
-        ts = [float(x) for x in self.scheduler.timesteps]
+        ts = [float(x) for x in self.scheduler.timesteps[begin:]]
         t1 = time.perf_counter()
         step_s = []
         for i, t in enumerate(self.scheduler.timesteps):
+            if i < begin:
+                continue
             ts0 = time.perf_counter()
-            noise = self.transformer(latents, float(t), guidance, pooled, t5)
+            hidden = latents if ref is None else np.concatenate([latents, ref], axis=1)
+            noise = self.transformer(hidden, float(t), guidance, pooled, t5)[:, :latents.shape[1]]
             latents = self.scheduler.step(noise, i, latents)
             step_s.append(time.perf_counter() - ts0)
             if on_step:
-                on_step(i + 1, steps)
+                on_step(i + 1 - begin, steps - begin)
         timings["denoise_s"] = time.perf_counter() - t1
         timings["step_s"] = step_s
         t2 = time.perf_counter()

@@ -10,6 +10,7 @@ and the image coming out; the rotary table is written once.
 Roles (the tensors of one chip), by the nets that use them (piece contract, docs/DESIGN.md):
   clip.ids clip.hidden clip.pooled | t5.ids t5.hidden | head.latents head.timestep
   head.guidance head.pooled head.t5 | temb enc hid rotary single noise | vae.latents vae.image
+  | enc.image enc.out (the VAE encoder of an image-input build)
 head.pooled / head.t5 are clip.pooled / t5.hidden themselves when the head is on the same
 chip as CLIP / T5, else copies made chip to chip once per prompt.
 
@@ -53,7 +54,11 @@ ROLES: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "vae": ({"latents": "vae.latents"}, {"image": "vae.image"}),
 }
 ROLES["tiny_vae"] = ROLES["vae"]
-HOST_ROLES = {"noise", "vae.image"}  # the only tensors read back by the host
+# the VAE encoder of an image-input build (issue 19): its output goes back to the host, which
+# samples and noises the latents as diffusers does
+ROLES["vae_encoder"] = ({"image": "enc.image"}, {"moments": "enc.out"})
+ROLES["tiny_vae_encoder"] = ({"image": "enc.image"}, {"latents": "enc.out"})
+HOST_ROLES = {"noise", "vae.image", "enc.out"}  # the only tensors read back by the host
 
 
 def output_name(got: str, wanted: list[str]) -> str | None:
@@ -259,6 +264,7 @@ class SailFlux:
         (self.vae,) = self.kinds.get("tiny_vae", []) + self.kinds.get("vae", [])
         self._size = 0  # the size of the current call (chosen by the input's shape)
         self._rotary_src: dict[int, object] = {}  # id of a rotary tensor -> the array written into it
+        self.encoder = next(iter(self.kinds.get("vae_encoder", []) + self.kinds.get("tiny_vae_encoder", [])), None)
 
     # -- helpers
     def _t(self, dev: int, role: str):
@@ -392,6 +398,12 @@ class SailFlux:
         self._put(self.vae, "latents", "vae.latents", latents)
         self._run(self.vae)
         return self._get(self.where[self.vae], "vae.image")
+
+    def encode_image(self, image: np.ndarray) -> np.ndarray:
+        self._pick_size(self.encoder, "enc.image", image.shape)
+        self._put(self.encoder, "image", "enc.image", image)
+        self._run(self.encoder)
+        return self._get(self.where[self.encoder], "enc.out")
 
     def close(self) -> None:
         for t in self.t.values():

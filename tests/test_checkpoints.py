@@ -121,7 +121,8 @@ def hub_export(tiny_schnell_sharded: Path, tmp_path_factory: pytest.TempPathFact
     root = tmp_path_factory.mktemp("hub")
     snap = fill_hub_cache(root / "cache", HUB_ID, tiny_schnell_sharded)
     out = root / "onnx"
-    res = fluxc_cli(["export", HUB_ID, "--out", str(out), *EXPORT_ARGS, "--tiny-vae", str(snap / "tiny_vae")],
+    res = fluxc_cli(["export", HUB_ID, "--out", str(out), *EXPORT_ARGS, "--tiny-vae", str(snap / "tiny_vae"),
+                     "--image-input"],  # as export_schnell_tinyvae
                     env=hub_env(root / "cache", root / "home"))
     return res, out, snap
 

@@ -186,7 +186,8 @@ def test_schnell_w4_outputs_match_contract(compiled_schnell_w4):
     out = ws / "BM1684X"
     fam = _specs_by_family(ws)
     files = {"clip": "clip.bmodel", "t5": "w4bf16_t5.bmodel",
-             "transformer": "schnell_w4bf16_transformer.bmodel", "vae": "tiny_vae_decoder_bf16.bmodel"}
+             "transformer": "schnell_w4bf16_transformer.bmodel", "vae": "tiny_vae_decoder_bf16.bmodel",
+             "vae_encoder": "tiny_vae_encoder_bf16.bmodel"}  # the session export has --image-input
     for family, f in files.items():
         assert (out / f).is_file(), f
         nets, _ = _nets_of(out / f"{f}.info.txt")
@@ -198,9 +199,13 @@ def test_schnell_w4_outputs_match_contract(compiled_schnell_w4):
     assert q["clip_head"] == "F16" and q["t5_head"] == "F16" and q["t5_block_0"] == "W4BF16"
     assert q["t5_tail"] == "BF16" and q["schnell_head"] == "BF16" and q["schnell_tail"] == "BF16"
     assert q["schnell_trans_block_0"] == "W4BF16" and q["schnell_single_trans_block_0"] == "W4BF16"
-    assert q["tiny_vae_decoder"] == "BF16"
+    assert q["tiny_vae_decoder"] == "BF16" and q["tiny_vae_encoder"] == "BF16"
     e = rep["estimate_ms"]
-    assert e["denoising_step_ms"] > 0 and e["text_encoders_ms"] > 0 and e["vae_ms"] > 0
+    assert e["denoising_step_ms"] > 0 and e["text_encoders_ms"] > 0 and e["vae_ms"] > 0 and e["vae_encoder_ms"] > 0
+    # the encoder's net is `vae_encoder` (as the decoder's is `vae_decoder`), on device 0
+    rec = json.loads((out / "fluxc_build.json").read_text())
+    enc = next(f for f in rec["files"] if f["family"] == "vae_encoder")
+    assert enc["file"] == "tiny_vae_encoder_bf16.bmodel" and enc["nets"] == ["vae_encoder"] and enc["device"] == 0
 
 
 def test_dev_bf16_split_over_three_devices(compiled_dev_bf16):
@@ -236,7 +241,8 @@ def test_dev_bf16_split_over_three_devices(compiled_dev_bf16):
     # the head's timestep/guidance projection is kept in float32 through a quantize table
     qt = (Path(rep["pieces"]["dev_head"]["build_dir"]) / "work" / "qtable.txt").read_text()
     assert "time_proj" in qt and "Sin" in qt and qt.count("F32") >= 10
-    for family, f in {"clip": "clip.bmodel", "t5": "w4bf16_t5.bmodel", "vae": "vae_decoder_bf16.bmodel"}.items():
+    for family, f in {"clip": "clip.bmodel", "t5": "w4bf16_t5.bmodel", "vae": "vae_decoder_bf16.bmodel",
+                      "vae_encoder": "vae_encoder_bf16.bmodel"}.items():
         nets, _ = _nets_of(out / f"{f}.info.txt")
         assert nets == _contract(fam[family]), f
 

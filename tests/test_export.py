@@ -251,7 +251,7 @@ def test_rerun_rewrites_nothing_and_force_reexports(export_dev, tmp_path):
     shutil.copytree(export_dev, out, copy_function=shutil.copy2)
     m = load_manifest(out)
     opts = ExportOptions(model=m.source["path"], out=out, height=EXPORT_HEIGHT, width=EXPORT_WIDTH,
-                         t5_len=EXPORT_T5_LEN)
+                         t5_len=EXPORT_T5_LEN, image_input=True)  # as the fixture was exported
     before = tree_state(out)
     res = run_export(opts, show_progress=False)
     assert res.exported == [] and len(res.reused) == len(m.specs)
@@ -277,14 +277,15 @@ def test_changed_option_reexports_only_what_depends_on_it(export_dev, tmp_path):
     out = tmp_path / "onnx"
     shutil.copytree(export_dev, out, copy_function=shutil.copy2)
     m = load_manifest(out)
-    # a different T5 length changes T5 and transformer pieces, not CLIP or the VAE
+    # a different T5 length changes T5 and transformer pieces, not CLIP or the VAE (decoder, encoder)
     opts = ExportOptions(model=m.source["path"], out=out, height=EXPORT_HEIGHT, width=EXPORT_WIDTH,
-                         t5_len=EXPORT_T5_LEN + 16)
+                         t5_len=EXPORT_T5_LEN + 16, image_input=True)
     res = run_export(opts, show_progress=False)
     m2 = load_manifest(out)
     same = {s.name for s in m2.specs if s.to_dict() == m.spec(s.name).to_dict()}
     assert set(res.reused) == same
-    assert {s.name for s in m.specs if s.family in ("clip", "vae")} | {"dev_tail"} == same
+    assert {s.name for s in m.specs if s.family in ("clip", "vae", "vae_encoder")} | {"dev_tail"} == same
+    assert "vae_encoder" in same
     assert all(m2.sha256(n) == m.sha256(n) for n in same)
     assert m2.dims.t5_len == EXPORT_T5_LEN + 16
     assert np.load(m2.rotary_path).shape == m2.dims.rotary_shape

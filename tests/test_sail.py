@@ -53,8 +53,11 @@ def test_sail_sim_same_image_as_cmodel(quant, bmodel_run, record_property):
         assert list(chips) == [0]
         # the reference's W4BF16 set (flux_pipeline.py): clip ids/hidden/pooled, t5 ids/hidden,
         # head latents/timestep (+guidance for dev), temb, enc, hid, rotary, single, noise, vae in/out;
-        # the head's pooled and T5 inputs are the CLIP and T5 output tensors themselves (same chip)
-        assert total == 15 + (1 if d.guidance_embeds else 0), sim["tensor_log"]
+        # the head's pooled and T5 inputs are the CLIP and T5 output tensors themselves (same chip);
+        # an image-input build (issue 19) adds the VAE encoder's image in / output tensors
+        man = load_manifest(sim["ws"] / "onnx")
+        enc = 2 if any(s.family == "vae_encoder" for s in man.specs) else 0
+        assert total == 15 + (1 if d.guidance_embeds else 0) + enc, sim["tensor_log"]
         assert chips[0]["c2c_in_bytes"] == 0
     else:
         assert sorted(chips) == [0, 1, 2]

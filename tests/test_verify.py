@@ -56,6 +56,13 @@ def test_verify_passes_on_good_models(fixture, steps, request, tmp_path, record_
     # the report's figures are real measurements, not placeholders
     assert 0.9 < e2e["metrics"]["latent_cosine"] <= 1.0 and e2e["metrics"]["psnr_db"] > 15
     assert set(rep["info"]["drift_cosine"]) == names
+    # image-input builds (the session exports have the encoder): the encoder against diffusers'
+    # vae.encode, and img2img end to end against diffusers' FluxImg2ImgPipeline
+    enc = next(s.name for s in load_manifest(ws / "onnx").specs if s.family == "vae_encoder")
+    assert next(c for c in rep["checks"] if c["section"] == "piece" and c["name"] == enc)["ok"]
+    i2i = [c for c in rep["checks"] if c["section"] == "e2e" and "img2img" in c["name"]]
+    assert len(i2i) == 1 and i2i[0]["ok"] and i2i[0]["metrics"]["reference"] == "diffusers FluxImg2ImgPipeline", i2i
+    print(f"[measure] {fixture} img2img e2e: {i2i[0]['detail']}")
 
 
 def test_verify_fails_on_corrupted_bmodel(compiled_schnell_w4, tmp_path):

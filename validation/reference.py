@@ -352,6 +352,18 @@ class Reference:
         name = piece_name("tiny_vae" if self.d.tiny_vae else "vae")
         return {name: {"image": _np(img)}}
 
+    def vae_encoder(self, image: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        """image [1,3,H,W] in [-1,1] -> what diffusers' `vae.encode` gives: AutoencoderKL's latent
+        distribution's parameters (the moments: mean, logvar), AutoencoderTiny's latents."""
+        import torch
+
+        v = self.models.model("vae")
+        with torch.no_grad():
+            enc = v.encode(torch.from_numpy(np.ascontiguousarray(image, np.float32)))
+        if self.d.tiny_vae:
+            return {piece_name("tiny_vae_encoder"): {"latents": _np(enc.latents)}}
+        return {piece_name("vae_encoder"): {"moments": _np(enc.latent_dist.parameters)}}
+
     # -- rotary table and scheduler
     def rotary(self) -> tuple[np.ndarray, np.ndarray]:
         """diffusers' FluxPosEmbed at the export's resolution: (cos, sin) [S+N, head_dim]."""
@@ -407,6 +419,28 @@ def diffusers_generate(models: ReferenceModels, dims, prompt: str, steps: int, g
     return _np(lat), (img * 255).round().astype(np.uint8)
 
 
+def diffusers_img2img(models: ReferenceModels, dims, image, strength: float, prompt: str, steps: int,
+                      guidance: float, seed: int):
+    """diffusers' FluxImg2ImgPipeline on the reference components (PIL `image`, resized by its
+    own image processor to the build's size): (packed latents, uint8 image)."""
+    import torch
+    from diffusers import FluxImg2ImgPipeline
+
+    comps = {c: models.model(c) for c in COMPONENTS}
+    pipe = FluxImg2ImgPipeline.from_pretrained(str(models.src.folder), local_files_only=True, **comps)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(image=image, strength=strength, height=dims.height, width=dims.width, num_inference_steps=steps,
+              guidance_scale=guidance, max_sequence_length=dims.t5_len)
+    with torch.no_grad():
+        lat = pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent", **kw).images
+        z = pipe._unpack_latents(lat, dims.height, dims.width, pipe.vae_scale_factor)
+        v = pipe.vae
+        z = z / v.config.scaling_factor + (getattr(v.config, "shift_factor", None) or 0.0)
+        img = v.decode(z, return_dict=False)[0]
+        img = pipe.image_processor.postprocess(img, output_type="np")[0]
+    return _np(lat), (img * 255).round().astype(np.uint8)
+
+
 def check_available() -> str | None:
     """None if diffusers and transformers import, else why not."""
     try:
@@ -418,4 +452,4 @@ def check_available() -> str | None:
 
 
 __all__ = ["SourceCheckpoint", "find_source", "ReferenceModels", "Reference", "rotary_from_table",
-           "diffusers_schedule", "diffusers_generate", "FluxcError"]
+           "diffusers_schedule", "diffusers_generate", "diffusers_img2img", "FluxcError"]

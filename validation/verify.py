@@ -16,7 +16,11 @@ simulator. What was built comes only from the build record (BM1684X/fluxc_build.
    relative error, and for blocks the same on the update out - in), and with the clean
    reference chain (drift, reported per block).
 5. End to end over the flux type's full step count (--steps shortens it): latent cosine and
-   image PSNR against diffusers' FluxPipeline with the same prompt, seed and resolution.
+   image PSNR against diffusers' FluxPipeline with the same prompt, seed and resolution; for a
+   build with the VAE encoder (image input, issue 19) also img2img from VERIFY_IMAGE at
+   VERIFY_STRENGTH against diffusers' FluxImg2ImgPipeline.
+In 4 an image-input build's encoder encodes verify_image() (made here, no file) and is compared
+with diffusers' own `vae.encode` on the original weights.
 When the source checkpoint is not at hand, 3-5 use the exported ONNX pieces instead and the
 report says so. All failures are collected; the caller exits non-zero if any.
 
@@ -54,7 +58,7 @@ from fluxc.toolchain import run_tool
 from fluxc.metrics import cosine, psnr, rel_err
 from fluxc.validation.metrics import compare, rounded
 from fluxc.validation.reference import (Reference, ReferenceModels, check_available, diffusers_generate,
-                                        diffusers_schedule, find_source, rotary_from_table)
+                                        diffusers_img2img, diffusers_schedule, find_source, rotary_from_table)
 
 # Device memory budget per chip: the SE7-32's (runtime/device_memory.py BUDGET_MB has the
 # boards and where their figures come from). The board run measured 11419 MB.
@@ -83,6 +87,26 @@ E2E_PSNR_DB = {"BF16": 30.0, "W4BF16": 18.0}
 # Rotary table and schedule: float32 copies of the same numbers.
 ROTARY_MAX_ERR = 1e-5
 SCHEDULE_MAX_ERR = 1e-4  # timesteps in 0..1000: relative
+# img2img end to end (image-input builds): the strength it runs at
+VERIFY_STRENGTH = 0.6
+
+
+def verify_image(width: int, height: int):
+    """The input image of an image-input build's checks: smooth colour gradients and a disc
+    (no file; deterministic), at 3/2 the build's size so the resize is exercised. PIL RGB."""
+    from PIL import Image
+
+    w, h = 3 * width // 2, 3 * height // 2
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    r = 255 * x / max(w - 1, 1)
+    g = 255 * y / max(h - 1, 1)
+    b = np.where((x - w / 2) ** 2 + (y - h / 2) ** 2 < (min(w, h) / 3) ** 2, 220.0, 40.0)
+    return Image.fromarray(np.stack([r, g, b], -1).round().astype(np.uint8), "RGB")
+
+
+def encoder_of(specs):
+    """The VAE encoder piece of an image-input build, or None."""
+    return next((s for s in specs if s.family == "vae_encoder"), None)
 
 
 @dataclass
@@ -201,6 +225,10 @@ def piece_chain(models, man, prompt: str, seed: int, guidance: float, on_piece=N
     x0 = lat - s0 * noise  # the clean latents this call predicts
     pipe.decode(x0)
     d = man.dims
+    if encoder_of(man.specs) is not None:  # image-input build: the encoder on the verify image
+        from fluxc.runtime.image_input import preprocess
+
+        pipe.encode_image(preprocess(verify_image(d.width, d.height), d.height, d.width))
     return {"calls": rec.calls, "latents": lat, "t": t0, "sigma": s0, "pooled": pooled, "t5": t5,
             "x0_unpacked": unpack_latents(x0, 2 * (d.height // (d.vae_scale * 2)), 2 * (d.width // (d.vae_scale * 2)))}
 
@@ -232,6 +260,11 @@ def torch_reference(R, man, chip: dict, guidance: float, text_clean: dict | None
     x0 = head["hidden_states"] - chip["sigma"] * noise
     d = man.dims
     clean.update(R.vae(unpack_latents(x0, 2 * (d.height // (d.vae_scale * 2)), 2 * (d.width // (d.vae_scale * 2)))))
+    enc = encoder_of(man.specs)
+    if enc is not None:  # the same image both ways: the hop is the clean chain
+        ref = R.vae_encoder(ins[enc.name]["image"])
+        hop.update(ref)
+        clean.update(ref)
     return hop, clean
 
 
@@ -341,6 +374,9 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
     models = Path(models)
     exp, man, rec = open_build(models, export, quantize, flux_type)
     d = man.dims
+    if d.kontext:
+        raise FluxcError("fluxc verify does not check FLUX.1 Kontext builds yet (issue 19); check one with "
+                         "`fluxc run --backend cmodel --image ref.png` against `--backend onnx`")
     q = rec.quantize
     n_steps = steps or DEFAULT_STEPS[d.flux_type]
     sizes = build_sizes(man, rec)
@@ -390,9 +426,11 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
         for z in sizes:
             if failed:
                 rep.add("e2e", f"{n_steps}-step generation", False, "skipped: earlier checks failed", size=z.label)
-            else:
-                end_to_end(rep, z.man, ms, Reference(R.models, z.man.dims) if (R is not None and z.label) else R,
-                           q, n_steps, seed, prompt, guidance, say, z.label)
+                continue
+            Rz = Reference(R.models, z.man.dims) if (R is not None and z.label) else R
+            end_to_end(rep, z.man, ms, Rz, q, n_steps, seed, prompt, guidance, say, z.label)
+            if encoder_of(z.man.specs) is not None:
+                end_to_end(rep, z.man, ms, Rz, q, n_steps, seed, prompt, guidance, say, z.label, image=True)
     ms.close()
     rep.info["seconds"] = round(time.perf_counter() - t_start, 1)
     return rep
@@ -675,21 +713,30 @@ def _quiet_libraries() -> None:
 
 
 def end_to_end(rep: Report, man, ms, R, q: str, steps: int, seed: int, prompt: str, guidance: float, say,
-               size: str = "") -> None:
+               size: str = "", image: bool = False) -> None:
+    """`steps` of generation on the chip against the reference; image=True: img2img from
+    verify_image() at VERIFY_STRENGTH (diffusers' FluxImg2ImgPipeline)."""
+    d = man.dims
     at = f" at {size}" if size else ""
-    say(f"end to end{at}: {steps} steps on the chip simulator ...")
+    img_kw = dict(image=verify_image(d.width, d.height), strength=VERIFY_STRENGTH) if image else {}
+    name = f"{steps}-step img2img (strength {VERIFY_STRENGTH})" if image else f"{steps}-step generation"
+    say(f"end to end{at}: {name} on the chip simulator ...")
     t0 = time.perf_counter()
     got = FluxPipeline(ms, man)(prompt, None, steps, guidance, seed,
-                                on_step=lambda i, n: say(f"  chip step {i}/{n}"))
+                                on_step=lambda i, n: say(f"  chip step {i}/{n}"), **img_kw)
     t1 = time.perf_counter()
     if R is not None:
-        say(f"end to end: {steps} steps of diffusers' FluxPipeline (torch, float32) ...")
-        lat, img = diffusers_generate(R.models, man.dims, prompt, steps, guidance, seed)
-        what = "diffusers FluxPipeline"
+        what = "diffusers FluxImg2ImgPipeline" if image else "diffusers FluxPipeline"
+        say(f"end to end: {name} of {what} (torch, float32) ...")
+        if image:
+            lat, img = diffusers_img2img(R.models, d, img_kw["image"], VERIFY_STRENGTH, prompt, steps, guidance,
+                                         seed)
+        else:
+            lat, img = diffusers_generate(R.models, man.dims, prompt, steps, guidance, seed)
     else:
-        say(f"end to end: {steps} steps on the ONNX pieces (source checkpoint not at hand) ...")
+        say(f"end to end: {name} on the ONNX pieces (source checkpoint not at hand) ...")
         ox = open_onnx(man)
-        r = FluxPipeline(ox, man)(prompt, None, steps, guidance, seed)
+        r = FluxPipeline(ox, man)(prompt, None, steps, guidance, seed, **img_kw)
         ox.close()
         lat, img = r.latents, r.image
         what = "ONNX pieces"
@@ -698,7 +745,7 @@ def end_to_end(rep: Report, man, ms, R, q: str, steps: int, seed: int, prompt: s
     lat_rel = rel_err(lat, got.latents)
     p = psnr(img, got.image)
     ok = lat_cos >= E2E_LATENT_COSINE[q] and p >= E2E_PSNR_DB[q]
-    rep.add("e2e", f"{steps}-step generation", ok,
+    rep.add("e2e", name, ok,
             f"vs {what}: latent cosine {lat_cos:.5f} (>= {E2E_LATENT_COSINE[q]}), rel. error {lat_rel:.4f}, "
             f"image PSNR {p:.2f} dB (>= {E2E_PSNR_DB[q]})",
             size=size, latent_cosine=round(lat_cos, 6), latent_rel_err=round(lat_rel, 6), psnr_db=round(p, 3),

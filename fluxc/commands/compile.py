@@ -10,6 +10,7 @@ import typer
 from fluxc import workspace
 from fluxc.compile.pipeline import CompileOptions, run_compile
 from fluxc.errors import FluxcError
+from fluxc.specs import FLUX_TYPES
 
 BUILD_DIR_ENV = "FLUXC_BUILD_DIR"
 
@@ -18,7 +19,7 @@ def compile(
     export_dir: Optional[Path] = typer.Argument(None, help="Export folder, or a workspace holding one in onnx/ "
                                                 "(default: <models>/onnx)."),
     quantize: str = typer.Option(..., "--quantize", "-q", help="Transformer blocks: BF16 or W4BF16."),
-    flux_type: Optional[str] = typer.Option(None, "--flux-type", help="dev or schnell (default: the export's; "
+    flux_type: Optional[str] = typer.Option(None, "--flux-type", help="dev, schnell or kontext (default: the export's; "
                                             "an export of the other type is an error)."),
     tiny_vae: Optional[bool] = typer.Option(None, "--tiny-vae/--full-vae",
                                             help="Expect the tiny VAE (taef1) / the full VAE (default: the export's)."),
@@ -50,8 +51,8 @@ def compile(
 
     Example for the BM1688 (models/BM1688/): fluxc compile --quantize W4BF16 --chip bm1688
     """
-    if flux_type is not None and flux_type not in ("dev", "schnell"):
-        raise FluxcError(f"unknown flux type {flux_type!r}; use --flux-type dev or schnell")
+    if flux_type is not None and flux_type not in FLUX_TYPES:
+        raise FluxcError(f"unknown flux type {flux_type!r}; use --flux-type {', '.join(FLUX_TYPES)}")
     ws = workspace.models_dir(models)
     exp = workspace.locate(export_dir).export if export_dir else workspace.export_dir(ws)
     bdir = build_dir or (Path(os.environ[BUILD_DIR_ENV]) if os.environ.get(BUILD_DIR_ENV)

@@ -182,7 +182,7 @@ MODELS_OPTION = typer.Option(None, "--models", help="Workspace, export folder (f
 BACKEND_OPTION = typer.Option("cmodel", "--backend", help="cmodel (chip simulator), onnx (float reference), sail (chip) "
                               "or sail-sim (the sail runtime on a stand-in over the chip simulator).")
 QUANTIZE_OPTION = typer.Option(None, "--quantize", help="Transformer quantisation: BF16 or W4BF16 (default: what is compiled).")
-FLUX_TYPE_OPTION = typer.Option(None, "--flux-type", help="dev or schnell (checked against the export).")
+FLUX_TYPE_OPTION = typer.Option(None, "--flux-type", help="dev, schnell or kontext (checked against the export).")
 TINY_VAE_OPTION = typer.Option(None, "--tiny-vae/--full-vae", help="Check which VAE the export holds.")
 DEVICES_OPTION = typer.Option(None, "--devices", help='Chip ids for the sail backend, e.g. "0,1,2" or "0 1 2".')
 CHIP_OPTION = typer.Option("bm1684x", "--chip", help="bm1684x or bm1688: which models/<CHIP>/ folder and simulator.")
@@ -221,6 +221,11 @@ def run(
     out: Path = typer.Option(Path("result.png"), "--out", help="Output PNG (written atomically)."),
     chip: str = CHIP_OPTION,
     save_latents: Optional[Path] = typer.Option(None, "--save-latents", help="Also save the final packed latents (.npy)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="Input image (PNG/JPEG, at most 4096x4096): img2img as "
+                                         "diffusers' FluxImg2ImgPipeline, resized to the build's size. The build needs "
+                                         "the VAE encoder (fluxc export --image-input)."),
+    strength: Optional[float] = typer.Option(None, "--strength", help="img2img: how much of the image is repainted, "
+                                             "in (0, 1] (default 0.6; 1 ignores the image's content)."),
 ) -> None:
     """Generate one image with the compiled (or exported) FLUX.1 pieces.
 
@@ -230,11 +235,21 @@ def run(
 
     Example (sophon-demo's download as it is: models/BM1684X/*.bmodel, ids_emb.pt, tokenizer/,
     tokenizer_2/): fluxc run --models sophon-demo/sample/FLUX.1/models --quantize W4BF16 --flux-type schnell
+
+    Example (img2img; export with --image-input): fluxc run --image in.png --strength 0.6 --prompt "a watercolour"
     """
     con = Console(stderr=True)
     m = workspace.models_dir(models)
     if steps is not None and steps < 1:
         raise FluxcError("--steps must be at least 1")
+    init = None  # img2img input (runtime/image_input.py): checked before any model is loaded
+    if strength is not None and image is None:
+        raise FluxcError("--strength is for img2img; give --image too")
+    if image is not None:
+        from fluxc.runtime.image_input import check_strength, read_image
+
+        strength = check_strength(strength) if strength is not None else None
+        init = read_image(image)
     t0 = time.perf_counter()
     with con.status(f"loading models ({backend}) ..."):
         pipe, ms, q = open_pipeline(m, backend, quantize, flux_type, tiny_vae, parse_devices(devices),
@@ -244,13 +259,35 @@ def run(
     for line in describe_build(pipe, ms, q, backend, load_s):
         con.print(line)
     n_steps = steps or DEFAULT_STEPS[d.flux_type]
+    n_run = n_steps  # the steps run (img2img trims them by strength)
+    if d.kontext:  # FLUX.1 Kontext: --image is the image to edit, every step runs
+        if init is None or strength is not None:
+            if getattr(ms, "device_resident", None) is not None:
+                ms.device_resident.close()
+            ms.close()
+            raise FluxcError("this is a FLUX.1 Kontext build: give the image to edit with --image (and no --strength)"
+                             if init is None else "--strength is for img2img; a Kontext build edits the --image as "
+                             "the prompt says: drop --strength")
+        con.print(f"Kontext: editing {image} (reference {d.ref_width}x{d.ref_height})")
+    elif init is not None:
+        from fluxc.runtime.image_input import trim_timesteps
+
+        if not any(s.family == "vae_encoder" for s in pipe.manifest.specs):
+            if getattr(ms, "device_resident", None) is not None:
+                ms.device_resident.close()
+            ms.close()
+            raise FluxcError("this build has no VAE encoder, so it takes no --image; re-export with "
+                             "`fluxc export --image-input` and compile again")
+        n_run = n_steps - trim_timesteps(n_steps, 0.6 if strength is None else strength)
+        con.print(f"img2img from {image} (strength {0.6 if strength is None else strength}: {n_run} of {n_steps} steps)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TruncationWarning)
         with Progress(TextColumn("denoising"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
                       TimeElapsedColumn(), console=con) as prog:
-            task = prog.add_task("steps", total=n_steps)
+            task = prog.add_task("steps", total=n_run)
+            img_kw = dict(image=init, strength=0.6 if strength is None else strength) if init is not None else {}
             res = pipe(prompt or DEFAULT_PROMPT, prompt_2, n_steps, guidance, seed,
-                       on_step=lambda i, n: prog.update(task, completed=i))
+                       on_step=lambda i, n: prog.update(task, completed=i), **img_kw)
     for w in caught:
         con.print(f"[yellow]warning:[/yellow] {w.message}")
     for n in res.notes:
@@ -262,10 +299,11 @@ def run(
                 np.save(f, res.latents)
     t = res.timings
     con.print(f"generation {t['generate_s']:.2f} s (text encoders {t['text_encoders_s']:.2f} s, "
-              f"{n_steps} steps {t['denoise_s']:.2f} s, VAE {t['vae_s']:.2f} s); load {load_s:.2f} s")
+              f"{n_run} steps {t['denoise_s']:.2f} s, VAE {t['vae_s']:.2f} s"
+              + (f", image encode {t['image_encode_s']:.2f} s" if "image_encode_s" in t else "") + f"); load {load_s:.2f} s")
     steps_s = t.get("step_s") or []
     # the reference's table: load | N-step generation | per step (relative only on a simulator)
-    con.print(f"| {backend} | load {load_s:.2f} s | {n_steps}-step generation {t['generate_s']:.2f} s | "
+    con.print(f"| {backend} | load {load_s:.2f} s | {n_run}-step generation {t['generate_s']:.2f} s | "
               f"per step {min(steps_s) if steps_s else 0:.2f}-{max(steps_s) if steps_s else 0:.2f} s |"
               + (" simulator: relative figures only" if backend in ("sail-sim", "cmodel") else ""))
     for line in device_memory_lines(backend):

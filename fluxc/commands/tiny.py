@@ -13,7 +13,8 @@ from fluxc.tiny import build_tiny, preset_overrides
 
 def tiny(
     out: Path = typer.Argument(..., help="Folder to write the pipeline into (must be empty or new, unless --force)."),
-    flux_type: str = typer.Option("schnell", "--flux-type", help="schnell or dev (dev adds the guidance embedder)."),
+    flux_type: str = typer.Option("schnell", "--flux-type", help="schnell, dev (adds the guidance embedder) or kontext "
+                                  "(dev's transformer, a FluxKontextPipeline model_index.json)."),
     preset: str = typer.Option(
         "tiny", "--preset",
         help="Model sizes: 'tiny' (small, for tests) or 'full' (exactly the published FLUX.1 sizes: 12B "

@@ -22,7 +22,7 @@ def verify(
     export: Optional[Path] = typer.Option(None, "--export", help="Export folder (default: MODELS/onnx)."),
     report: Optional[Path] = typer.Option(None, "--report", help="JSON report (default: MODELS/BM1684X/verify_report.json)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Expect this transformer quantisation (default: what the build record says)."),
-    flux_type: Optional[str] = typer.Option(None, "--flux-type", help="dev or schnell (checked against the export)."),
+    flux_type: Optional[str] = typer.Option(None, "--flux-type", help="dev, schnell or kontext (checked against the export)."),
     memory_budget_mb: float = typer.Option(None, "--memory-budget-mb",
                                            help="Device memory per chip, MB (default 12335: BM1684X SoC NPU+VPU+VPP)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps of the end-to-end comparison (default: the flux type's full count, 4 schnell / 28 dev)."),

@@ -28,6 +28,7 @@ from fluxc.compile.tools import Tools
 from fluxc.errors import FluxcError
 from fluxc.fsutil import write_json_atomic
 from fluxc.machine import cores, mem_available
+from fluxc.specs import FAMILIES
 from fluxc.runtime.device_memory import BUDGET_MB, per_chip_memory
 
 REPORT_FORMAT = 1
@@ -87,6 +88,8 @@ def output_files(flux_type: str, quantize: str, devices: int, tiny_vae: bool) ->
         "transformer": (f"{flux_type}_w4bf16_transformer.bmodel" if quantize == "W4BF16"
                         else f"{flux_type}_bf16_transformer_on_device{{i}}.bmodel"),
         "vae": "tiny_vae_decoder_bf16.bmodel" if tiny_vae else "vae_decoder_bf16.bmodel",
+        # image-input builds (issue 19); the reference has no encoder, so no reference name to follow
+        "vae_encoder": "tiny_vae_encoder_bf16.bmodel" if tiny_vae else "vae_encoder_bf16.bmodel",
     }
 
 
@@ -280,7 +283,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     out_dir = Path(opts.out_dir).resolve()
     combined: list[CombinedResult] = []
     split_info: dict[str, Any] | None = None
-    for fam in ("clip", "t5", "transformer", "vae"):
+    for fam in [f for f in FAMILIES if f in by_family]:
         prs = by_family[fam]
         if fam == "transformer" and quantize == "BF16":
             n = min(opts.devices, len(prs))
@@ -451,7 +454,8 @@ def _estimate_only_report(opts, exp, ordered, by_family, quantize, chip, recipe,
         parts = [_mems(tr, exp)]
     # the reference's placement: CLIP and the VAE with the first transformer part, T5 with the last
     chips = [list(p) for p in parts]
-    chips[0] = _mems(by_family["clip"], exp) + chips[0] + _mems(by_family["vae"], exp)
+    chips[0] = _mems(by_family["clip"], exp) + chips[0] + _mems(by_family["vae"], exp) \
+        + _mems(by_family.get("vae_encoder", []), exp)
     chips[-1] = chips[-1] + _mems(by_family["t5"], exp)
     per_chip = [{"device": i, "pieces": [m.name for m in c], "modeled_mb": round(device_cost(c) / MB, 1)}
                 for i, c in enumerate(chips)]
@@ -504,6 +508,8 @@ def _estimate(exp: ExportIn, results: dict[str, PieceResult]) -> dict[str, Any]:
 
     return {"denoising_step_ms": total(("transformer",)), "clip_ms": total(("clip",)), "t5_ms": total(("t5",)),
             "text_encoders_ms": total(("clip", "t5")), "vae_ms": total(("vae",)),
+            "vae_encoder_ms": total(("vae_encoder",)) if any(p.spec.family == "vae_encoder" for p in exp.pieces)
+            else None,
             "source": "compiler cost model (compiler_profile_0.txt of each piece), not a board measurement"}
 
 
@@ -523,4 +529,5 @@ def _print_estimate(console, e: dict[str, Any]) -> None:
 
     console.print(f"estimated on-chip time (compiler cost model): one denoising step {f(e['denoising_step_ms'])}, "
                   f"text encoders {f(e['text_encoders_ms'])} (CLIP {f(e['clip_ms'])}, T5 {f(e['t5_ms'])}), "
-                  f"VAE {f(e['vae_ms'])}", highlight=False)
+                  f"VAE {f(e['vae_ms'])}" + (f", VAE encoder {f(e['vae_encoder_ms'])}" if e.get("vae_encoder_ms")
+                                             is not None else ""), highlight=False)

@@ -60,9 +60,16 @@ def vae_scale(vae_cfg: dict[str, Any]) -> int:
 
 def build_dims(*, flux_type: str, height: int, width: int, t5_len: int,
                transformer: dict[str, Any], clip: dict[str, Any], t5: dict[str, Any],
-               vae: dict[str, Any], tiny_vae: dict[str, Any] | None) -> FluxDims:
+               vae: dict[str, Any], tiny_vae: dict[str, Any] | None, image_input: bool = False,
+               reference_size: tuple[int, int] | None = None) -> FluxDims:
     scale = vae_scale(vae)
     check_resolution(height, width, 2 * scale)
+    ref_h = ref_w = 0
+    if flux_type == "kontext":  # the reference image's size: default the output size
+        ref_h, ref_w = reference_size or (height, width)
+        check_resolution(ref_h, ref_w, 2 * scale)
+    elif reference_size is not None:
+        raise FluxcError("--reference-size is for FLUX.1 Kontext checkpoints; drop it for dev/schnell")
     check_t5_len(t5_len)
     heads, hd = int(transformer.get("num_attention_heads", 24)), int(transformer.get("attention_head_dim", 128))
     in_ch = int(transformer.get("in_channels", 64))
@@ -85,4 +92,5 @@ def build_dims(*, flux_type: str, height: int, width: int, t5_len: int,
         pooled_projection_dim=int(transformer.get("pooled_projection_dim", 768)),
         guidance_embeds=bool(transformer.get("guidance_embeds", False)),
         latent_channels=latent_ch, vae_scale=scale, tiny_vae=tiny_vae is not None,
+        image_input=bool(image_input) or flux_type == "kontext", ref_height=ref_h, ref_width=ref_w,
     )

@@ -54,6 +54,8 @@ class ExportOptions:
     # --resolution: (height, width) per image size of the build, the first one = (height, width);
     # None: the one size (height, width)
     resolutions: list[tuple[int, int]] | None = None
+    image_input: bool = False  # also export the VAE encoder (img2img; issue 19)
+    reference_size: tuple[int, int] | None = None  # Kontext: (height, width) of the reference image
 
     def sizes(self) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = [(self.height, self.width)]
@@ -78,7 +80,7 @@ class ExportResult:
 
 def resolve_inputs(opts: ExportOptions) -> tuple[Checkpoint, str, FluxDims, Path]:
     if opts.flux_type is not None and opts.flux_type not in FLUX_TYPES:
-        raise FluxcError(f"--flux-type {opts.flux_type!r} is unknown; use dev or schnell")
+        raise FluxcError(f"--flux-type {opts.flux_type!r} is unknown; use dev, schnell or kontext")
     if opts.resolutions and (int(opts.resolutions[0][0]), int(opts.resolutions[0][1])) != (opts.height, opts.width):
         raise ValueError("ExportOptions: resolutions[0] must be (height, width)")
     for h, w in opts.sizes():
@@ -91,7 +93,10 @@ def resolve_inputs(opts: ExportOptions) -> tuple[Checkpoint, str, FluxDims, Path
     dims = build_dims(flux_type=flux_type, height=opts.height, width=opts.width, t5_len=opts.t5_len,
                       transformer=ckpt.configs["transformer"], clip=ckpt.configs["text_encoder"],
                       t5=ckpt.configs["text_encoder_2"], vae=ckpt.configs["vae"],
-                      tiny_vae=ckpt.configs.get("tiny_vae"))
+                      tiny_vae=ckpt.configs.get("tiny_vae"), image_input=opts.image_input,
+                      reference_size=opts.reference_size)
+    if dims.kontext and len(opts.sizes()) > 1:
+        raise FluxcError("several --resolution sizes are not supported for FLUX.1 Kontext yet; export one size")
     if opts.out is not None:
         out = Path(opts.out)
     else:
@@ -133,6 +138,10 @@ def run_export(opts: ExportOptions, *, show_progress: bool = True,
                "tiny_vae": opts.tiny_vae, "probe": opts.probe}
     if lora_records:
         options["lora"] = lora_records
+    if opts.image_input:
+        options["image_input"] = True
+    if dims.kontext:
+        options["reference_size"] = size_label(dims.ref_height, dims.ref_width)
     if len(opts.sizes()) > 1:
         options["resolutions"] = [size_label(h, w) for h, w in opts.sizes()]
     if old is not None and (todo or old.get("complete") is not True) and (out / mf.MANIFEST).exists():

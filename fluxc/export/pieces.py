@@ -41,6 +41,11 @@ kind is WRAPPERS[kind] below):
 - vae_decoder / tiny_vae_decoder: image = decoder(latents / scaling_factor + shift_factor)
   with the VAE's own config values, as FluxPipeline does before vae.decode (for
   AutoencoderTiny the pipeline does the same with the tiny VAE's config).
+- vae_encoder: moments = quant_conv(encoder(image)) (quant_conv when the VAE has one; FLUX's has
+  none), what AutoencoderKL.encode makes its DiagonalGaussianDistribution of (mean, logvar);
+  tiny_vae_encoder: latents = AutoencoderTiny's encoder(image) (it maps [-1,1] to [0,1] itself).
+  AutoencoderKL's Downsample2D gets the "downsample" export patch (static-shape zero padding).
+  Image in [-1, 1], as diffusers' VaeImageProcessor gives it.
 """
 from __future__ import annotations
 
@@ -207,6 +212,19 @@ class VaeDecoder(_Piece):
         return self.decoder(z)
 
 
+class VaeEncoder(_Piece):
+    """image in [-1, 1] -> the encoder's output as diffusers' `vae.encode` reads it."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = getattr(vae, "quant_conv", None)
+
+    def forward(self, image):
+        h = self.encoder(image)
+        return self.quant_conv(h) if self.quant_conv is not None else h
+
+
 # --------------------------------------------------------------------------- factory
 def _sub(component: Any, dotted: str, spec: PieceSpec):
     mod = component
@@ -293,11 +311,17 @@ def _vae(spec, dims, c, p, split):
     return VaeDecoder(c)
 
 
+def _vae_encoder(spec, dims, c, p, split):
+    if spec.kind == "vae_encoder":  # AutoencoderKL: Downsample2D pads (taef1 has none)
+        p.apply(c.encoder, ("downsample",), "encoder")
+    return VaeEncoder(c)
+
+
 # kind (fluxc.specs.KINDS) -> wrapper builder(spec, dims, component, patcher, split_proj_out)
 WRAPPERS = {"clip_head": _clip_head, "clip_block": _clip_block, "clip_tail": _clip_tail, "t5_head": _t5_head,
             "t5_block": _t5_block, "t5_tail": _t5_tail, "transformer_head": _transformer_head,
             "double_block": _double_block, "single_block": _single_block, "transformer_tail": _transformer_tail,
-            "vae": _vae, "tiny_vae": _vae}
+            "vae": _vae, "tiny_vae": _vae, "vae_encoder": _vae_encoder, "tiny_vae_encoder": _vae_encoder}
 assert set(WRAPPERS) == set(KINDS), "every kind of fluxc.specs.KINDS needs a wrapper"
 
 

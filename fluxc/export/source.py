@@ -18,7 +18,8 @@ from typing import Any, Iterable
 
 from fluxc.errors import FluxcError
 
-HUB_IDS = {"schnell": "black-forest-labs/FLUX.1-schnell", "dev": "black-forest-labs/FLUX.1-dev"}
+HUB_IDS = {"schnell": "black-forest-labs/FLUX.1-schnell", "dev": "black-forest-labs/FLUX.1-dev",
+           "kontext": "black-forest-labs/FLUX.1-Kontext-dev"}
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2", "vae")
 # Only what export needs from a Hub repo (no fp16 variants, no single-file checkpoints).
 HUB_PATTERNS = [
@@ -146,7 +147,22 @@ def check_flux_folder(folder: Path) -> None:
             raise FluxcError(f"{folder} is not a complete FLUX.1 checkpoint ({tok}/ is missing)")
 
 
+def pipeline_class(folder: Path) -> str | None:
+    """model_index.json's _class_name (None when absent or unreadable)."""
+    p = Path(folder) / "model_index.json"
+    try:
+        return json.loads(p.read_text()).get("_class_name") if p.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
 def detect_flux_type(transformer_cfg: dict[str, Any], given: str | None, folder: Path) -> str:
+    # FLUX.1 Kontext has dev's transformer config; its model_index.json names FluxKontextPipeline
+    if pipeline_class(folder) == "FluxKontextPipeline":
+        if given is not None and given != "kontext":
+            raise FluxcError(f"--flux-type {given} contradicts {folder}/model_index.json (FluxKontextPipeline: "
+                             f"FLUX.1 Kontext); drop --flux-type or pick the matching model")
+        return "kontext"
     detected = "dev" if transformer_cfg.get("guidance_embeds", False) else "schnell"
     if given is not None and given != detected:
         raise FluxcError(f"--flux-type {given} contradicts {folder}/transformer/config.json "

@@ -545,7 +545,7 @@ def check_pieces_on_cluster(rep: Report, man, rec, R, prompt: str, seed: int, gu
         r = got[s.name]
         node = r.get("node") or {}
         where[s.name] = {"node_id": node.get("node_id"), "ip": node.get("ip"), "host": node.get("host"),
-                         "wall_s": r.get("wall_s")}
+                         "wall_s": r.get("wall_s"), "forward_s": r.get("forward_s")}
         if "outputs" not in r:
             rep.add("piece", s.name, False, r["error"].splitlines()[0], **where[s.name])
             continue

@@ -41,12 +41,13 @@ def piece_task(file: str, net: str, inputs: dict[str, np.ndarray], export_dir: s
         eng = CmodelEngine(Path(file))
         try:
             out = eng.process(net, inputs)
+            forward_s = eng.last_forward_s
         finally:
             eng.close()
     except FluxcError as e:
         return {"error": str(e), "node": me}
     return {"outputs": {k: np.asarray(v) for k, v in out.items()}, "node": me,
-            "wall_s": round(time.perf_counter() - t0, 2)}
+            "wall_s": round(time.perf_counter() - t0, 2), "forward_s": forward_s}
 
 
 def task_memory(file: Path) -> int:

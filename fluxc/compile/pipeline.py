@@ -264,7 +264,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
         "checked": _checked(opts.check, probe_results),
         "probe_checks": {n: _probe_entry(r) for n, r in probe_results.items()},
         "recipe": recipe.source, "toolchain": toolchain, "export_dir": str(exp.folder),
-        "build_dir": str(build_root), "jobs": jobs,
+        "build_dir": str(build_root), "jobs": jobs, "cluster": opts.cluster,
         "tool_runs": len(tools.runs), "tool_commands": tools.runs,
         "seconds": round(time.monotonic() - t0, 2),
         "estimate_ms": estimate,

@@ -141,7 +141,7 @@ def test_cluster_compile_loses_a_node_and_equals_the_local_build(ray_cluster, co
             proc.kill()
     text = log.read_text()
     assert proc.returncode == 0, text[-5000:]
-    nodes = {line.rsplit("[node ", 1)[1].split("]")[0] for line in text.splitlines() if "[node " in line}
+    nodes = {line.rsplit(" on node ", 1)[1].strip() for line in text.splitlines() if " on node " in line}
     assert len(nodes) == 2, nodes  # both nodes compiled pieces (the worker's before it was lost)
 
     ref = compiled_schnell_w4 / "BM1684X"
@@ -197,3 +197,20 @@ def test_cluster_verify_passes_the_build_and_fails_a_wrong_block(ray_cluster, co
     assert rc == 1, out[-4000:]
     failed = {c["name"] for c in rep["checks"] if not c["ok"]}
     assert failed == {"schnell_trans_block_1"}, (failed, out[-4000:])
+
+
+def test_cluster_without_ray_says_how_to_install(tmp_path):
+    # Ray made unimportable in this one process: the one-line hint, exit 2, before any work
+    code = ("import sys; sys.modules['ray'] = None; from fluxc.cli import main; "
+            f"main(['compile', '--models', {str(tmp_path)!r}, '--quantize', 'W4BF16', '--cluster', 'auto'])")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'pip install "fluxc[cluster]"' in lines[0], r.stderr
+
+
+def test_full_size_checks_needs_a_cluster(compiled_schnell_w4, tmp_path):
+    p = _fluxc(["verify", "--models", compiled_schnell_w4, "--report", tmp_path / "r.json", "--full-size-checks"],
+               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 2 and "--full-size-checks needs --cluster" in out, out[-2000:]

@@ -551,7 +551,7 @@ def check_pieces_on_cluster(rep: Report, man, rec, R, prompt: str, seed: int, gu
             continue
         c = check_piece(rep, s, built[s.name], (feeds[s.name], r["outputs"]), hop_ref[s.name], clean_ref[s.name])
         c.metrics.update(where[s.name])
-        c.detail += f" [node {node.get('ip')} {str(node.get('node_id'))[:8]}, {r['wall_s']:.1f} s]"
+        c.detail += f" (node {node.get('ip')} {str(node.get('node_id'))[:8]}, {r['wall_s']:.1f} s)"
     rep.info["cluster"] = {"address": cluster, "pieces": where,
                            "inputs": "the exported ONNX pieces chained on the prompt (each piece checked alone)"}
     if pieces:

@@ -128,4 +128,4 @@ def _schedule(ray, todo: list[Job], chip, toolchain, export_dir, manifest_sha, t
             tools.runs.extend(out["runs"])
             results[j.label] = r
             done_kinds.add(j.kind)
-            on_done(j, r, f"  [node {out['node']['ip']} {out['node']['node_id'][:8]}]")
+            on_done(j, r, f"  on node {out['node']['ip']} {out['node']['node_id'][:8]}")

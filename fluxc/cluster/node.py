@@ -97,7 +97,7 @@ def check_all_nodes(ray, nodes: list[dict[str, Any]], export_dir: str, manifest_
     if errors:
         raise FluxcError("; ".join(errors))
     for r in out:
-        say(f"  node {r['ip']} ({r['host']}): export manifest sha256 matches, build cache shared, "
+        say(f"  node {r['ip']} {r['node_id'][:8]} ({r['host']}): export manifest sha256 matches, build cache shared, "
             f"toolchain {'installed now' if r['toolchain'] == 'installed' else 'present'}")
     return out
 

@@ -164,8 +164,8 @@ def test_cluster_compile_loses_a_node_and_equals_the_local_build(ray_cluster, co
     assert rep["tool_runs"] == 0 and all(p["cache_hit"] for p in rep["pieces"].values())
 
 
-def _verify(ws: Path, report: Path, address: str) -> tuple[int, str, dict]:
-    p = _fluxc(["verify", "--models", ws, "--report", report, "--no-e2e", "--cluster", address],
+def _verify(ws: Path, report: Path, address: str, *extra: str) -> tuple[int, str, dict]:
+    p = _fluxc(["verify", "--models", ws, "--report", report, "--no-e2e", "--cluster", address, *extra],
                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out, _ = p.communicate(timeout=900)
     assert report.is_file(), out[-4000:]
@@ -193,7 +193,7 @@ def test_cluster_verify_passes_the_build_and_fails_a_wrong_block(ray_cluster, co
     mu.scale_block_weights(exp, "schnell_trans_block_1", 1.25)
     ws = make_workspace(tmp_path / "bad", exp)
     compile_into(ws, compile_build_dir, W4_ARGS)
-    rc, out, rep = _verify(ws, tmp_path / "bad.json", cluster.address)
+    rc, out, rep = _verify(ws, tmp_path / "bad.json", cluster.address, "--pieces", "schnell_trans_block_*")
     assert rc == 1, out[-4000:]
     failed = {c["name"] for c in rep["checks"] if not c["ok"]}
     assert failed == {"schnell_trans_block_1"}, (failed, out[-4000:])

@@ -30,20 +30,34 @@ RETRIES = 3
 GB = 1 << 30
 
 
-def piece_task(file: str, net: str, inputs: dict[str, np.ndarray], export_dir: str, manifest_sha: str) -> dict:
-    """One piece on a node's chip simulator: load `file`, run `net` on `inputs`."""
+_engines: dict[tuple, object] = {}  # per Ray worker process: the files loaded on the simulator
+KEEP_LOADED = 2
+
+
+def _engine(file: str):
+    """The file loaded on the simulator, kept for the next task of this worker (pieces of one
+    combined file follow each other), keyed by path, size and mtime."""
     from fluxc.runtime.cmodel_engine import CmodelEngine
 
+    st = Path(file).stat()
+    key = (file, st.st_size, st.st_mtime_ns)
+    if key not in _engines:
+        while len(_engines) >= KEEP_LOADED:
+            _engines.pop(next(iter(_engines))).close()
+        _engines[key] = CmodelEngine(Path(file))
+    return _engines[key]
+
+
+def piece_task(file: str, net: str, inputs: dict[str, np.ndarray], export_dir: str, manifest_sha: str) -> dict:
+    """One piece on a node's chip simulator: `file` (loaded, or still loaded from the previous
+    task of this worker), its net `net` run on `inputs`."""
     t0 = time.perf_counter()
     me: dict[str, Any] = {}
     try:
         me = ensure_ready(export_dir, manifest_sha, None)
-        eng = CmodelEngine(Path(file))
-        try:
-            out = eng.process(net, inputs)
-            forward_s = eng.last_forward_s
-        finally:
-            eng.close()
+        eng = _engine(file)
+        out = eng.process(net, inputs)
+        forward_s = eng.last_forward_s
     except FluxcError as e:
         return {"error": str(e), "node": me}
     return {"outputs": {k: np.asarray(v) for k, v in out.items()}, "node": me,

@@ -56,6 +56,7 @@ def ray_cluster():
         cluster.wait_for_nodes()
         yield cluster, worker
     finally:
+        started = _ray_processes()  # (a process re-parented after its raylet died is not a child any more)
         cluster.shutdown()
         for k, v in saved.items():
             if v is None:
@@ -64,13 +65,17 @@ def ray_cluster():
                 os.environ[k] = v
         left = []
         for _ in range(100):
-            left = _ray_processes()
+            left = [p for p in {q.pid: q for q in started + _ray_processes()}.values() if _alive(p.pid)]
             if not left:
                 break
             time.sleep(0.1)
+        names = [" ".join(p.cmdline())[:120] for p in left if _alive(p.pid)]
         for p in left:  # never leave a Ray process behind for CI, even when failing
-            p.kill()
-        assert not left, [" ".join(p.cmdline())[:120] for p in left]
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        assert not names, names
 
 
 def _fluxc(args: list[str], **kw) -> subprocess.Popen:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,31 @@ from fluxc.errors import FluxcError
 from fluxc.fsutil import sha256_file
 
 _ready: set[tuple[str, str, str]] = set()  # per worker process: checks already passed
+_watching = False
+
+
+def die_with_node() -> None:
+    """Make this Ray worker process exit as soon as its node's raylet (its parent) is gone.
+
+    A worker whose raylet was killed is re-parented and can live on for a while; the tools it
+    started would live on with it. Exiting at once closes the pipe each tool launcher watches
+    (fluxc/tool_launcher.py), which then kills the tool's whole process group. Started once
+    per worker process (a daemon thread polling the parent pid every 0.2 s)."""
+    global _watching
+    if _watching:
+        return
+    _watching = True
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.2)
+            if os.getppid() != parent:
+                os._exit(70)
+
+    threading.Thread(target=watch, name="fluxc-die-with-node", daemon=True).start()
 
 
 def identity() -> dict[str, Any]:
@@ -40,6 +66,7 @@ def ensure_ready(export_dir: str, manifest_sha: str, token_path: str | None, ins
     """The node's checks (once per worker process): the export's manifest.json hashes to the
     head's sha256, the shared build cache's token is readable, the toolchain is installed
     (installed here under its lock when missing and `install`). FluxcError naming the node."""
+    die_with_node()
     me = identity()
     key = (export_dir, manifest_sha, token_path or "")
     if key in _ready:

@@ -107,6 +107,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.timeout(3600)
 def test_cluster_compile_loses_a_node_and_equals_the_local_build(ray_cluster, compiled_schnell_w4, tmp_path):
     from ray._private import ray_constants
 
@@ -141,7 +142,7 @@ def test_cluster_compile_loses_a_node_and_equals_the_local_build(ray_cluster, co
                 break
             time.sleep(0.1)
         assert not survivors, [seen[p] for p in survivors]
-        proc.wait(timeout=1200)
+        proc.wait(timeout=3000)  # a loaded 2-core machine: the rest runs on one node, one piece at a time
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -173,7 +174,7 @@ def test_cluster_compile_loses_a_node_and_equals_the_local_build(ray_cluster, co
 def _verify(ws: Path, report: Path, address: str, *extra: str) -> tuple[int, str, dict]:
     p = _fluxc(["verify", "--models", ws, "--report", report, "--no-e2e", "--cluster", address, *extra],
                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out, _ = p.communicate(timeout=900)
+    out, _ = p.communicate(timeout=1500)
     assert report.is_file(), out[-4000:]
     return p.returncode, out, json.loads(report.read_text())
 

@@ -25,7 +25,8 @@ understated); the head's combine of the files (after the pieces) and verify's re
 the head are not included. Verify: every full-size piece on the simulator, one task each, the
 piece's time = simulator seconds per estimated ms x its cost-model estimate (the kind's
 estimate / count) + the measured fixed cost per task (load, worker start) of the tiny run;
-memory = the combined file that holds its net (the task loads that file) + 1 GiB.
+memory = twice the combined file that holds its net (the task loads that file) + 1 GiB, as
+fluxc/cluster/verify.task_memory declares.
 
     .venv/bin/python benchmarks/cluster_scaling.py
 -> benchmarks/results/cluster_scaling.json
@@ -153,7 +154,8 @@ def verify_tasks(full: dict, overhead: dict) -> tuple[list[dict], dict]:
     for name in sorted(st["piece_peak_rss_gb"], key=lambda n: (KIND_ORDER.index(kind_of(n)), index_of(n))):
         k = kinds[kind_of(name)]
         est = k["estimate_ms"] / k["count"]
-        out.append({"label": name, "s": rate * est + fixed_s, "mem_gb": fam_mb[family(kind_of(name))] / 1024 + 1.0,
+        # fluxc/cluster/verify.task_memory: twice the file the task loads, plus 1 GiB
+        out.append({"label": name, "s": rate * est + fixed_s, "mem_gb": 2 * fam_mb[family(kind_of(name))] / 1024 + 1.0,
                     "after": None})
     return out, {"simulator_s_per_estimated_ms": rate, "fixed_s_per_task": round(fixed_s, 2),
                  "combined_file_mb_by_family": {k: round(v, 1) for k, v in fam_mb.items()}}

@@ -222,26 +222,3 @@ def test_full_size_checks_needs_a_cluster(compiled_schnell_w4, tmp_path):
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 2 and "--full-size-checks needs --cluster" in out, out[-2000:]
 
-
-def test_a_node_that_sees_another_export_is_named(ray_cluster, tmp_path):
-    import ray
-
-    from fluxc.cluster.connect import alive_nodes
-    from fluxc.cluster.node import check_all_nodes
-    from fluxc.errors import FluxcError
-    from fluxc.fsutil import sha256_file
-
-    cluster, _ = ray_cluster
-    (tmp_path / "manifest.json").write_text('{"format": 1}\n')
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        nodes = alive_nodes(ray)
-        ok = check_all_nodes(ray, nodes, str(tmp_path), sha256_file(tmp_path / "manifest.json"), None, print)
-        assert {r["node_id"] for r in ok} == {n["node_id"] for n in nodes}
-        with pytest.raises(FluxcError) as e:  # the head's manifest differs from what the nodes read
-            check_all_nodes(ray, nodes, str(tmp_path), "0" * 64, None, print)
-    finally:
-        ray.shutdown()
-    msg = str(e.value)
-    assert "\n" not in msg and "sees another export" in msg
-    assert all(n["node_id"][:12] in msg for n in nodes), msg

@@ -21,7 +21,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev]" "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev,cluster]" "$(TORCH_SPEC)"
 	sha256sum pyproject.toml > $(STAMP)
 
 venv: $(STAMP)

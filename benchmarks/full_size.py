@@ -459,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         st[stage] = combine_attempts(prev, m)
         if m["complete"]:
             st[stage]["by_piece_kind"] = by_kind(report, st[stage]["piece_peak_rss_gb"])
+            # each piece's own build seconds (benchmarks/cluster_scaling.py places them on nodes)
+            st[stage]["piece_build_s"] = {n: round(float(p.get("build_seconds") or p.get("seconds") or 0), 1)
+                                          for n, p in report.get("pieces", {}).items() if not p.get("cache_hit")}
         save()
         if not m["complete"]:
             print(f"{stage} failed (exit {m['returncode']}); see {log}", flush=True)

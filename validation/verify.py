@@ -369,10 +369,19 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
                      devices: int | None = None, e2e: bool = True, steps: int | None = None, seed: int = 0,
                      prompt: str = "a photo of an astronaut riding a horse on the moon",
                      pieces: str | None = None, guidance: float = 3.5, reference: str = "auto",
-                     say=print) -> Report:
+                     say=print, cluster: str | None = None, full_size_checks: bool = False) -> Report:
     t_start = time.perf_counter()
     models = Path(models)
     exp, man, rec = open_build(models, export, quantize, flux_type)
+    if full_size_checks and not cluster:
+        raise FluxcError("--full-size-checks needs --cluster ADDRESS: one full-size block takes the simulator more "
+                         "than 15 min, so every piece is checked as a task on a Ray cluster")
+    if cluster and man.probe and not full_size_checks:
+        raise FluxcError(f"the build in {models} is full size (its export has probe pieces); with --cluster, pass "
+                         f"--full-size-checks to check every full-size piece on the simulator as a cluster task")
+    if cluster and len(rec.sizes or []) > 1:
+        raise FluxcError(f"fluxc verify --cluster checks one-size builds; the build in {models} has "
+                         f"{len(rec.sizes)} sizes: verify it without --cluster (every size is checked)")
     d = man.dims
     if d.kontext:
         raise FluxcError("fluxc verify does not check FLUX.1 Kontext builds yet (issue 19); check one with "
@@ -415,10 +424,14 @@ def verify_workspace(models: Path, export: Path | None = None, quantize: str | N
             check_rotary_table(rep, Reference(R.models, z.man.dims) if z.label else R, z.man, z.label)
         check_schedule(rep, z.man, src, n_steps, z.label)
 
-    # ---- 4. pieces on real activations, chained on the chip (the text encoders once)
-    text = None
-    for z in sizes:
-        text = check_pieces_on_chip(rep, ms, z.man, z, R, prompt, seed, guidance, pieces, say, text)
+    # ---- 4. pieces on real activations: chained on the chip here (the text encoders once), or
+    # one cluster task per piece
+    if cluster:
+        check_pieces_on_cluster(rep, man, rec, R, prompt, seed, guidance, pieces, cluster, exp, say)
+    else:
+        text = None
+        for z in sizes:
+            text = check_pieces_on_chip(rep, ms, z.man, z, R, prompt, seed, guidance, pieces, say, text)
 
     # ---- 5. end to end, at every size
     if e2e:
@@ -681,6 +694,49 @@ def check_pieces_on_chip(rep: Report, ms, man, z: SizeView, R, prompt: str, seed
     kinds = {s.kind: s.name for s in specs}
     return ((chip_run["pooled"], chip_run["t5"]),
             {"clip_tail": clean_ref[kinds["clip_tail"]], "t5_tail": clean_ref[kinds["t5_tail"]]})
+
+
+def check_pieces_on_cluster(rep: Report, man, rec, R, prompt: str, seed: int, guidance: float, pieces: str | None,
+                            cluster: str, exp: Path, say) -> None:
+    """4. with --cluster: every piece (those matching `pieces`) as one Ray task on the chip
+    simulator, fed the reference chain's inputs (the exported ONNX pieces chained on the
+    prompt), judged by check_piece against the reference fed the same inputs. Each check
+    records the node it ran on and its wall time (fluxc/cluster/verify.py)."""
+    from fluxc.cluster.verify import run_pieces  # deferred: Ray is an optional extra
+
+    t0 = time.perf_counter()
+    ox = open_onnx(man)
+    try:
+        chain = piece_chain(ox, man, prompt, seed, guidance)
+    finally:
+        ox.close()
+    if R is not None:
+        hop_ref, clean_ref = torch_reference(R, man, chain, guidance)
+    else:
+        hop_ref = clean_ref = {k: v[1] for k, v in chain["calls"].items()}
+    say(f"pieces: inputs from the ONNX chain and the reference's outputs in {time.perf_counter() - t0:.1f} s; "
+        f"each piece on the simulator as a cluster task")
+    feeds = {s.name: chain["calls"][s.name][0] for s in man.specs if not pieces or fnmatch.fnmatch(s.name, pieces)}
+    got = run_pieces(cluster, rec, man.specs, exp, feeds, say)
+    built = {p.spec.name: p for p in rec.pieces}
+    where = {}
+    for s in man.specs:
+        if s.name not in feeds:
+            continue
+        r = got[s.name]
+        node = r.get("node") or {}
+        where[s.name] = {"node_id": node.get("node_id"), "ip": node.get("ip"), "host": node.get("host"),
+                         "wall_s": r.get("wall_s"), "forward_s": r.get("forward_s")}
+        if "outputs" not in r:
+            rep.add("piece", s.name, False, r["error"].splitlines()[0], **where[s.name])
+            continue
+        c = check_piece(rep, s, built[s.name], (feeds[s.name], r["outputs"]), hop_ref[s.name], clean_ref[s.name])
+        c.metrics.update(where[s.name])
+        c.detail += f" (node {node.get('ip')} {str(node.get('node_id'))[:8]}, {r['wall_s']:.1f} s)"
+    rep.info["cluster"] = {"address": cluster, "pieces": where,
+                           "inputs": "the exported ONNX pieces chained on the prompt (each piece checked alone)"}
+    if pieces:
+        rep.info["pieces_only"] = pieces
 
 
 def chain_drift(specs, chip_run: dict, clean_ref: dict) -> dict[str, float]:

@@ -39,6 +39,10 @@ def compile(
     build_dir: Optional[Path] = typer.Option(None, "--build-dir", help=f"Compile cache (default: ${BUILD_DIR_ENV}, "
                                              "else the export's workspace: <workspace>/build for an export in "
                                              "<workspace>/onnx, $FLUXC_CACHE/build for one elsewhere)."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Compile the pieces as tasks on the Ray cluster at "
+                                          "ADDRESS (host:port of `ray start --head`, or auto); the export and the "
+                                          "build cache must be on a path every node mounts. Needs "
+                                          "pip install \"fluxc[cluster]\"."),
 ) -> None:
     """Compile an export's ONNX pieces to BM1684X bmodels with TPU-MLIR: each piece is
     quantised per the recipe, checked on the chip simulator against its float reference,
@@ -50,9 +54,18 @@ def compile(
     Example (BF16 over three chips): fluxc compile --quantize BF16 --flux-type dev --num-devices 3
 
     Example for the BM1688 (models/BM1688/): fluxc compile --quantize W4BF16 --chip bm1688
+
+    Example on a Ray cluster (workspace on a shared path): fluxc compile --quantize W4BF16 --cluster auto
     """
     if flux_type is not None and flux_type not in FLUX_TYPES:
         raise FluxcError(f"unknown flux type {flux_type!r}; use --flux-type {', '.join(FLUX_TYPES)}")
+    if cluster is not None:
+        from fluxc.cluster.connect import require_ray
+
+        require_ray()  # the one-line install hint before any work
+        if jobs is not None:
+            raise FluxcError("--jobs and --cluster do not go together: on a cluster, Ray runs as many pieces as "
+                             "the nodes' CPUs and memory hold")
     ws = workspace.models_dir(models)
     exp = workspace.locate(export_dir).export if export_dir else workspace.export_dir(ws)
     bdir = build_dir or (Path(os.environ[BUILD_DIR_ENV]) if os.environ.get(BUILD_DIR_ENV)
@@ -62,6 +75,6 @@ def compile(
         out_dir=out or workspace.chip_dir(ws, chip),
         build_dir=bdir,
         quantize=quantize, flux_type=flux_type, tiny_vae=tiny_vae, chip=chip, devices=devices,
-        jobs=jobs, recipe=recipe, check=not no_check, estimate_only=estimate_only,
+        jobs=jobs, recipe=recipe, check=not no_check, estimate_only=estimate_only, cluster=cluster,
     )
     run_compile(opts)

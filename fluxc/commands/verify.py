@@ -30,11 +30,20 @@ def verify(
     reference: str = typer.Option("auto", "--reference", help="auto: the source checkpoint when at hand, else the ONNX pieces; onnx: the ONNX pieces."),
     seed: int = typer.Option(0, "--seed", help="Seed of the end-to-end comparison."),
     no_e2e: bool = typer.Option(False, "--no-e2e", help="Skip the end-to-end comparison."),
+    cluster: Optional[str] = typer.Option(None, "--cluster", help="Run the per-piece simulator checks as tasks on the "
+                                          "Ray cluster at ADDRESS (host:port of `ray start --head`, or auto); the "
+                                          "workspace must be on a path every node mounts. Needs "
+                                          "pip install \"fluxc[cluster]\"."),
+    full_size_checks: bool = typer.Option(False, "--full-size-checks", help="With --cluster: check every piece of a "
+                                          "full-size build on the simulator (one task each), not only the probes "
+                                          "compile checked."),
     pieces: Optional[str] = typer.Option(None, "--pieces", help="Report per-piece numerics only for pieces matching this glob (e.g. 'clip_*'); every piece still runs in the chain."),
 ) -> None:
     """Check compiled bmodels on the chip simulator against the original model; exit 1 on any failure.
 
     Example: fluxc verify --models models --steps 2 --report verify.json
+
+    Example on a Ray cluster (full size, every piece): fluxc verify --cluster auto --full-size-checks --no-e2e
     """
     con = Console() if sys.stdout.isatty() else Console(width=150)
     m = workspace.models_dir(models)
@@ -44,13 +53,18 @@ def verify(
     if steps is not None and steps < 1:
         raise FluxcError("--steps must be at least 1")
 
+    if cluster is not None:
+        from fluxc.cluster.connect import require_ray
+
+        require_ray()  # the one-line install hint before any work
     t0 = time.perf_counter()
 
     def say(text: str) -> None:  # progress, one line per step and per piece, with the elapsed time
         con.print(f"[{time.perf_counter() - t0:6.1f} s] {text}", style="dim", highlight=False, markup=False)
 
     rep = verify_workspace(m, export, quantize, flux_type, budget, e2e=not no_e2e, steps=steps, seed=seed, pieces=pieces,
-                           guidance=guidance, reference=reference, say=say)
+                           guidance=guidance, reference=reference, say=say, cluster=cluster,
+                           full_size_checks=full_size_checks)
     sizes = rep.info.get("build_sizes") or []
     table = Table(title=f"fluxc verify: {rep.info['flux_type']} {rep.info['quantize']} ({m})"
                   + (f"; sizes {', '.join(sizes)}: a size-dependent check is named 'item @WxH'" if len(sizes) > 1 else ""))

@@ -127,6 +127,21 @@ def compile_piece(spec: PieceSpec, onnx: Path, onnx_sha: str, plan: PiecePlan, c
         return _compile_piece(spec, onnx, key, folder, plan, chip, tools, check, toolchain, keep)
 
 
+def cached_piece(spec: PieceSpec, onnx_sha: str, plan: PiecePlan, chip: str, toolchain: str, build_root: Path,
+                 check: bool, keep: bool = True) -> PieceResult | None:
+    """The piece's result if the cache already holds it (what compile_piece would return without
+    running a tool), else None. Lock-free: a complete folder is never rewritten in place."""
+    key = piece_key(spec, onnx_sha, plan, chip, toolchain)
+    folder = build_root / "pieces" / f"{spec.name}-{key[:16]}"
+    t0 = time.monotonic()
+    cached = load_cached(folder, check, plan.tolerance, keep)
+    if cached is None:
+        return None
+    if cached.get("estimate_ms") is None:
+        cached["estimate_ms"] = parse_profile_ms(folder / "work" / "compiler_profile_0.txt", chip_mhz(chip))
+    return PieceResult(spec.name, folder, folder / cached["bmodel"], cached, True, time.monotonic() - t0)
+
+
 def _run_transform(spec: PieceSpec, onnx: Path, plan: PiecePlan, tools: Tools, check: bool, folder: Path) -> None:
     name = spec.net_name
     work = folder / "work"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,13 @@ from rich.table import Table
 
 from fluxc.build_record import placement, write_record
 from fluxc.compile import tools as toolmod
-from fluxc.compile.build import PieceResult, compile_piece
+from fluxc.compile.build import PieceResult
 from fluxc.compile.chips import chip_record, get_chip
 from fluxc.compile.combine import CombinedResult, combine, publish
 from fluxc.compile.export_in import ExportIn, read_export
 from fluxc.compile.profile_breakdown import breakdown
 from fluxc.compile.recipe import QUANTIZE_CLI, Recipe, load_recipe, piece_plan
+from fluxc.compile.schedule import Job, plan_jobs, run_local
 from fluxc.compile.split import MB, PieceMem, device_cost, split_contiguous, split_table
 from fluxc.compile.tools import Tools
 from fluxc.errors import FluxcError
@@ -49,6 +49,7 @@ class CompileOptions:
     recipe: Path | None = None
     check: bool = True
     estimate_only: bool = False  # memory and cost figures only: no bmodel kept, nothing combined
+    cluster: str | None = None  # a Ray address (or "auto"): pieces compiled as Ray tasks (fluxc/cluster/)
 
 
 def normalize_quantize(q: str) -> str:
@@ -56,28 +57,6 @@ def normalize_quantize(q: str) -> str:
     if u not in QUANTIZE_CLI:
         raise FluxcError(f"unknown quantisation {q!r}; use --quantize {' or '.join(QUANTIZE_CLI)}")
     return u
-
-
-# Peak memory of compiling one piece, as multiples of its float32 weights, measured on the
-# full-size blocks (tpu-mlir-facts.md): model_transform 10.4x (double) to 14.7x (single);
-# model_deploy 1.8-2.3x; rebinding a transform (fluxc.compile.rebind) about 3x.
-TRANSFORM_X, REBOUND_X, BASE = 15, 3, 1 << 30
-
-
-class MemoryBudget:
-    """Runs pieces side by side while their planned peaks fit in the memory available at the
-    start (80% of it): the first piece of each kind (a real model_transform) is planned at 15x
-    its weights, a rebound one at 3x. `--jobs` caps the count."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap, self.budget, self.used = cap, int(0.8 * mem_available()), 0
-
-    @staticmethod
-    def need(weight_bytes: int, first_of_kind: bool) -> int:
-        return (TRANSFORM_X if first_of_kind else REBOUND_X) * weight_bytes + BASE
-
-    def fits(self, need: int, running: int) -> bool:
-        return running == 0 or (running < self.cap and self.used + need <= self.budget)
 
 
 def output_files(flux_type: str, quantize: str, devices: int, tiny_vae: bool) -> dict[str, str]:
@@ -163,7 +142,8 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     jobs = opts.jobs or cores()
 
     console.print(f"fluxc compile: FLUX.1-{dims.flux_type}, transformer {quantize}, chip {chip}, "
-                  f"{len(exp.pieces)} pieces, {jobs} job(s), check {'on' if opts.check else 'off'}; "
+                  f"{len(exp.pieces)} pieces, "
+                  f"{f'Ray cluster {opts.cluster}' if opts.cluster else f'{jobs} job(s)'}, check {'on' if opts.check else 'off'}; "
                   f"export {exp.folder}, build cache {build_root}", highlight=False)
 
     # With probe pieces (a full-size export), the simulator checks them, first, in place of the
@@ -177,73 +157,39 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
     probe_plans = {p.spec.name: piece_plan(recipe, p.spec, quantize) for p in probes}
     probe_results: dict[str, PieceResult] = {}
     results: dict[str, PieceResult] = {}
-    errors: list[BaseException] = []
     # Further image sizes (issue 11): their own pieces (transformer, VAE at that size) are
     # compiled like any piece, under the same net names; they become stages of the same nets.
     extra = exp.extra
-    extra_of = {id(p): z for z, p in extra}
     plans.update({f"{p.spec.name} @{z.label}": piece_plan(recipe, p.spec, quantize) for z, p in extra})
     if len(exp.sizes) > 1:
         console.print(f"image sizes (width x height): {', '.join(z.label for z in exp.sizes)}; "
                       f"{len(extra)} size-dependent piece(s) compiled per further size, merged as stages of "
                       f"the same nets (weights stored once)", highlight=False)
-    extra_results: dict[str, PieceResult] = {}
-    with _Progress(len(probes) + len(exp.pieces) + len(extra), console) as prog, \
-            ThreadPoolExecutor(max_workers=jobs) as pool:
-        pending = [("probe", p) for p in probes] + [("piece", p) for p in exp.pieces] + [("size", p) for _, p in extra]
-        running: dict[Future, tuple[str, str]] = {}
+    jobs_list = plan_jobs(probes, exp.pieces, extra, probe_plans, plans, build_root, check_full, opts.estimate_only)
+    with _Progress(len(jobs_list), console) as prog:
+        def on_start(job: Job) -> None:
+            prog.start(job.label)
 
-        budget = MemoryBudget(jobs)
-        seen_kinds: set[tuple[str, str]] = set()
-        needs: dict[Future, int] = {}
+        def on_done(job: Job, r: PieceResult | None, where: str = "") -> None:
+            prog.done(job.label, f"{job.label:<28} FAILED" if r is None else _piece_line(r, job.label) + where)
 
-        def need_of(item) -> int:
-            what, p = item
-            kind = (what, p.spec.kind)
-            return MemoryBudget.need(p.weight_bytes, kind not in seen_kinds)
+        if opts.cluster:
+            from fluxc.cluster.compile import run_on_cluster  # deferred: Ray is an optional extra
 
-        def submit(item) -> None:
-            what, p = item
-            n = need_of(item)
-            seen_kinds.add((what, p.spec.kind))
-            label = f"probe {p.spec.name}" if what == "probe" else \
-                f"{p.spec.name} @{extra_of[id(p)].label}" if what == "size" else p.spec.name
-            prog.start(label)
-            if what == "probe":
-                fut = pool.submit(compile_piece, p.spec, p.path, p.sha256, probe_plans[p.spec.name], chip, toolchain,
-                                  build_root / "probe", tools, True, True)
-            elif what == "size":
-                fut = pool.submit(compile_piece, p.spec, p.path, p.sha256, plans[label], chip, toolchain,
-                                  build_root, tools, check_full, not opts.estimate_only)
-            else:
-                fut = pool.submit(compile_piece, p.spec, p.path, p.sha256, plans[p.spec.name], chip, toolchain,
-                                  build_root, tools, check_full, not opts.estimate_only)
-            running[fut] = (what, label)
-            needs[fut] = n
-            budget.used += n
-
-        while pending and budget.fits(need_of(pending[0]), len(running)):
-            submit(pending.pop(0))
-        while running:
-            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for fut in done:
-                what, name = running.pop(fut)
-                budget.used -= needs.pop(fut)
-                try:
-                    r = fut.result()
-                except BaseException as e:  # stop scheduling; let the running ones finish
-                    errors.append(e)
-                    prog.done(name, f"{name:<28} FAILED")
-                    continue
-                if what == "size":
-                    extra_results[name] = r
-                else:
-                    (probe_results if what == "probe" else results)[r.name] = r
-                prog.done(name, _piece_line(r, name))
-            while pending and not errors and budget.fits(need_of(pending[0]), len(running)):
-                submit(pending.pop(0))
+            done, errors = run_on_cluster(opts.cluster, jobs_list, exp, chip, toolchain, tools, build_root,
+                                          on_start, on_done,
+                                          say=lambda t: prog.progress.console.print(t, highlight=False))
+        else:
+            done, errors = run_local(jobs_list, jobs, chip, toolchain, tools, on_start, on_done)
     if errors:
         raise errors[0]
+    extra_results: dict[str, PieceResult] = {}
+    for job in jobs_list:
+        r = done[job.label]
+        if job.what == "size":
+            extra_results[job.label] = r
+        else:
+            (probe_results if job.what == "probe" else results)[r.name] = r
 
     ordered = [results[p.spec.name] for p in exp.pieces]
     by_family: dict[str, list[PieceResult]] = {}
@@ -322,7 +268,7 @@ def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:
         "checked": _checked(opts.check, probe_results),
         "probe_checks": {n: _probe_entry(r) for n, r in probe_results.items()},
         "recipe": recipe.source, "toolchain": toolchain, "export_dir": str(exp.folder),
-        "build_dir": str(build_root), "jobs": jobs,
+        "build_dir": str(build_root), "jobs": jobs, "cluster": opts.cluster,
         "tool_runs": len(tools.runs), "tool_commands": tools.runs,
         "seconds": round(time.monotonic() - t0, 2),
         "estimate_ms": estimate,

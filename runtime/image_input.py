@@ -38,20 +38,29 @@ def check_strength(strength: float) -> float:
 
 def read_image(path: Path):
     """The image at `path` as an RGB PIL image, as diffusers' load_image reads it."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     path = Path(path)
     if not path.is_file():
         raise FluxcError(f"--image {path}: no such file; give the path of a PNG or JPEG image")
+    return open_image(path, f"--image {path}")
+
+
+def open_image(src, what: str):
+    """`src` (a path or the bytes of an upload) as an RGB PIL image, as diffusers' load_image
+    reads it; `what` names it in the one-line errors (not an image, over MAX_SIDE)."""
+    import io
+
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    f = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
     try:
-        with Image.open(path) as im:  # reads the header only: the size is checked before decoding
+        with Image.open(f) as im:  # reads the header only: the size is checked before decoding
             w, h = im.size
             if w > MAX_SIDE or h > MAX_SIDE:
-                raise FluxcError(f"--image {path} is {w}x{h}, over {MAX_SIDE}x{MAX_SIDE}; scale it down first")
+                raise FluxcError(f"{what} is {w}x{h}, over {MAX_SIDE}x{MAX_SIDE}; scale it down first")
             im = ImageOps.exif_transpose(im)
             return im.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise FluxcError(f"--image {path} is not an image PIL can read ({type(e).__name__}); "
+        raise FluxcError(f"{what} is not an image PIL can read ({type(e).__name__}); "
                          "give a PNG or JPEG file") from None
 
 

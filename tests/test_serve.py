@@ -88,6 +88,27 @@ class Server:
             time.sleep(0.2)
         raise AssertionError(f"fluxc serve not ready in {timeout} s:\n{self.text()[-3000:]}")
 
+    def edit(self, fields: dict, image: bytes | None, path: str = "/v1/images/edits", name: str = "in.png",
+             key: str | None | bool = True) -> tuple[int, dict]:
+        """OpenAI's edit form: multipart/form-data with the image file and text fields."""
+        boundary = "fluxc-test-boundary-7f3a"
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                 for k, v in fields.items()]
+        if image is not None:
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+                         f"Content-Type: image/png\r\n\r\n".encode() + image + b"\r\n")
+        body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        req = urllib.request.Request(self.url + path, data=body, method="POST")
+        req.add_header("Content-Type", f"multipart/form-data; boundary={boundary}")
+        k = self.api_key if key is True else key
+        if k:
+            req.add_header("Authorization", f"Bearer {k}")
+        try:
+            with urllib.request.urlopen(req, timeout=600) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
     def generate(self, **fields) -> tuple[int, dict]:
         return self.request("POST", "/v1/images/generations", fields)
 
@@ -120,6 +141,27 @@ def run_png(res: dict) -> bytes:
 
 
 REQ = dict(prompt=RUNTIME_PROMPT, seed=RUNTIME_SEED, steps=RUNTIME_STEPS, size=SIZE, response_format="b64_json")
+STRENGTH = 0.5  # with 2 steps: 1 step runs, from the image noised at the second sigma (at 1.0 the image would not show)
+
+
+def input_png(path: Path) -> Path:
+    """An input image for img2img (a gradient and a disc, 96x80: the build's 128x128 needs a resize)."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:80, 0:96].astype(np.float32)
+    rgb = np.stack([255 * x / 95, 255 * y / 79, np.where((x - 48) ** 2 + (y - 40) ** 2 < 600, 230.0, 30.0)], -1)
+    Image.fromarray(rgb.round().astype(np.uint8), "RGB").save(path)
+    return path
+
+
+def run_img2img(ws: Path, backend: str, image: Path, out: Path, *extra: str) -> bytes:
+    """`fluxc run --image --strength` (the command users run) -> the PNG bytes it wrote."""
+    r = invoke(["run", "--models", str(ws), "--backend", backend, "--prompt", RUNTIME_PROMPT, "--seed",
+                str(RUNTIME_SEED), "--steps", str(RUNTIME_STEPS), "--image", str(image), "--strength", str(STRENGTH),
+                "--out", str(out), *extra])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "img2img from" in r.output, r.output
+    return out.read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +291,49 @@ def test_onnx_jobs(onnx_server):
     assert s.request("GET", "/v1/images/jobs/job-nope")[0] == 404
 
 
+def test_onnx_edits_img2img(onnx_server, onnx_workspace_schnell, tmp_path):
+    """POST /v1/images/edits (OpenAI's multipart form) on an image-input build: img2img, bit-identical
+    to `fluxc run --image --strength`; as a job too; every bad field a 400 naming it; still healthy."""
+    s = onnx_server
+    src = input_png(tmp_path / "in.png")
+    want = run_img2img(onnx_workspace_schnell, "onnx", src, tmp_path / "run.png")
+    fields = {k: str(v) for k, v in REQ.items()} | {"strength": str(STRENGTH)}
+    code, doc = s.edit(fields, src.read_bytes())
+    assert code == 200, doc
+    assert png_of(doc) == want  # the same PNG as fluxc run --image --strength --out
+    code, gen = s.generate(**REQ)
+    assert png_of(gen) != want  # the image went in: text to image differs
+    code, job = s.edit(fields, src.read_bytes(), path="/v1/images/jobs")
+    assert code == 202, job
+    assert job["request"]["strength"] == STRENGTH and job["request"]["image"] == "96x80 upload", job
+    st = wait_job(s, job["id"], lambda st: st["status"] in ("completed", "failed", "cancelled"), timeout=300)
+    assert st["status"] == "completed" and base64.b64decode(st["data"][0]["b64_json"]) == want, st
+    from PIL import Image
+
+    big = io.BytesIO()
+    Image.new("RGB", (4097, 8)).save(big, "PNG")
+    bad = [
+        (fields, None, "image"),
+        (fields, b"not an image at all", "image"),
+        (fields, big.getvalue(), "image"),
+        (fields | {"strength": "1.5"}, src.read_bytes(), "strength"),
+        (fields | {"strength": "0"}, src.read_bytes(), "strength"),
+        (fields | {"mask": "x"}, src.read_bytes(), "mask"),
+        (fields | {"steps": "many"}, src.read_bytes(), "steps"),
+        (fields | {"prompt": ""}, src.read_bytes(), "prompt"),
+        (fields | {"size": "64x64"}, src.read_bytes(), "size"),
+    ]
+    for f, img, field in bad:
+        code, doc = s.edit(f, img)
+        assert code == 400 and doc["error"]["param"] == field and field in doc["error"]["message"], (field, doc)
+    code, doc = s.request("POST", "/v1/images/edits", REQ)  # JSON where the form is expected
+    assert code == 400 and doc["error"]["param"] == "body" and "multipart" in doc["error"]["message"], doc
+    code, doc = s.edit(fields, src.read_bytes(), key=None)
+    assert code == 401, doc
+    assert s.request("GET", "/health") == (200, {"status": "ready", "queue": 0, "running": 0})
+    assert s.request("GET", "/v1/models")[1]["data"][0]["image_input"] == "img2img"
+
+
 # ---------------- sail-sim (the board's runtime on the chip simulator) ----------------
 
 def wait_job(s: Server, job_id: str, until, timeout: float = 600) -> dict:
@@ -262,23 +347,64 @@ def wait_job(s: Server, job_id: str, until, timeout: float = 600) -> dict:
     raise AssertionError(f"job {job_id} stuck: {st}")
 
 
-def test_sail_page_in_chromium(sail_server, bmodel_run, tmp_path):
-    """Type a prompt, set seed and steps, generate, wait, read the image the page shows: it equals
-    `fluxc run --backend sail-sim`'s, bit for bit."""
+def chromium(tmp_path: Path):
+    """Debian's headless chromium through its driver (selenium); a missing browser fails."""
     assert CHROMIUM.is_file() and CHROMEDRIVER.is_file(), (
         "Debian's chromium and chromium-driver are missing: make setup installs them "
         "(apt-get install -y chromium chromium-driver)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
     for f in CHROMIUM_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
         opts.add_argument(f)
-    drv = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+    return webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=opts)
+
+
+def page_image(drv, timeout: float = 600) -> tuple[bytes, set]:
+    """Wait for the page's image; (its PNG bytes fetched by the browser, the progress texts seen)."""
+    from selenium.webdriver.common.by import By
+
+    seen = set()
+    t0 = time.time()
+    src = None
+    while time.time() - t0 < timeout:
+        body = drv.find_element(By.TAG_NAME, "body").text
+        seen.update(re.findall(r"step \d of \d", body))
+        imgs = drv.find_elements(By.CSS_SELECTOR, "#image img")
+        if imgs and imgs[0].get_attribute("src"):
+            src = imgs[0].get_attribute("src")
+            break
+        time.sleep(0.1)
+    assert src, f"no image on the page: {drv.find_element(By.TAG_NAME, 'body').text[-500:]}"
+    b64 = drv.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch(arguments[0]).then(r => r.arrayBuffer()).then(b => {"
+        " let s = ''; const u = new Uint8Array(b); for (let i = 0; i < u.length; i++) s += String.fromCharCode(u[i]);"
+        " done(btoa(s)); }).catch(e => done('ERROR ' + e));", src)
+    assert not b64.startswith("ERROR"), b64
+    return base64.b64decode(b64), seen
+
+
+def fill(drv, css: str, value: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    el = drv.find_element(By.CSS_SELECTOR, css)
+    el.send_keys(Keys.CONTROL, "a")
+    el.send_keys(Keys.BACKSPACE)
+    el.send_keys(value)
+    el.send_keys(Keys.TAB)
+
+
+def test_sail_page_in_chromium(sail_server, bmodel_run, tmp_path):
+    """Type a prompt, set seed and steps, generate, wait, read the image the page shows: it equals
+    `fluxc run --backend sail-sim`'s, bit for bit."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    drv = chromium(tmp_path)
     try:
         drv.get(sail_server.url + "/")
         wait = WebDriverWait(drv, 120)
@@ -286,38 +412,12 @@ def test_sail_page_in_chromium(sail_server, bmodel_run, tmp_path):
         info = drv.find_element(By.ID, "build-info").text
         assert "W4BF16" in info and "sail-sim" in info and "BM1684X" in info, info
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#size input").get_attribute("value") == SIZE)
-
-        def fill(css: str, value: str) -> None:
-            el = drv.find_element(By.CSS_SELECTOR, css)
-            el.send_keys(Keys.CONTROL, "a")
-            el.send_keys(Keys.BACKSPACE)
-            el.send_keys(value)
-            el.send_keys(Keys.TAB)
-
-        fill("#prompt textarea", RUNTIME_PROMPT)
-        fill("#seed input", str(RUNTIME_SEED))
-        fill("#steps input[type=number]", str(RUNTIME_STEPS))
+        fill(drv, "#prompt textarea", RUNTIME_PROMPT)
+        fill(drv, "#seed input", str(RUNTIME_SEED))
+        fill(drv, "#steps input[type=number]", str(RUNTIME_STEPS))
         drv.find_element(By.CSS_SELECTOR, "#generate").click()
-        seen = set()
-        t0 = time.time()
-        src = None
-        while time.time() - t0 < 600:
-            body = drv.find_element(By.TAG_NAME, "body").text
-            seen.update(re.findall(r"step \d of \d", body))
-            imgs = drv.find_elements(By.CSS_SELECTOR, "#image img")
-            if imgs and imgs[0].get_attribute("src"):
-                src = imgs[0].get_attribute("src")
-                break
-            time.sleep(0.1)
-        assert src, f"no image on the page: {drv.find_element(By.TAG_NAME, 'body').text[-500:]}"
+        png, seen = page_image(drv)
         assert seen & {f"step 1 of {RUNTIME_STEPS}", f"step {RUNTIME_STEPS} of {RUNTIME_STEPS}"}, seen
-        b64 = drv.execute_async_script(
-            "const done = arguments[arguments.length - 1];"
-            "fetch(arguments[0]).then(r => r.arrayBuffer()).then(b => {"
-            " let s = ''; const u = new Uint8Array(b); for (let i = 0; i < u.length; i++) s += String.fromCharCode(u[i]);"
-            " done(btoa(s)); }).catch(e => done('ERROR ' + e));", src)
-        assert not b64.startswith("ERROR"), b64
-        png = base64.b64decode(b64)
         WebDriverWait(drv, 30).until(lambda d: "seed 42" in d.find_element(By.ID, "status").text)
         shot = tmp_path / "serve_page.png"
         drv.save_screenshot(str(shot))
@@ -328,6 +428,35 @@ def test_sail_page_in_chromium(sail_server, bmodel_run, tmp_path):
     ref = bmodel_run("sail-sim", "W4BF16")
     assert np.array_equal(pixels(png), ref["image"])
     assert png == run_png(ref)
+
+
+def test_sail_page_upload_img2img_in_chromium(sail_server, compiled_schnell_w4, tmp_path):
+    """The page's image upload on an image-input build: upload a PNG, set the strength, generate;
+    the image equals `fluxc run --backend sail-sim --image --strength`'s, bit for bit (the encoder
+    runs on the chip simulator)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    src = input_png(tmp_path / "in.png")
+    drv = chromium(tmp_path)
+    try:
+        drv.get(sail_server.url + "/")
+        wait = WebDriverWait(drv, 120)
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#size input").get_attribute("value") == SIZE)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image input[type=file]"))
+        drv.find_element(By.CSS_SELECTOR, "#input-image input[type=file]").send_keys(str(src))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image img"))
+        fill(drv, "#prompt textarea", RUNTIME_PROMPT)
+        fill(drv, "#seed input", str(RUNTIME_SEED))
+        fill(drv, "#steps input[type=number]", str(RUNTIME_STEPS))
+        fill(drv, "#strength input[type=number]", str(STRENGTH))
+        drv.find_element(By.CSS_SELECTOR, "#generate").click()
+        png, _ = page_image(drv)
+        WebDriverWait(drv, 30).until(lambda d: f"img2img strength {STRENGTH}" in d.find_element(By.ID, "status").text)
+    finally:
+        drv.quit()
+    want = run_img2img(compiled_schnell_w4, "sail-sim", src, tmp_path / "run.png", "--quantize", "W4BF16")
+    assert png == want
 
 
 def test_sail_api_queue_positions_429_cancel(sail_server, bmodel_run):

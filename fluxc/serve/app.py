@@ -4,7 +4,9 @@ GET    /health                     {"status": "loading" | "ready" | "failed" | "
                                    jobs, "running": 0 or 1}
 GET    /v1/models                  the build: flux type, quantisation, chip, backend, sizes, LoRAs, load time
 POST   /v1/images/generations      OpenAI's images API: waits, then {"created", "data": [{"b64_json", "seed"}]}
-POST   /v1/images/jobs             the same request as a job: 202 {"id", "status": "queued", "position"}
+POST   /v1/images/edits            OpenAI's edit form (multipart: image, prompt, n, size, ...; strength on
+                                   img2img builds): img2img, or FLUX.1 Kontext editing; answers as above
+POST   /v1/images/jobs             the same request (JSON, or an edit's multipart form) as a job: 202 {"id", "status": "queued", "position"}
 GET    /v1/images/jobs/{id}        queued (position) | generating (image, step of steps) | completed (data)
                                    | failed (error) | cancelled
 DELETE /v1/images/jobs/{id}        cancel it (a running job stops at its next step)
@@ -23,9 +25,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from fluxc.serve.jobs import NotReady, QueueFull, Worker
-from fluxc.serve.request import MAX_BODY, BadRequest, parse_json, parse_request
+from fluxc.serve.request import MAX_BODY, MAX_IMAGE_BODY, BadRequest, parse_edit, parse_json, parse_request
 
 DRAIN = 16 * MAX_BODY
+IMAGE_DRAIN = 2 * MAX_IMAGE_BODY
 
 
 def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
@@ -34,7 +37,7 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
                         status_code=status, headers=headers)
 
 
-async def read_body(request: Request) -> bytes:
+async def read_body(request: Request, limit: int = MAX_BODY, drain: int = DRAIN) -> bytes:
     """The body, refused past MAX_BODY bytes. A body up to DRAIN bytes is read to its end first, so
     that a client that sends it all before reading (most do) gets the 400 rather than a broken pipe;
     a larger one is answered at once and the connection closed."""
@@ -42,18 +45,18 @@ async def read_body(request: Request) -> bytes:
         declared = int(request.headers.get("content-length") or 0)
     except ValueError:
         declared = 0
-    if declared > DRAIN:
-        raise BadRequest("body", f"{declared} bytes is over the {MAX_BODY}-byte limit")
+    if declared > drain:
+        raise BadRequest("body", f"{declared} bytes is over the {limit}-byte limit")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > DRAIN:
+        if size > drain:
             break
-        if size <= MAX_BODY:
+        if size <= limit:
             chunks.append(chunk)
-    if size > MAX_BODY:
-        raise BadRequest("body", f"{size if size <= DRAIN else 'more than ' + str(DRAIN)} bytes is over the "
-                                 f"{MAX_BODY}-byte limit")
+    if size > limit:
+        raise BadRequest("body", f"{size if size <= drain else 'more than ' + str(drain)} bytes is over the "
+                                 f"{limit}-byte limit")
     return b"".join(chunks)
 
 
@@ -77,15 +80,44 @@ def create_app(worker: Worker, api_key: str | None = None) -> FastAPI:
         return error(503, f"the model is {worker.status}" + (f": {worker.error}" if worker.error else ""),
                      None, "server_error")
 
-    async def submit(request: Request):
+    async def parse_generation(request: Request):
+        doc = parse_json(await read_body(request))
+        if worker.status != "ready":
+            return None
+        m = worker.model
+        return parse_request(doc, m.sizes, m.default_steps, m.image_mode)
+
+    async def parse_edit_form(request: Request):
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            raise BadRequest("body", f"a multipart/form-data body is expected (OpenAI's edit form), not "
+                                     f"{ctype or 'none'!r}; e.g. curl -F image=@in.png -F prompt=...")
+        body = await read_body(request, MAX_IMAGE_BODY, IMAGE_DRAIN)
+        request._body = body  # starlette reads the form from the cached body
+        try:
+            form = await request.form(max_files=2, max_fields=32)
+        except Exception as e:  # noqa: BLE001 - a malformed multipart body
+            raise BadRequest("body", f"malformed multipart form ({str(e)[:80]})") from None
+        fields, image = {}, None
+        for k, v in form.multi_items():
+            if k == "image" and hasattr(v, "read"):
+                image = await v.read()
+            elif hasattr(v, "read"):
+                fields[k] = v  # a file in another field: parse_edit names it
+            else:
+                fields[k] = v
+        if worker.status != "ready":
+            return None
+        m = worker.model
+        return parse_edit(fields, image, m.sizes, m.default_steps, m.image_mode)
+
+    async def submit(request: Request, parse=None):
         if (resp := denied(request)) is not None:
             return None, resp
         try:
-            doc = parse_json(await read_body(request))
-            if worker.status != "ready":
+            req = await (parse or parse_generation)(request)
+            if req is None:
                 return None, not_ready()
-            m = worker.model
-            req = parse_request(doc, m.sizes, m.default_steps)
         except BadRequest as e:
             return None, error(400, e.message, e.param)
         try:
@@ -115,11 +147,7 @@ def create_app(worker: Worker, api_key: str | None = None) -> FastAPI:
         return {"object": "list", "status": worker.status,
                 "data": [{"id": mid, "object": "model", "created": int(time.time()), "owned_by": "fluxc", **info}]}
 
-    @app.post("/v1/images/generations")
-    async def generations(request: Request):
-        job, resp = await submit(request)
-        if resp is not None:
-            return resp
+    async def wait_answer(request: Request, job):
         while not job.done.is_set():
             await asyncio.sleep(0.05)
             if not job.done.is_set() and await request.is_disconnected():
@@ -131,9 +159,20 @@ def create_app(worker: Worker, api_key: str | None = None) -> FastAPI:
             return error(500, job.error or "the pipeline failed", None, "server_error")
         return error(503, f"cancelled: {job.error}", None, "server_error")
 
+    @app.post("/v1/images/generations")
+    async def generations(request: Request):
+        job, resp = await submit(request)
+        return resp if resp is not None else await wait_answer(request, job)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request):
+        job, resp = await submit(request, parse_edit_form)
+        return resp if resp is not None else await wait_answer(request, job)
+
     @app.post("/v1/images/jobs", status_code=202)
     async def create_job(request: Request):
-        job, resp = await submit(request)
+        multipart = request.headers.get("content-type", "").startswith("multipart/form-data")
+        job, resp = await submit(request, parse_edit_form if multipart else None)  # an edit as a job
         if resp is not None:
             return resp
         return JSONResponse(worker.state(job), status_code=202)

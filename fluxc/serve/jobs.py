@@ -46,6 +46,7 @@ class Job:
     status: str = "queued"  # queued | generating | completed | failed | cancelled
     image: int = 0  # index of the image being generated
     step: int = 0  # steps done of the current image
+    total: int = 0  # steps run per image (img2img runs the last `strength` of them); 0 until known
     images: list[dict] = field(default_factory=list)  # {"png": bytes, "seed": int}
     error: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -121,7 +122,7 @@ class Worker:
                 d["queue_length"] = len(self._queue)
             elif job.status == "generating":
                 d["progress"] = {"image": job.image + 1, "images": job.req.n, "step": job.step,
-                                 "steps": job.req.steps}
+                                 "steps": job.total or job.req.steps}
                 if job.cancel_event.is_set():
                     d["cancel_requested"] = True
             elif job.status == "completed":
@@ -211,7 +212,7 @@ class Worker:
         t0 = time.perf_counter()
 
         def on_step(i: int, n: int) -> None:
-            job.step = i
+            job.step, job.total = i, n
             if job.cancel_event.is_set():
                 raise Cancelled()
 
@@ -223,7 +224,8 @@ class Worker:
                     raise Cancelled()
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    res = pipe(r.prompt, None, r.steps, r.guidance, r.seed + k, on_step=on_step)
+                    res = pipe(r.prompt, None, r.steps, r.guidance, r.seed + k, on_step=on_step,
+                               **r.pipeline_kwargs())
                 for w in caught:
                     if str(w.message) not in job.notes:
                         job.notes.append(str(w.message))

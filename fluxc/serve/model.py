@@ -2,9 +2,12 @@
 (fluxc/commands/run.py open_pipeline), at every size the build has, and the build in words.
 
 The first size is opened at start. Another size of a several-size build is opened on first use,
-by the worker thread: on cmodel it is a pipeline over the same opened bmodels (a net holds one
-stage per size); on onnx that size's pieces are opened. The sail backends refuse several-size
-builds for now, with `fluxc run`'s one-line error, which is then the server's start error.
+by the worker thread: on cmodel and the sail backends it is a pipeline over the same opened
+bmodels (a net holds one stage per size; sail picks the stage by the input's shape, with the
+tensors of every size laid out at load); on onnx that size's pieces are opened.
+
+Images in (issue 19): a build with the VAE encoder takes an image for img2img, a FLUX.1 Kontext
+build an image to edit (`image_mode`); /v1/images/edits and the page's upload use it.
 """
 from __future__ import annotations
 
@@ -33,6 +36,12 @@ class ServedModel:
         self._pipes = {(d.height, d.width): self.pipe}
         self._extra_sets = []
         self.lines = describe_build(self.pipe, self.ms, self.quantize, backend, self.load_s)
+        if d.kontext:
+            self.image_mode: str | None = "kontext"
+        elif any(s.family == "vae_encoder" for s in man.specs):
+            self.image_mode = "img2img"
+        else:
+            self.image_mode = None
         self.loras = [{"file": r.get("file"), "scale": r.get("scale"), "sha256": r.get("sha256")}
                       for r in (man.options.get("lora") or [])]
 
@@ -57,7 +66,7 @@ class ServedModel:
         return {"flux_type": d.flux_type, "quantize": self.quantize, "chip": self.chip, "backend": self.backend,
                 "devices": self.devices, "tiny_vae": bool(d.tiny_vae),
                 "sizes": [f"{w}x{h}" for h, w in self.sizes], "default_steps": self.default_steps,
-                "guidance": bool(d.guidance_embeds), "loras": self.loras, "load_s": round(self.load_s, 3),
+                "guidance": bool(d.guidance_embeds), "image_input": self.image_mode, "loras": self.loras, "load_s": round(self.load_s, 3),
                 "files": [Path(f).name for f in self.ms.files], "description": self.lines,
                 "device_memory": device_memory_lines(self.backend) if self.backend in SAIL_BACKENDS else []}
 

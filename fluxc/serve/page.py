@@ -1,6 +1,8 @@
 """The web page of `fluxc serve` (Gradio, mounted at / of the API's app).
 
-Prompt, steps, guidance (dev builds), seed (or a random one) and size (the build's sizes); a
+Prompt, steps, guidance (dev builds), seed (or a random one) and size (the build's sizes); on a
+build that takes images (issue 19) an image upload (img2img with a strength, or the image a
+FLUX.1 Kontext build edits), checked by the API's own parser; a
 per-step progress bar read from the job's state (the same queue and jobs as the API), then the
 image: the PNG bytes the worker wrote, handed over unchanged. Above it, the build in words.
 """
@@ -8,13 +10,12 @@ from __future__ import annotations
 
 import random
 import tempfile
-import time
 from pathlib import Path
 
 import gradio as gr
 
 from fluxc.serve.jobs import NotReady, QueueFull, Worker
-from fluxc.serve.request import MAX_STEPS, BadRequest, parse_request
+from fluxc.serve.request import DEFAULT_STRENGTH, BadRequest, parse_edit, parse_request
 
 # No web fonts: the page works on a machine without internet access.
 THEME = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -52,6 +53,12 @@ def build_page(worker: Worker, out_dir: Path) -> gr.Blocks:
                     seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
                     dice = gr.Button("Random seed", elem_id="random-seed", size="sm")
                 size = gr.Dropdown(choices=[], label="Size (width x height)", elem_id="size")
+                # images in: hidden until the loaded build says it takes one
+                source = gr.Image(label="Input image", type="filepath", image_mode=None, sources=["upload"],
+                                  elem_id="input-image",  # image_mode None: the uploaded file as sent, not re-encoded
+                                  visible=False)
+                strength = gr.Slider(0.05, 1.0, value=DEFAULT_STRENGTH, step=0.05, label="Strength (img2img)",
+                                     elem_id="strength", visible=False)
                 go = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 image = gr.Image(label="Image", type="filepath", format="png", elem_id="image", interactive=False)
@@ -60,19 +67,29 @@ def build_page(worker: Worker, out_dir: Path) -> gr.Blocks:
         def on_load():
             m = worker.model
             if m is None:
-                return build_in_words(worker), gr.update(), gr.update(), gr.update()
+                return build_in_words(worker), gr.update(), gr.update(), gr.update(), gr.update(), gr.update()
             sizes = m.info()["sizes"]
+            label = "Image to edit" if m.image_mode == "kontext" else "Input image (optional: img2img)"
             return (build_in_words(worker), gr.update(value=min(m.default_steps, 50)),
-                    gr.update(visible=bool(m.dims.guidance_embeds)), gr.update(choices=sizes, value=sizes[0]))
+                    gr.update(visible=bool(m.dims.guidance_embeds)), gr.update(choices=sizes, value=sizes[0]),
+                    gr.update(visible=m.image_mode is not None, label=label),
+                    gr.update(visible=m.image_mode == "img2img"))
 
-        def generate(prompt_text, n_steps, guidance_scale, seed_value, size_label, progress=gr.Progress()):
+        def generate(prompt_text, n_steps, guidance_scale, seed_value, size_label, source_path, strength_value,
+                     progress=gr.Progress()):
             m = worker.model
             if m is None:
                 raise gr.Error(build_in_words(worker).replace("*", ""))
             try:
-                req = parse_request({"prompt": prompt_text, "steps": int(n_steps), "size": size_label,
-                                     "seed": int(seed_value or 0), "guidance_scale": float(guidance_scale), "n": 1},
-                                    m.sizes, m.default_steps)
+                fields = {"prompt": prompt_text, "steps": int(n_steps), "size": size_label,
+                          "seed": int(seed_value or 0), "guidance_scale": float(guidance_scale), "n": 1}
+                if source_path and m.image_mode is not None:  # the API's edit parser on the uploaded file
+                    form = {k: str(v) for k, v in fields.items()}
+                    if m.image_mode == "img2img":
+                        form["strength"] = str(float(strength_value))
+                    req = parse_edit(form, Path(source_path).read_bytes(), m.sizes, m.default_steps, m.image_mode)
+                else:
+                    req = parse_request(fields, m.sizes, m.default_steps, m.image_mode)
                 job = worker.submit(req)
             except (BadRequest, QueueFull, NotReady) as e:
                 raise gr.Error(str(e))
@@ -89,12 +106,16 @@ def build_page(worker: Worker, out_dir: Path) -> gr.Blocks:
             path = out_dir / f"{job.id}.png"
             path.write_bytes(job.images[0]["png"])  # the worker's PNG bytes, as fluxc run writes them
             per = sum(job.step_s) / len(job.step_s) if job.step_s else 0.0
-            return str(path), (f"seed {req.seed} · {req.steps} steps · {req.size} · {job.seconds:.2f} s "
+            how = (f" · img2img strength {req.strength if req.strength is not None else DEFAULT_STRENGTH}"
+                   if m.image_mode == "img2img" and req.image is not None else
+                   " · Kontext edit" if req.image is not None else "")
+            return str(path), (f"seed {req.seed} · {req.steps} steps · {req.size}{how} · {job.seconds:.2f} s "
                                f"({per:.2f} s per step)"), build_in_words(worker)
 
         dice.click(lambda: random.randint(0, 2**32 - 1), outputs=seed, queue=False)
-        page.load(on_load, outputs=[info, steps, guidance, size], queue=False)
-        go.click(generate, inputs=[prompt, steps, guidance, seed, size], outputs=[image, status, info],
+        page.load(on_load, outputs=[info, steps, guidance, size, source, strength], queue=False)
+        go.click(generate, inputs=[prompt, steps, guidance, seed, size, source, strength],
+                 outputs=[image, status, info],
                  concurrency_limit=None)  # our own queue orders the jobs; gradio's would hide positions
     return page
 

@@ -6,14 +6,21 @@ JSON object (OpenAI's images API, plus fluxc's extras):
   seed (int >= 0, default random; image k uses seed + k), steps (1-100, default per flux type),
   guidance_scale (number > 0, default 3.5; dev builds only use it). Other OpenAI fields (model,
   quality, style, user) are accepted and ignored.
+
+The edit request (POST /v1/images/edits, OpenAI's multipart form): the same fields as form fields,
+plus `image` (the file: PNG or JPEG, at most 4096x4096, MAX_IMAGE_BODY bytes in all) and, on an
+img2img build, `strength` (in (0, 1], default 0.6). On a FLUX.1 Kontext build the image is the one
+to edit and there is no strength. `mask` (inpainting) is refused: no FLUX.1 Fill build exists.
 """
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MAX_BODY = 1 << 20  # bytes; a larger body is refused before it is parsed
+MAX_IMAGE_BODY = 32 << 20  # bytes of an edit request (the image file and the fields)
+DEFAULT_STRENGTH = 0.6  # as `fluxc run --image` without --strength
 MAX_N = 4
 MAX_STEPS = 100
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes any 64-bit seed
@@ -38,14 +45,27 @@ class GenerationRequest:
     seed: int
     steps: int
     guidance: float
+    image: object = field(default=None, compare=False, repr=False)  # PIL RGB image (edits), or None
+    strength: float | None = None  # img2img builds' strength (edits), None otherwise
 
     @property
     def size(self) -> str:
         return f"{self.width}x{self.height}"
 
     def to_dict(self) -> dict:
-        return {"prompt": self.prompt, "n": self.n, "size": self.size, "seed": self.seed, "steps": self.steps,
-                "guidance_scale": self.guidance}
+        d = {"prompt": self.prompt, "n": self.n, "size": self.size, "seed": self.seed, "steps": self.steps,
+             "guidance_scale": self.guidance}
+        if self.image is not None:
+            d["image"] = f"{self.image.width}x{self.image.height} upload"
+        if self.strength is not None:
+            d["strength"] = self.strength
+        return d
+
+    def pipeline_kwargs(self) -> dict:
+        """The image arguments of the pipeline call, as `fluxc run --image [--strength]` passes them."""
+        if self.image is None:
+            return {}
+        return {"image": self.image, "strength": DEFAULT_STRENGTH if self.strength is None else self.strength}
 
 
 def size_label(hw: tuple[int, int]) -> str:
@@ -77,8 +97,13 @@ def _int(doc: dict, key: str, default: int, lo: int, hi: int) -> int:
     return v
 
 
-def parse_request(doc: dict, sizes: list[tuple[int, int]], default_steps: int) -> GenerationRequest:
-    """Check every field of a request against the build (its sizes as (height, width))."""
+def parse_request(doc: dict, sizes: list[tuple[int, int]], default_steps: int,
+                  image_mode: str | None = None) -> GenerationRequest:
+    """Check every field of a request against the build (its sizes as (height, width)).
+    `image_mode`: "kontext" for a FLUX.1 Kontext build, which edits images and makes none from text."""
+    if image_mode == "kontext":
+        raise BadRequest("image", "this FLUX.1 Kontext build edits an image: POST the image and the prompt to "
+                                  "/v1/images/edits (multipart form)")
     prompt = doc.get("prompt")
     if not isinstance(prompt, str):
         raise BadRequest("prompt", "a non-empty string is required")
@@ -108,3 +133,60 @@ def parse_request(doc: dict, sizes: list[tuple[int, int]], default_steps: int) -
     else:
         guidance = float(g)
     return GenerationRequest(prompt, n, h, w, seed, steps, guidance)
+
+
+def _form_number(form: dict, key: str, kind):
+    """A form field as a number (form fields are text), or None when absent or empty."""
+    v = form.get(key)
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    if not isinstance(v, str):
+        raise BadRequest(key, "a form field with a number is expected, not a file")
+    try:
+        return kind(v.strip()) if kind is float else int(v.strip())
+    except ValueError:
+        raise BadRequest(key, f"{v[:40]!r} is not {'a number' if kind is float else 'an integer'}") from None
+
+
+def parse_edit(form: dict, image_bytes: bytes | None, sizes: list[tuple[int, int]], default_steps: int,
+               image_mode: str | None) -> GenerationRequest:
+    """An edit request (multipart form fields as text, the image file's bytes) against the build.
+    `image_mode`: "img2img" (a build with the VAE encoder), "kontext", or None (takes no image)."""
+    from fluxc.errors import FluxcError
+    from fluxc.runtime.image_input import open_image
+
+    if image_mode is None:
+        raise BadRequest("image", "this build takes no image: re-export with `fluxc export --image-input` (or a "
+                                  "FLUX.1 Kontext checkpoint) and compile again; text to image is "
+                                  "/v1/images/generations")
+    if form.get("mask") is not None:
+        raise BadRequest("mask", "inpainting with a mask is not served (no FLUX.1 Fill build); send the image alone")
+    if not image_bytes:
+        raise BadRequest("image", "an image file is required: the multipart field 'image' (PNG or JPEG)")
+    doc = {k: form.get(k) for k in ("prompt", "size", "response_format") if form.get(k) is not None}
+    for k in ("n", "seed", "steps"):
+        if (v := _form_number(form, k, int)) is not None:
+            doc[k] = v
+    if (g := _form_number(form, "guidance_scale", float)) is not None:
+        doc["guidance_scale"] = g
+    strength = _form_number(form, "strength", float)
+    if image_mode == "kontext" and strength is not None:
+        raise BadRequest("strength", "a FLUX.1 Kontext build edits the image as the prompt says; drop strength "
+                                     "(it is for img2img builds)")
+    if strength is not None and not 0.0 < strength <= 1.0:
+        raise BadRequest("strength", f"{strength} is outside (0, 1]; use e.g. 0.6 (1 repaints everything)")
+    req = parse_request(doc, sizes, default_steps)
+    if strength is not None or image_mode == "img2img":
+        from fluxc.runtime.image_input import trim_timesteps
+
+        try:
+            trim_timesteps(req.steps, DEFAULT_STRENGTH if strength is None else strength)
+        except FluxcError:
+            raise BadRequest("strength", f"strength {strength or DEFAULT_STRENGTH} with {req.steps} steps leaves "
+                                         "no denoising step; raise strength or steps") from None
+    try:
+        image = open_image(bytes(image_bytes), "the uploaded file")
+    except FluxcError as e:
+        raise BadRequest("image", str(e)) from None
+    return GenerationRequest(req.prompt, req.n, req.height, req.width, req.seed, req.steps, req.guidance,
+                             image=image, strength=strength if image_mode == "img2img" else None)

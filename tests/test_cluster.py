@@ -107,6 +107,51 @@ def _alive(pid: int) -> bool:
         return False
 
 
+NODE_CHECK = """
+import json, sys
+import ray
+from fluxc.cluster.connect import alive_nodes
+from fluxc.cluster.node import check_all_nodes
+from fluxc.errors import FluxcError
+from fluxc.fsutil import sha256_file
+address, export = sys.argv[1], sys.argv[2]
+ray.init(address=address, log_to_driver=False)
+out = {}
+try:
+    nodes = alive_nodes(ray)
+    out["nodes"] = [n["node_id"] for n in nodes]
+    for what, path, sha in (("ok", export, sha256_file(export + "/manifest.json")),
+                            ("other", export, "0" * 64), ("missing", export + "/nowhere", "0" * 64)):
+        try:
+            out[what] = [r["node_id"] for r in check_all_nodes(ray, nodes, path, sha, None, lambda t: None)]
+        except FluxcError as e:
+            out[what] = "error: " + str(e)
+finally:
+    ray.shutdown()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_a_node_that_cannot_read_the_export_is_named(ray_cluster, tmp_path):
+    """The node check at the start of a cluster build, from a driver process of its own (as fluxc
+    is): every node reads the export's manifest; a node that sees another export, or none, stops
+    the build with a one-line error naming it."""
+    cluster, _ = ray_cluster
+    (tmp_path / "manifest.json").write_text('{"format": 1}\n')
+    env = {**os.environ, **LOOPBACK_ENV}
+    p = subprocess.run([sys.executable, "-c", NODE_CHECK, cluster.address, str(tmp_path)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert p.returncode == 0 and line, p.stdout[-2000:] + p.stderr[-2000:]
+    r = json.loads(line[len("RESULT "):])
+    assert len(r["nodes"]) == 2 and sorted(r["ok"]) == sorted(r["nodes"]), r
+    for what, words in (("other", "sees another export"), ("missing", "cannot read")):
+        msg = r[what]
+        assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg, (what, msg)
+        assert words in msg, (what, msg)
+        assert all(n[:8] in msg for n in r["nodes"]), (what, msg)  # each node named
+
+
 @pytest.mark.timeout(3600)
 def test_cluster_compile_loses_a_node_and_equals_the_local_build(ray_cluster, compiled_schnell_w4, tmp_path):
     from ray._private import ray_constants

@@ -334,6 +334,39 @@ def test_onnx_edits_img2img(onnx_server, onnx_workspace_schnell, tmp_path):
     assert s.request("GET", "/v1/models")[1]["data"][0]["image_input"] == "img2img"
 
 
+def test_onnx_page_login_and_upload_img2img_in_chromium(onnx_server, onnx_workspace_schnell, tmp_path):
+    """With an API key the page asks for it; then the image upload of an image-input build: upload
+    a PNG, set the strength, generate; the image equals `fluxc run --image --strength`'s, bit for bit."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    src = input_png(tmp_path / "in.png")
+    drv = chromium(tmp_path)
+    try:
+        drv.get(onnx_server.url + "/")
+        wait = WebDriverWait(drv, 120)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=password]"))
+        assert not drv.find_elements(By.ID, "prompt")  # nothing but the login before the key
+        drv.find_element(By.CSS_SELECTOR, "input[type=text]").send_keys("user")
+        drv.find_element(By.CSS_SELECTOR, "input[type=password]").send_keys(onnx_server.api_key)
+        next(b for b in drv.find_elements(By.TAG_NAME, "button") if b.text.strip().lower() == "login").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#size input"))
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#size input").get_attribute("value") == SIZE)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image input[type=file]"))
+        drv.find_element(By.CSS_SELECTOR, "#input-image input[type=file]").send_keys(str(src))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image img"))
+        fill(drv, "#prompt textarea", RUNTIME_PROMPT)
+        fill(drv, "#seed input", str(RUNTIME_SEED))
+        fill(drv, "#steps input[type=number]", str(RUNTIME_STEPS))
+        fill(drv, "#strength input[type=number]", str(STRENGTH))
+        drv.find_element(By.CSS_SELECTOR, "#generate").click()
+        png, _ = page_image(drv)
+        WebDriverWait(drv, 30).until(lambda d: f"img2img strength {STRENGTH}" in d.find_element(By.ID, "status").text)
+    finally:
+        drv.quit()
+    assert png == run_img2img(onnx_workspace_schnell, "onnx", src, tmp_path / "run.png")
+
+
 # ---------------- sail-sim (the board's runtime on the chip simulator) ----------------
 
 def wait_job(s: Server, job_id: str, until, timeout: float = 600) -> dict:
@@ -428,35 +461,6 @@ def test_sail_page_in_chromium(sail_server, bmodel_run, tmp_path):
     ref = bmodel_run("sail-sim", "W4BF16")
     assert np.array_equal(pixels(png), ref["image"])
     assert png == run_png(ref)
-
-
-def test_sail_page_upload_img2img_in_chromium(sail_server, compiled_schnell_w4, tmp_path):
-    """The page's image upload on an image-input build: upload a PNG, set the strength, generate;
-    the image equals `fluxc run --backend sail-sim --image --strength`'s, bit for bit (the encoder
-    runs on the chip simulator)."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    src = input_png(tmp_path / "in.png")
-    drv = chromium(tmp_path)
-    try:
-        drv.get(sail_server.url + "/")
-        wait = WebDriverWait(drv, 120)
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#size input").get_attribute("value") == SIZE)
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image input[type=file]"))
-        drv.find_element(By.CSS_SELECTOR, "#input-image input[type=file]").send_keys(str(src))
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#input-image img"))
-        fill(drv, "#prompt textarea", RUNTIME_PROMPT)
-        fill(drv, "#seed input", str(RUNTIME_SEED))
-        fill(drv, "#steps input[type=number]", str(RUNTIME_STEPS))
-        fill(drv, "#strength input[type=number]", str(STRENGTH))
-        drv.find_element(By.CSS_SELECTOR, "#generate").click()
-        png, _ = page_image(drv)
-        WebDriverWait(drv, 30).until(lambda d: f"img2img strength {STRENGTH}" in d.find_element(By.ID, "status").text)
-    finally:
-        drv.quit()
-    want = run_img2img(compiled_schnell_w4, "sail-sim", src, tmp_path / "run.png", "--quantize", "W4BF16")
-    assert png == want
 
 
 def test_sail_api_queue_positions_429_cancel(sail_server, bmodel_run):

@@ -137,7 +137,7 @@ def growth(doc: dict, bb: dict, runs: dict, q: str) -> dict | None:
     if len(new) < 2 or not all(v[0] for v in old.values()):
         return None
     # instruct of this script's runs is recorded; older records: total - weight - runtime
-    ins = lambda m: m.get("instruct", m["total"] - m["weight"] - m["runtime"])  # noqa: E731
+    ins = lambda m: m["instruct"] if "instruct" in m else m["total"] - m["weight"] - m["runtime"]  # noqa: E731
     instr = sum(cnt * (ins(new[k]) - ins(old[k][0])) for k, cnt in (("double", N_DOUBLE), ("single", N_SINGLE)))
     rt = max(new[k]["runtime"] for k in new) - max(old[k][0]["runtime"] for k in old)
     return {"instructions_mib": round(instr, 1), "runtime_area_mib": round(rt, 1),
@@ -163,14 +163,17 @@ def compute(doc: dict, full: dict, bb: dict, budget: float) -> dict:
                              if not r.get("ref_size") and _q(r, "W4BF16")}
     io_t2i = io_mib(flux_dims("dev", size, t5))
     t2i["io_mib"] = round(io_t2i, 2)
-    enc = {r["block"]: (r, _q(r, "BF16")) for r in doc["encoders"] if _q(r, "BF16")}
-    out: dict = {"text_to_image": t2i, "kontext": {}}
-    for kind, (r, e) in enc.items():
-        out.setdefault("encoders", {})[kind] = {
-            "input": r.get("input"), "estimate_ms": e["estimate_ms"], "device_memory_mb": e["device_memory_mb"],
-            "implied_tflops": e["implied_tflops"], "quantize": "BF16", "how": "measured (cost model, model_tool)"}
+    out: dict = {"text_to_image": t2i, "kontext": {}, "encoders": {}}
+    for r in doc["encoders"]:
+        e = _q(r, "BF16")
+        if e:
+            out["encoders"][f"{r['block']}@{r['ref_size']}"] = {
+                "kind": r["block"], "input": r.get("input"), "estimate_ms": e["estimate_ms"],
+                "device_memory_mb": e["device_memory_mb"], "implied_tflops": e["implied_tflops"],
+                "quantize": "BF16", "how": "measured (cost model, model_tool --info)"}
     for ref in doc["refs"]:
         runs = {r["block"]: r for r in doc["blocks"] if r.get("ref_size") == ref}
+        enc = {r["block"]: (r, _q(r, "BF16")) for r in doc["encoders"] if r["ref_size"] == ref and _q(r, "BF16")}
         w = {k: _q(runs[k], "W4BF16") for k in ("double", "single") if k in runs}
         if not all(w.get(k) for k in ("double", "single")):
             continue
@@ -195,7 +198,7 @@ def compute(doc: dict, full: dict, bb: dict, budget: float) -> dict:
                           "tiny VAE) + the growth of the 57 blocks' instructions and of the transformer file's "
                           "runtime area (its largest net), measured blocks at this token count vs at 4608 + the "
                           "I/O tensors' growth (fluxc's sail I/O plan, computed) + the encoder bmodel (measured at "
-                          f"{max(doc['refs'])}x{max(doc['refs'])} input: an upper bound for a smaller reference)",
+                          f"{ref}x{ref} input)",
                    "parts_mib": parts, "growth": g, "without_encoder_mib": round(base, 1), "budget_mib": budget}
             for label, kind in (("tiny_vae_build", "tiny_vae_encoder"), ("with_full_vae_encoder", "vae_encoder")):
                 if kind in enc:
@@ -280,26 +283,31 @@ def main(argv: list[str] | None = None) -> None:
         doc["sources"] = {"full_size.json": full.get("commit"), "block_breakdown.json": bb.get("commit")}
         write_results(res_path, doc)
 
-    jobs = [(ref, kind) for ref in refs for kind in ("double", "single")]
-    if a.text_to_image:
-        jobs += [(0, "single"), (0, "double")]
-    for i, (ref, kind) in enumerate(jobs):
-        print(f"[{i + 1}/{len(jobs)}] {kind} block, reference {ref or 'none'}", flush=True)
+    def block(ref: int, kind: str) -> None:
+        print(f"{kind} block, reference {ref or 'none (text-to-image)'} ...", flush=True)
         r = measure(kind, FORM, qs, a.size, a.t5_len, a.work, ref_size=ref, trace_hidden=TRACE_HIDDEN)
         for m in r["quantize"].values():
             m.pop("breakdown", None)
         doc["blocks"].append(r)
         save()
-    enc_ref = max(refs) if refs else a.size
-    for kind in [e for e in a.encoders.split(",") if e]:
-        print(f"encoder {kind} at {enc_ref}x{enc_ref} ...", flush=True)
-        r = measure(kind, "piece", ["BF16"], enc_ref, a.t5_len, a.work,
-                    export=encoder_exporter(kind, a.size, a.t5_len, enc_ref))
-        r["ref_size"], r["input"] = enc_ref, [1, 3, enc_ref, enc_ref]
-        for m in r["quantize"].values():
-            m.pop("breakdown", None)
-        doc["encoders"].append(r)
-        save()
+
+    for ref in refs:
+        for kind in ("double", "single"):
+            block(ref, kind)
+    if a.text_to_image:  # the single block is quick; the double block (export ~5 min) after the encoders
+        block(0, "single")
+    for ref in refs:  # the encoder compiles at the reference's size (fluxc.specs.encoder_spec)
+        for kind in [e for e in a.encoders.split(",") if e]:
+            print(f"encoder {kind} at {ref}x{ref} ...", flush=True)
+            r = measure(kind, "piece", ["BF16"], ref, a.t5_len, a.work,
+                        export=encoder_exporter(kind, a.size, a.t5_len, ref))
+            r["ref_size"], r["input"] = ref, [1, 3, ref, ref]
+            for m in r["quantize"].values():
+                m.pop("breakdown", None)
+            doc["encoders"].append(r)
+            save()
+    if a.text_to_image:
+        block(0, "double")
     print(render(json.loads(res_path.read_text())))
     print(f"wrote {res_path}")
 

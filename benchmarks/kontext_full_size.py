@@ -228,18 +228,56 @@ def compute(doc: dict, full: dict, bb: dict, budget: float) -> dict:
 
 
 def render(doc: dict) -> str:
+    """Markdown for BENCHMARKS.md from the results file."""
     c = doc["computed"]
     t = c["text_to_image"]
-    out = [f"Commit {doc['commit']}; bm1684x; TPU-MLIR cost model (1 cycle = 1 ns), not a board measurement; "
-           f"{doc['size']}x{doc['size']} output, T5 {doc['t5_len']}, blocks W4BF16.", "",
-           "| build | tokens | double block | single block | step (19 + 38 blocks + head/tail) | vs text-to-image |",
-           "|---|---|---|---|---|---|",
-           f"| text-to-image (full_size.json, measured build) | {t['tokens']} | {t['double_ms']:.1f} ms | "
-           f"{t['single_ms']:.1f} ms | {t['step_ms']:.0f} ms | 1.00 |"]
+    out = [f"Commit `{doc['commit']}`; bm1684x; TPU-MLIR's cost model (1 cycle = 1 ns), not a board measurement; "
+           f"{doc['size']}x{doc['size']} output, T5 {doc['t5_len']}, blocks W4BF16 (group 64).", "",
+           "| build | tokens | double block | single block | step: 19 double + 38 single + head/tail | "
+           "vs text-to-image |", "|---|---|---|---|---|---|",
+           f"| text-to-image (full_size.json: the compiled full-size build) | {t['tokens']} | {t['double_ms']:.1f} ms "
+           f"| {t['single_ms']:.1f} ms | {t['step_ms']:.0f} ms (measured build) | 1.00 |"]
     for ref, k in c["kontext"].items():
         out.append(f"| Kontext, reference {ref}x{ref} | {k['tokens']} | {k['double_ms']:.1f} ms (measured) | "
                    f"{k['single_ms']:.1f} ms (measured) | {k['step_ms']:.0f} ms (computed) | "
                    f"{k['step_vs_text_to_image']:.2f} |")
+    if t.get("traced_here_ms"):
+        out += ["", "Same-route check at 4608 tokens (traced at 256 hidden tokens, made static, as the Kontext blocks): "
+                + ", ".join(f"{b} {v:.3f} ms" for b, v in sorted(t["traced_here_ms"].items()))
+                + "; the static export (block_breakdown.json): "
+                + ", ".join(f"{b} {v:.3f} ms" for b, v in sorted(t["block_breakdown_ms"].items())) + "."]
+    if c.get("encoders"):
+        out += ["", "| encoder (BF16, random weights) | input | estimate | implied TFLOPS | weight | runtime | "
+                "device memory |", "|---|---|---|---|---|---|---|"]
+        for e in c["encoders"].values():
+            m = e["device_memory_mb"]
+            out.append(f"| {e['kind']} | {'x'.join(map(str, e['input'][2:]))} | {e['estimate_ms']:.1f} ms (measured) | "
+                       f"{e['implied_tflops']} | {m['weight']} MiB | {m['runtime']} MiB | {m['total']} MiB |")
+    rows = []
+    for ref, k in c["kontext"].items():
+        mem = k.get("device_memory_w4bf16_one_chip")
+        if not mem:
+            continue
+        pm = mem["parts_mib"]
+        for label in ("tiny_vae_build", "with_full_vae_encoder"):
+            v = mem.get(label)
+            if v:
+                rows.append(f"| {ref}x{ref} | {v['encoder']} | {pm['text_to_image_build']:.0f} | "
+                            f"+{pm['blocks_instructions']:.0f} | +{pm['runtime_area']:.0f} | +{pm['io_tensors']:.0f} | "
+                            f"+{v['encoder_mib']:.0f} | **{v['total_mib']:.0f}** | "
+                            f"{'fits' if v['fits_se7_32'] else '**does not fit**'} ({v['headroom_mib']:+.0f}) |")
+    if rows:
+        out += ["", f"Device memory, W4BF16 on one chip, I/O included (computed from measured parts, MiB; SE7-32 "
+                f"budget {c['kontext'][next(iter(c['kontext']))]['device_memory_w4bf16_one_chip']['budget_mib']} MiB):",
+                "", "| reference | encoder | text-to-image build (measured) | block instructions | runtime area | "
+                "I/O tensors | encoder | Kontext build | SE7-32 (headroom) |", "|---|---|---|---|---|---|---|---|---|"] + rows
+    rows = [f"| {ref}x{ref} | {', '.join(f'{x:.0f}' for x in k['device_memory_bf16_3_chips']['per_chip_mib'])} | "
+            f"{'fits' if k['device_memory_bf16_3_chips']['fits_se7_32_budget_per_chip'] else 'does not fit'} |"
+            for ref, k in c["kontext"].items() if k.get("device_memory_bf16_3_chips")]
+    if rows:
+        out += ["", "BF16 over 3 chips (computed upper bound, MiB per chip; full_size.json's BF16 figures "
+                f"{', '.join(str(x) for x in doc.get('bf16_text_to_image_mib', []))} + every growth on every chip):", "",
+                "| reference | per chip | each chip within the SE7-32 budget |", "|---|---|---|"] + rows
     return "\n".join(out)
 
 
@@ -281,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
         bb = json.loads((RESULTS / "block_breakdown.json").read_text())
         doc["computed"] = compute(doc, full, bb, BUDGET_MB["SE7-32"])
         doc["sources"] = {"full_size.json": full.get("commit"), "block_breakdown.json": bb.get("commit")}
+        doc["bf16_text_to_image_mib"] = full.get("bf16", {}).get("device_mem_mb", [])
         write_results(res_path, doc)
 
     def block(ref: int, kind: str) -> None:

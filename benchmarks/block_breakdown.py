@@ -19,6 +19,10 @@ Memory and time on 2 cores: a single block at 4608 tokens peaks at ~8.3 GB in mo
 (~2.5 min), a double block at 14-17.6 GB (~10 min); run one at a time. The work folder keeps
 the logs, MLIR, profiles and the transform's weights (the ONNX and bmodels are deleted after
 use; --clean deletes the weights too); a re-run reuses a finished transform or deploy found there.
+
+measure() also serves benchmarks/kontext_full_size.py: a FLUX.1 Kontext reference (ref_size), a
+block traced at a few tokens and made static at the full shapes (trace_hidden: for token counts
+whose attention scores would not fit in memory during export), or another piece (export).
 """
 from __future__ import annotations
 
@@ -76,7 +80,6 @@ def check_dynamic(m, block: str, size: int, t5_len: int, ref_size: int, trace_hi
     float32); the result in wd/dynamic_check.json; raises if they differ."""
     import numpy as np
     import onnxruntime as ort
-    import torch
 
     _, args, names, _ = full_width_block(block, size, t5_len, ref_size, trace_hidden + 64)
     want = m(*args)
@@ -88,7 +91,7 @@ def check_dynamic(m, block: str, size: int, t5_len: int, ref_size: int, trace_hi
     rec = {"trace_hidden": trace_hidden, "checked_hidden": trace_hidden + 64, "max_abs_err": err,
            "max_abs_ref": scale, "shapes": [list(g.shape) for g in got]}
     (wd / "dynamic_check.json").write_text(json.dumps(rec) + "\n")
-    del sess, torch
+    del sess
     if not err <= 1e-3 * max(scale, 1.0):
         raise RuntimeError(f"dynamic-axes ONNX differs from torch at another token count: {rec}")
 

@@ -8,7 +8,8 @@
 Builds one full-width block (full_width_block.py: dim 3072, 24 heads x 128, random weights,
 torch seed 0) at the given image size and T5 length, patched as fluxc exports it, in each
 attention form of patches/flux_attention.py (fattention: the scale after the MatMul, the chain
-TPU-MLIR fuses into FAttention; prescaled: the scale folded into the q norm, the form before),
+TPU-MLIR fuses into FAttention; prescaled: the scale folded into the q norm, the form before;
+slices: prescaled with the reference's strided-slice rotary, as graph_forms.py's "slices"),
 exports it (TorchScript, opset 17), runs model_transform once per form and model_deploy per
 quantisation (bm1684x), and reads each deploy's compiler_profile_0.txt with
 fluxc.compile.profile_breakdown: estimate, TIU/GDMA busy shares, DMA not hidden by compute,
@@ -43,6 +44,8 @@ from fluxc.errors import ToolError
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MB = 1 << 20
+# a form that is not an attention form of patches/flux_attention.py: (attention, rotary) of the processor
+PROCESSOR_FORMS = {"slices": ("prescaled", "slices")}  # the reference's (sophon-demo's) strided-slice rotary
 FATTENTION = re.compile(r"fattention.*success", re.IGNORECASE)
 
 
@@ -62,7 +65,7 @@ def export_block(block: str, form: str, size: int, t5_len: int, wd: Path, ref_si
     dyn = DYNAMIC_AXES[block] if trace_hidden else None
     with Patcher() as p:
         p.apply(blk)
-        blk.attn.processor.attention = form
+        blk.attn.processor.attention, blk.attn.processor.rotary = PROCESSOR_FORMS.get(form, (form, "matmul"))
         m = SingleBlock(blk) if block == "single" else DoubleBlock(blk)
         with torch.no_grad():
             torch.onnx.export(m, args, str(wd / "b.onnx"), input_names=names, opset_version=17, dynamo=False,

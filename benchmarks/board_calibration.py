@@ -217,7 +217,7 @@ def render(doc: dict) -> str:
     chk = c["bf16_same_form_check"]
     if all(v["traced_here_ms"] for v in chk.values()):
         L += ["", "Same-form check, BF16 (measured): " + ", ".join(
-            f"{k} {v['traced_here_ms']:.1f} ms here (traced export) vs {v['full_size_static_ms']} ms in "
+            f"{k} {v['traced_here_ms']:.2f} ms here (traced export) vs {v['full_size_static_ms']:.2f} ms in "
             "full_size.json (static export)" for k, v in sorted(chk.items())) + "."]
     return "\n".join(L)
 

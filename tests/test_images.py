@@ -130,7 +130,9 @@ def test_encoder_piece_is_diffusers_vae_encode(export_dev, export_schnell_tinyva
 def test_compiled_img2img_cmodel_and_sail_sim(bmodel_run, onnx_workspace_schnell, input_png, tmp_path):
     """The compiled W4BF16 build (tiny_vae_encoder_bf16.bmodel) runs img2img on the chip
     simulator and on the sail runtime's stand-in: images, the same from both, near the float run."""
-    extra = ("--image", str(input_png), "--strength", str(STRENGTH), "--steps", str(STEPS["schnell"]))
+    # the seed last: bmodel_run passes RUNTIME_SEED first, and the last --seed counts
+    extra = ("--image", str(input_png), "--strength", str(STRENGTH), "--steps", str(STEPS["schnell"]),
+             "--seed", str(SEED))
     cm = bmodel_run("cmodel", "W4BF16", extra)
     ss = bmodel_run("sail-sim", "W4BF16", extra)
     ws = Path(cm["ws"])

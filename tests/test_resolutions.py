@@ -81,6 +81,8 @@ def test_export_layout(builds):
         single = load_manifest(builds[(h, w)] / "onnx")
         view = m.at(h, w)
         for s in single.specs:
+            if s.family == "vae_encoder":  # the one-size session builds carry it (--image-input); this export not
+                continue
             assert view.path(s.name).read_bytes() == single.path(s.name).read_bytes(), (s.name, h, w)
 
 

@@ -13,7 +13,6 @@ The real compiler and the real chip simulator run throughout (nothing is mocked)
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -144,7 +144,7 @@ def test_compiled_img2img_cmodel_and_sail_sim(bmodel_run, onnx_workspace_schnell
     print(f"[measure] W4BF16 cmodel img2img vs onnx: PSNR {p:.2f} dB, latent cosine {c:.5f}")
     assert c > 0.9 and p > 15.0
     assert cm["image"].std() > 5.0  # an image, not a flat field
-    assert "image encode" in cm["output"]
+    assert "image encode" in " ".join(cm["output"].split())  # the timing line names the encoder
 
 
 def _err(r) -> str:

@@ -300,7 +300,8 @@ def run(
     t = res.timings
     con.print(f"generation {t['generate_s']:.2f} s (text encoders {t['text_encoders_s']:.2f} s, "
               f"{n_run} steps {t['denoise_s']:.2f} s, VAE {t['vae_s']:.2f} s"
-              + (f", image encode {t['image_encode_s']:.2f} s" if "image_encode_s" in t else "") + f"); load {load_s:.2f} s")
+              + (f", image encode {t['image_encode_s']:.2f} s" if "image_encode_s" in t else "") + f"); load {load_s:.2f} s",
+              soft_wrap=True)  # one line, whatever the terminal's width (scripts grep it)
     steps_s = t.get("step_s") or []
     # the reference's table: load | N-step generation | per step (relative only on a simulator)
     con.print(f"| {backend} | load {load_s:.2f} s | {n_run}-step generation {t['generate_s']:.2f} s | "

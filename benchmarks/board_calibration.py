@@ -41,7 +41,7 @@ from pathlib import Path
 
 from block_breakdown import measure
 from kontext_full_size import flux_dims
-from results_file import write_results
+from results_file import add_work_args, rendered_or_work, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N_DOUBLE, N_SINGLE = 19, 38
@@ -227,22 +227,16 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="example: nice -n 19 .venv/bin/python benchmarks/board_calibration.py "
                                         "--work /work/cache/calib/work")
-    ap.add_argument("--work", type=Path, default=None, help="work folder (kept; a re-run reuses it); required "
-                    "unless --render")
+    add_work_args(ap)
     ap.add_argument("--size", type=int, default=1024, help="square image size in pixels (the board's: 1024)")
-    ap.add_argument("--t5-len", type=int, default=512)
     ap.add_argument("--quantize", default="W4BF16,BF16", help="block quantisations (W4BF16 is the reference's; "
                     "BF16 checks the form against full_size.json's reference_forms)")
     ap.add_argument("--decoders", default="vae_decoder", help="'vae_decoder' to measure the full decoder, '' to "
                     "skip it (the tiny decoder comes from full_size.json)")
-    ap.add_argument("--render", action="store_true", help="print the results file as markdown and stop")
     a = ap.parse_args(argv)
     res_path = RESULTS / "board_calibration.json"
-    if a.render:
-        print(render(json.loads(res_path.read_text())))
+    if rendered_or_work(ap, a, res_path, render):
         return
-    if a.work is None:
-        ap.error("--work is required (a folder for the pieces' logs, MLIR and profiles)")
     qs = [q for q in a.quantize.split(",") if q]
     doc: dict = {"what": "TPU-MLIR's cost model calibrated against one board figure: the reference's W4BF16 "
                          "bmodels estimated (measured pieces + proxies, computed total) vs their SE7-32 time",

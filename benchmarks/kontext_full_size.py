@@ -47,7 +47,7 @@ from pathlib import Path
 
 from block_breakdown import measure
 from full_width_block import block_tokens
-from results_file import write_results
+from results_file import add_work_args, rendered_or_work, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 2**20
@@ -286,25 +286,19 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="example: nice -n 19 .venv/bin/python benchmarks/kontext_full_size.py "
                                         "--work /work/cache/kontext --refs 1024,512 --text-to-image")
-    ap.add_argument("--work", type=Path, default=None, help="work folder (kept; a re-run reuses it); required "
-                    "unless --render")
+    add_work_args(ap)
     ap.add_argument("--size", type=int, default=1024, help="square output size in pixels")
     ap.add_argument("--refs", default="1024,512", help="square reference image sizes, comma-separated")
-    ap.add_argument("--t5-len", type=int, default=512)
     ap.add_argument("--quantize", default="W4BF16,BF16", help="block quantisations (W4BF16 is the figure asked "
                     "for; BF16 gives the 3-chip memory)")
     ap.add_argument("--encoders", default="tiny_vae_encoder,vae_encoder", help="encoder pieces to compile at "
                     "the largest reference size (empty: none)")
     ap.add_argument("--text-to-image", action="store_true", help="also measure both blocks at the "
                     "text-to-image token count the same (traced) way")
-    ap.add_argument("--render", action="store_true", help="print the results file as markdown and stop")
     a = ap.parse_args(argv)
     res_path = RESULTS / "kontext_full_size.json"
-    if a.render:
-        print(render(json.loads(res_path.read_text())))
+    if rendered_or_work(ap, a, res_path, render):
         return
-    if a.work is None:
-        ap.error("--work is required (a folder for the pieces' logs, MLIR and profiles)")
     from fluxc.runtime.device_memory import BUDGET_MB
 
     refs = [int(r) for r in a.refs.split(",") if r]

@@ -67,7 +67,7 @@ def reference_way(export: Path, work: Path, quantize: str) -> tuple[float, int]:
         d = work / s.name
         d.mkdir(parents=True)
         run_tool("model_transform", ["--model_name", s.net_name, "--model_def", str(m.path(s.name).resolve()),
-                                     *transform_args(s, plan), "--mlir", f"{s.net_name}.mlir"], d, d / "t.log")
+                                     *transform_args(s, plan, folded=False), "--mlir", f"{s.net_name}.mlir"], d, d / "t.log")
         args = ["--mlir", f"{s.net_name}.mlir", "--quantize", plan.quantize, "--chip", "bm1684x",
                 "--model", f"{s.name}.bmodel"]
         if plan.quantize.startswith("W4"):

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from fluxc.compile import rebind
+from fluxc.compile import fold, rebind
 from fluxc.compile.chips import chip_mhz
 from fluxc.compile.parse import (Similarity, deploy_similarities, f32_ops_from_inputs, parse_info, parse_profile_ms,
                                  transform_similarity)
@@ -42,7 +42,7 @@ from fluxc.errors import FluxcError
 from fluxc.fsutil import COMPLETE, read_complete_json, sha256_json, write_json_atomic, write_text_atomic
 from fluxc.specs import PieceSpec
 
-BUILD_FORMAT = 1
+BUILD_FORMAT = 2  # 2: model_transform reads the folded graph (fluxc.compile.fold)
 
 
 def piece_key(spec: PieceSpec, onnx_sha: str, plan: PiecePlan, chip: str, toolchain: str) -> str:
@@ -142,16 +142,27 @@ def cached_piece(spec: PieceSpec, onnx_sha: str, plan: PiecePlan, chip: str, too
     return PieceResult(spec.name, folder, folder / cached["bmodel"], cached, True, time.monotonic() - t0)
 
 
-def _run_transform(spec: PieceSpec, onnx: Path, plan: PiecePlan, tools: Tools, check: bool, folder: Path) -> None:
+def _run_transform(spec: PieceSpec, onnx: Path, plan: PiecePlan, tools: Tools, check: bool, folder: Path,
+                   samples: dict | None = None) -> None:
+    """model_transform of the piece's graph, simplified first by fluxc.compile.fold (what
+    model_transform's own simplification would make, without running the whole graph)."""
     name = spec.net_name
     work = folder / "work"
-    args = ["--model_name", name, "--model_def", str(onnx), *transform_args(spec, plan), "--mlir", f"{name}.mlir"]
+    work.mkdir(parents=True, exist_ok=True)
+    folded, figures = fold.fold(onnx, work, tools, folder / "fold.log", spec.name)
+    if check and samples is not None:
+        figures["max_rel_diff_vs_piece"] = fold.check(onnx, folded, samples, spec.name)
+    write_json_atomic(folder / "fold.json", figures)
+    args = ["--model_name", name, "--model_def", folded.name, *transform_args(spec, plan), "--mlir", f"{name}.mlir"]
     if check:
         # The transform runs the ONNX piece in ONNX Runtime and the top MLIR on the
         # same inputs and compares them (cos/euclid >= 0.99 by default, else it fails);
         # its top npz then is the float reference for model_deploy below.
         args += ["--test_input", str(folder / "in.npz"), "--test_result", f"{name}_top.npz"]
-    tools.run("model_transform", args, work, folder / "transform.log", spec.name)
+    try:
+        tools.run("model_transform", args, work, folder / "transform.log", spec.name)
+    finally:
+        fold.remove(work)
 
 
 def _transform(spec: PieceSpec, onnx: Path, plan: PiecePlan, tools: Tools, check: bool, folder: Path,
@@ -163,20 +174,20 @@ def _transform(spec: PieceSpec, onnx: Path, plan: PiecePlan, tools: Tools, check
     try:
         gkey = rebind.graph_key(onnx, io, transform_args(spec, plan), toolchain)
     except Exception:  # not a readable ONNX file: model_transform says what is wrong with it
-        _run_transform(spec, onnx, plan, tools, check, folder)
+        _run_transform(spec, onnx, plan, tools, check, folder, samples)
         return "transformed"
     tdir = rebind.template_dir(folder.parent.parent, spec.kind, gkey)
     work = folder / "work"
     with folder_lock(tdir):
         t = rebind.load_template(tdir)
         if t is None:
-            _run_transform(spec, onnx, plan, tools, check, folder)
+            _run_transform(spec, onnx, plan, tools, check, folder, samples)
             rebind.make_template(tdir, spec.net_name, work, onnx)
             return "transformed"
         if t.rebindable:
             rebind.apply(t, spec.net_name, work, onnx)
     if not t.rebindable:
-        _run_transform(spec, onnx, plan, tools, check, folder)
+        _run_transform(spec, onnx, plan, tools, check, folder, samples)
         return "transformed"
     if check:
         _check_rebound(spec, onnx, tools, folder, samples)

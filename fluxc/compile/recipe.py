@@ -18,6 +18,10 @@ from fluxc.compile.chips import CHIPS  # the supported chips (fluxc/compile/chip
 from fluxc.errors import FluxcError
 from fluxc.specs import GROUPS, PieceSpec
 
+# model_transform's simplification off (its flag is parsed with type=bool: only "" is false):
+# fluxc.compile.fold has simplified the graph already
+FOLD_TRANSFORM_ARGS = ["--do_onnx_sim", ""]
+
 QUANTIZE_CLI = ("BF16", "W4BF16")  # what `--quantize` accepts (transformer blocks)
 QUANTIZE_ANY = ("F16", "BF16", "W4BF16", "W4F16")
 
@@ -159,14 +163,16 @@ def piece_plan(recipe: Recipe, spec: PieceSpec, cli_quantize: str) -> PiecePlan:
     return PiecePlan(q, opts, recipe.thresholds[q])
 
 
-def transform_args(spec: PieceSpec, plan: PiecePlan) -> list[str]:
-    """model_transform arguments besides names and test files."""
+def transform_args(spec: PieceSpec, plan: PiecePlan, folded: bool = True) -> list[str]:
+    """model_transform arguments besides names and test files; folded=False: for the exported
+    piece itself, with model_transform's own simplification (what the tests compare against)."""
     shapes = "[" + ",".join("[" + ",".join(str(x) for x in t.shape) + "]" for t in spec.inputs) + "]"
     args = ["--input_shapes", shapes]
     if any(t.dtype != "float32" for t in spec.inputs):
         args += ["--input_types", ",".join(t.dtype for t in spec.inputs)]
     args += list(plan.options.get("transform_args", []))
-    return args
+    # the graph is simplified before model_transform (fluxc.compile.fold): its own step off
+    return args + (FOLD_TRANSFORM_ARGS if folded else [])
 
 
 def deploy_args(plan: PiecePlan, chip: str) -> list[str]:

@@ -18,8 +18,12 @@ from fluxc.compile.tools import Tools
 from fluxc.machine import mem_available
 
 # Peak memory of compiling one piece, as multiples of its float32 weights, measured on the
-# full-size blocks (tpu-mlir-facts.md): model_transform 10.4x (double) to 14.7x (single);
-# model_deploy 1.8-2.3x; rebinding a transform (fluxc.compile.rebind) about 3x.
+# full-size blocks (tpu-mlir-facts.md): model_transform with its own simplification 10.4x
+# (double) to 14.7x (single); model_deploy 1.8-2.3x; rebinding a transform (fluxc.compile.rebind)
+# about 3x. Since the graph is folded first (fluxc.compile.fold) a template's transform peaks at
+# about 5x (benchmarks/results/transform_memory.json); it is still planned at 15x, so that on a
+# machine of up to ~25 GB a template transform runs alone and the compile's peak stays one
+# transform's, whatever else is queued.
 TRANSFORM_X, REBOUND_X, BASE = 15, 3, 1 << 30
 
 

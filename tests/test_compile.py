@@ -159,8 +159,9 @@ def test_missing_toolchain(export_schnell_tinyvae, tmp_path):
 
 
 def test_broken_piece_stops_with_piece_name(compiled_schnell_w4, compile_build_dir, tmp_path):
-    """A garbage ONNX piece (sha updated in the manifest): the compiler fails on it, the run
-    stops naming the piece, its command and log tail; nothing is marked complete."""
+    """A garbage ONNX piece (sha updated in the manifest): the fold cannot read it, so the piece
+    goes to model_transform as exported (fluxc.compile.fold), which fails on it; the run stops
+    naming the piece, its command and log tail; nothing is marked complete."""
     exp = shutil.copytree(compiled_schnell_w4 / "onnx", tmp_path / "onnx")
     (exp / "schnell_tail.onnx").write_bytes(b"this is not an onnx model\n" * 10)
     m = json.loads((exp / "manifest.json").read_text())
@@ -176,6 +177,7 @@ def test_broken_piece_stops_with_piece_name(compiled_schnell_w4, compile_build_d
     assert "--model_name schnell_tail" in r.stderr and "last lines of the log" in r.stderr
     broken = list((compile_build_dir / "pieces").glob("schnell_tail-*"))
     assert broken and any(not (b / "COMPLETE").exists() for b in broken)
+    assert any("fallback" in json.loads((b / "fold.json").read_text()) for b in broken if (b / "fold.json").is_file())
     assert not out.exists() or not list(out.glob("*.bmodel"))
 
 
@@ -299,7 +301,7 @@ def test_changed_piece_recompiles_only_it(compiled_schnell_w4, compile_build_dir
     missed = [n for n, p in rep["pieces"].items() if not p["cache_hit"]]
     assert missed == ["t5_tail"]
     assert sorted(c.split()[0] for c in rep["tool_commands"]) == sorted(
-        ["model_transform", "model_deploy", "model_tool", "model_tool", "model_tool"])  # info, combine, info
+        ["fold", "model_transform", "model_deploy", "model_tool", "model_tool", "model_tool"])  # info, combine, info
     rebuilt = [o["file"] for o in rep["outputs"] if not o["cache_hit"]]
     assert rebuilt == ["w4bf16_t5.bmodel"]
     assert np.isfinite(rep["pieces"]["t5_tail"]["similarity"]["quantized"]["cosine"])

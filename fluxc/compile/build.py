@@ -149,11 +149,17 @@ def _run_transform(spec: PieceSpec, onnx: Path, plan: PiecePlan, tools: Tools, c
     name = spec.net_name
     work = folder / "work"
     work.mkdir(parents=True, exist_ok=True)
-    folded, figures = fold.fold(onnx, work, tools, folder / "fold.log", spec.name)
-    if check and samples is not None:
-        figures["max_rel_diff_vs_piece"] = fold.check(onnx, folded, samples, spec.name)
+    try:
+        folded, figures = fold.fold(onnx, work, tools, folder / "fold.log", spec.name)
+        if check and samples is not None:
+            figures["max_rel_diff_vs_piece"] = fold.check(onnx, folded, samples, spec.name)
+        model_def, targs = folded.name, transform_args(spec, plan)
+    except FluxcError as e:  # model_transform's own simplification, as before (fluxc.compile.fold)
+        fold.remove(work)
+        figures = {"fallback": str(e).splitlines()[0]}
+        model_def, targs = str(onnx), transform_args(spec, plan, folded=False)
     write_json_atomic(folder / "fold.json", figures)
-    args = ["--model_name", name, "--model_def", folded.name, *transform_args(spec, plan), "--mlir", f"{name}.mlir"]
+    args = ["--model_name", name, "--model_def", model_def, *targs, "--mlir", f"{name}.mlir"]
     if check:
         # The transform runs the ONNX piece in ONNX Runtime and the top MLIR on the
         # same inputs and compares them (cos/euclid >= 0.99 by default, else it fails);
@@ -319,6 +325,8 @@ def _compile_piece(spec: PieceSpec, onnx: Path, key: str, folder: Path, plan: Pi
                    "runtime": info.runtime},
         "info": info.to_dict(), "seconds": round(time.monotonic() - t0, 2),
     }
+    if (folder / "fold.json").is_file():  # this piece was transformed for real (not rebound)
+        data["fold"] = json.loads((folder / "fold.json").read_text())
     if not keep:
         final.unlink()
         data["bmodel_kept"] = False

@@ -10,6 +10,12 @@ before this change), above what a 16 GB machine has. The folded graph is the sam
 MLIR ops and the same weight tensors for every piece of the tiny build (tests/test_fold.py), and
 equal outputs in ONNX Runtime (checked here whenever the compile checks, against the exported
 piece).
+
+A graph the script cannot fold (an op ONNX Runtime cannot run alone is left in place; a file it
+cannot read at all), or whose folded form fails that check, is not an error of its own: the piece
+is transformed from its exported ONNX with model_transform's own simplification, as before, and
+`fold.json` in its build folder says why (the compile prints it). model_transform then reports
+what is wrong with a broken file.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from fluxc.errors import FluxcError
 
 SCRIPT = Path(__file__).with_name("fold_script.py")
 FOLDED = "folded.onnx"
+LABEL = "fold"  # how the script's run is listed (compile_report.json tool_commands) and named in errors
 
 
 def folded_path(work: Path) -> Path:
@@ -35,7 +42,7 @@ def fold(onnx: Path, work: Path, tools: Tools, log: Path, what: str) -> tuple[Pa
     dst = folded_path(work)
     for stale in (dst, dst.with_name(dst.name + ".data")):
         stale.unlink(missing_ok=True)
-    tools.run("python", [str(SCRIPT), str(onnx), str(dst)], work, log, what)
+    tools.run("python", [str(SCRIPT), str(onnx), str(dst)], work, log, what, label=LABEL)
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("{")]
     if not dst.is_file() or not lines:
         raise FluxcError(f"{what}: folding the ONNX for model_transform wrote no {dst.name}; see {log}")

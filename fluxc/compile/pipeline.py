@@ -27,7 +27,7 @@ from fluxc.compile.split import MB, PieceMem, device_cost, split_contiguous, spl
 from fluxc.compile.tools import Tools
 from fluxc.errors import FluxcError
 from fluxc.fsutil import write_json_atomic
-from fluxc.machine import cores, mem_available
+from fluxc.machine import cores
 from fluxc.specs import FAMILIES
 from fluxc.runtime.device_memory import BUDGET_MB, per_chip_memory
 
@@ -115,7 +115,9 @@ def _piece_line(r: PieceResult, label: str | None = None) -> str:
     s = f"cos {sim['cosine']:.5f}" if sim else "unchecked"
     est = f"{d['estimate_ms']:.3f} ms" if d.get("estimate_ms") is not None else "-"
     how = "cached" if r.cache_hit else f"{r.seconds:.0f} s"
-    return f"{label or r.name:<28} {d['quantize']:<6} {s:<12} est {est:<11} {how}"
+    fallback = (d.get("fold") or {}).get("fallback")
+    note = f"  (not folded, model_transform simplified it: {fallback})" if fallback else ""
+    return f"{label or r.name:<28} {d['quantize']:<6} {s:<12} est {est:<11} {how}{note}"
 
 
 def run_compile(opts: CompileOptions, console=None) -> dict[str, Any]:

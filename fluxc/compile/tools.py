@@ -14,9 +14,11 @@ class Tools:
         self._lock = threading.Lock()
         self.runs: list[str] = []  # "tool piece" per invocation, in start order
 
-    def run(self, tool: str, args: list[str], cwd: Path, log: Path, what: str = "") -> None:
+    def run(self, tool: str, args: list[str], cwd: Path, log: Path, what: str = "", label: str = "") -> None:
+        """`label`: how the run is listed and named in errors, when not the tool's own name
+        (fluxc's scripts run by the toolchain's `python`)."""
         with self._lock:
-            self.runs.append(f"{tool} {what}".strip())
+            self.runs.append(f"{label or tool} {what}".strip())
         Path(cwd).mkdir(parents=True, exist_ok=True)
         try:
             run_tool(tool, [str(a) for a in args], cwd=Path(cwd), log=Path(log))
@@ -24,7 +26,7 @@ class Tools:
             if not what:
                 raise
             # name the piece first: "model_transform on piece X failed (exit 1); log: ...; command: ..."
-            raise ToolError(f"{e.tool} on piece {what}", e.argv, e.log_path, e.tail, e.returncode) from None
+            raise ToolError(f"{label or e.tool} on piece {what}", e.argv, e.log_path, e.tail, e.returncode) from None
 
     def info(self, bmodel: Path, cwd: Path, log: Path, what: str = "") -> str:
         """`model_tool --info` of a bmodel, as text (also kept in `log`)."""

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,6 +42,25 @@ from fluxc.compile.tools import Tools
 from fluxc.errors import FluxcError
 from fluxc.fsutil import COMPLETE, read_complete_json, sha256_json, write_json_atomic, write_text_atomic
 from fluxc.specs import PieceSpec
+
+# Rebinding runs in this process and holds a piece's weights in float32 two or three times over
+# (3.0 GB for a full-size double block, measured): with two jobs it ran twice at once beside two
+# deploys and took the whole compile to 12.5 GB (full_size.json at ee9c57d). One at a time (it
+# takes seconds; the deploys beside it run on), and the freed memory is handed back to the system.
+_REBIND_ONE_AT_A_TIME = threading.Lock()
+
+
+def _give_back_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed arenas otherwise
+    except (OSError, AttributeError):
+        pass
+
 
 BUILD_FORMAT = 2  # 2: model_transform reads the folded graph (fluxc.compile.fold)
 
@@ -191,7 +211,9 @@ def _transform(spec: PieceSpec, onnx: Path, plan: PiecePlan, tools: Tools, check
             rebind.make_template(tdir, spec.net_name, work, onnx)
             return "transformed"
         if t.rebindable:
-            rebind.apply(t, spec.net_name, work, onnx)
+            with _REBIND_ONE_AT_A_TIME:
+                rebind.apply(t, spec.net_name, work, onnx)
+                _give_back_memory()
     if not t.rebindable:
         _run_transform(spec, onnx, plan, tools, check, folder, samples)
         return "transformed"

@@ -44,9 +44,9 @@ from fluxc.fsutil import COMPLETE, read_complete_json, sha256_json, write_json_a
 from fluxc.specs import PieceSpec
 
 # Rebinding runs in this process and holds a piece's weights in float32 two or three times over
-# (3.0 GB for a full-size double block, measured): with two jobs it ran twice at once beside two
-# deploys and took the whole compile to 12.5 GB (full_size.json at ee9c57d). One at a time (it
-# takes seconds; the deploys beside it run on), and the freed memory is handed back to the system.
+# (3.0 GB for a full-size double block, measured). One at a time (it takes seconds; the deploys
+# beside it run on), and the freed memory is handed back to the system. The whole compile's peak
+# is not this but `model_tool --combine` of the transformer file (benchmarks/combine_memory.py).
 _REBIND_ONE_AT_A_TIME = threading.Lock()
 
 

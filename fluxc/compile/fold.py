@@ -7,7 +7,8 @@ unchanged).
 Why: model_transform's simplification runs the whole piece in ONNX Runtime on deep copies of
 the model. For a full-size double block that peaked at 17.6 GB (benchmarks/results/full_size.json
 before this change), above what a 16 GB machine has. The folded graph is the same: the same top
-MLIR ops and the same weight tensors for every piece of the tiny build (tests/test_fold.py), and
+MLIR, byte for byte, and the same weight tensors (tests/test_fold.py; benchmarks/transform_memory.py
+at full size), and
 equal outputs in ONNX Runtime (checked here whenever the compile checks, against the exported
 piece).
 

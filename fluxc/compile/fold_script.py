@@ -275,39 +275,23 @@ def prune(model) -> None:
 
 
 def graph_passes(model):
-    """Step 2: onnx-simplifier's passes as model_transform runs them, weights held out."""
+    """Step 2: onnx-simplifier's passes as model_transform runs them, weights held out. Every
+    large value is an initializer by now (step 1's sink), so holding out the initializers holds
+    out the weights."""
     import onnxsim.onnx_simplifier as onnxsim
 
-    g = model.graph
-    held: dict[str, TensorProto] = {}
-    consts: dict[str, object] = {}
-    for t in list(g.initializer):
-        held[t.name] = t
-    for n in g.node:
-        if n.op_type == "Constant" and any(uses_external_data(a.t) for a in n.attribute if a.name == "value"):
-            consts[n.output[0]] = n
+    held = {t.name: t for t in model.graph.initializer}
     shell = onnx.ModelProto()
     shell.CopyFrom(model)
-    sg = shell.graph
-    del sg.initializer[:]
-    keep_nodes = [n for n in sg.node if not (n.op_type == "Constant" and n.output[0] in consts)]
-    del sg.node[:]
-    sg.node.extend(keep_nodes)
+    del shell.graph.initializer[:]
     for name, t in held.items():
-        sg.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
-    for name, n in consts.items():
-        t = next(a.t for a in n.attribute if a.name == "value")
-        sg.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
+        shell.graph.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
     out, _ = onnxsim.simplify(shell, skip_fuse_bn=False, skip_constant_folding=True, skip_shape_inference=True)
     og = out.graph
-    held_names = set(held) | set(consts)
-    inputs = [i for i in og.input if i.name not in held_names]
+    inputs = [i for i in og.input if i.name not in held]
     del og.input[:]
     og.input.extend(inputs)
     og.initializer.extend(held.values())
-    nodes = list(og.node)
-    del og.node[:]
-    og.node.extend(list(consts.values()) + nodes)
     return out
 
 
